@@ -1,0 +1,312 @@
+"""The prefix captioning model: image feature -> mapping network -> GPT-2 prefix -> caption.
+
+Exports are directories: `config.json` (everything needed to rebuild the model without a download),
+`model.safetensors` (decoder included by default) and the tokenizer files. Loading is strict.
+"""
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict
+from models.encoder import EncoderConfig, ImageEncoder
+from models.mapping import MLP, TransformerMapper
+
+MODEL_TYPE = "clip_caption_model"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CaptionerConfig:
+    mapping_type: str = "mlp"  # "mlp" | "transformer"
+    prefix_length: int = 10  # GPT-2 embeddings the mapper produces
+    prefix_length_clip: int = 10  # transformer mapper: tokens projected from a pooled feature
+    num_layers: int = 8  # transformer mapper depth
+    prefix_size: int = 576  # feature dimension D
+    feature_type: str = "pooled"  # "pooled" (B, D) or "grid" (B, T, D)
+    num_grid_tokens: Optional[int] = None  # T, for grid features
+    mlp_sizes: Optional[List[int]] = None  # MLP layer sizes; None: the original (D, P*C/2, P*C)
+    normalize_prefix: bool = False  # L2-normalise features before the mapper, in training and inference alike
+    only_prefix: bool = False  # the decoder was frozen during training
+    gpt2: str = "distilgpt2"  # hub name or directory the decoder came from
+    decoder: Optional[Dict] = None  # GPT2Config.to_dict(): rebuilds the decoder offline
+    decoder_in_checkpoint: bool = True  # model.safetensors holds the decoder weights
+    eos_token_ids: List[int] = field(default_factory=list)  # a caption ends at any of these
+    encoder: Optional[Dict] = None  # EncoderConfig.to_dict(): encoder name, weights source, preprocessing
+    encoder_in_checkpoint: bool = False  # model.safetensors holds the encoder weights (end-to-end training)
+    source: str = "tinytiny"  # "original" for checkpoints imported from the original code
+
+    def __post_init__(self):
+        if self.mapping_type not in ("mlp", "transformer"):
+            raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {self.mapping_type!r}")
+        if self.feature_type == "grid" and (self.mapping_type != "transformer" or not self.num_grid_tokens):
+            raise ValueError("grid features need mapping_type 'transformer' and num_grid_tokens")
+
+    def to_dict(self) -> Dict:
+        return dict(model_type=MODEL_TYPE, format_version=FORMAT_VERSION, **dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Dict, source="config") -> "CaptionerConfig":
+        d = dict(d)
+        if d.pop("model_type", None) != MODEL_TYPE:
+            raise CheckpointError(f"{source}: not a captioner config (model_type must be {MODEL_TYPE!r})")
+        version = d.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{source}: unknown config keys {unknown}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: {e}") from e
+
+
+def build_mapper(config: CaptionerConfig, n_embd: int) -> nn.Module:
+    if config.mapping_type == "mlp":
+        sizes = config.mlp_sizes or [config.prefix_size, n_embd * config.prefix_length // 2,
+                                     n_embd * config.prefix_length]
+        return MLP(tuple(sizes))
+    grid_tokens = config.num_grid_tokens if config.feature_type == "grid" else None
+    return TransformerMapper(config.prefix_size, n_embd, config.prefix_length, config.prefix_length_clip,
+                             config.num_layers, grid_tokens=grid_tokens)
+
+
+class ClipCaptionModel(nn.Module):
+    """Mapper (`clip_project`) + GPT-2 (`gpt`), named as the original so its state dicts map one to one;
+    optionally the image encoder (`encoder`) for end-to-end training."""
+
+    def __init__(self, config: CaptionerConfig, gpt: Optional[GPT2LMHeadModel] = None,
+                 encoder: Optional[ImageEncoder] = None):
+        super().__init__()
+        if gpt is None:
+            if config.decoder is None:
+                raise ValueError("config.decoder is empty: pass a decoder or use ClipCaptionModel.create")
+            gpt = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+        self.gpt = gpt
+        self.config = dataclasses.replace(config, decoder=gpt.config.to_dict())
+        if encoder is not None:
+            self.config.encoder = encoder.config.to_dict()
+            self.config.encoder_in_checkpoint = True
+        self.prefix_length = config.prefix_length
+        self.clip_project = build_mapper(config, gpt.config.n_embd)
+        self.encoder = encoder
+        if config.only_prefix:
+            self.freeze_decoder()
+
+    @classmethod
+    def create(cls, config: CaptionerConfig, encoder: Optional[ImageEncoder] = None) -> "ClipCaptionModel":
+        """A new model whose decoder starts from `config.gpt2` (hub name or local directory)."""
+        return cls(config, gpt=GPT2LMHeadModel.from_pretrained(config.gpt2), encoder=encoder)
+
+    def freeze_decoder(self) -> None:
+        """`only_prefix`: no decoder gradients are computed or stored, and the decoder stays in eval mode."""
+        self.config.only_prefix = True
+        self.gpt.requires_grad_(False)
+        self.gpt.eval()
+
+    def train(self, mode: bool = True) -> "ClipCaptionModel":
+        super().train(mode)
+        if self.config.only_prefix:
+            self.gpt.eval()
+        return self
+
+    def prefix_embeddings(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, D) or (B, T, D) -> prefix embeddings (B, prefix_length, C)."""
+        if self.config.normalize_prefix:
+            features = features / features.norm(p=2, dim=-1, keepdim=True)
+        features = features.to(next(self.clip_project.parameters()).dtype)
+        prefix = self.clip_project(features)
+        return prefix.reshape(features.shape[0], self.prefix_length, -1)
+
+    def features_from(self, prefix: Optional[torch.Tensor] = None,
+                      images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if images is None:
+            return prefix
+        if self.encoder is None:
+            raise ValueError("this model holds no image encoder; pass precomputed features")
+        return self.encoder(images)
+
+    def embed(self, tokens: torch.Tensor, prefix=None, images=None) -> torch.Tensor:
+        prefix_emb = self.prefix_embeddings(self.features_from(prefix, images))
+        token_emb = self.gpt.transformer.wte(tokens)
+        return torch.cat((prefix_emb.to(token_emb.dtype), token_emb), dim=1)  # (B, P + T, C)
+
+    def forward(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits over the prefix and caption positions, (B, P + T, V), as the original forward."""
+        attention_mask = None
+        if mask is not None:
+            ones = torch.ones(tokens.shape[0], self.prefix_length, dtype=mask.dtype, device=mask.device)
+            attention_mask = torch.cat((ones, mask), dim=1)
+        return self.gpt(inputs_embeds=self.embed(tokens, prefix, images), attention_mask=attention_mask).logits
+
+    def loss(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
+             mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean cross-entropy over the caption tokens; padded positions (mask 0) get label -100.
+
+        Captions are right-padded, and with causal attention a padded position can only influence later
+        (padded) positions, so no attention mask is needed and the fused causal attention kernel applies.
+        The vocabulary projection runs only at labelled positions, not at the prefix or the padding.
+        """
+        labels = tokens if mask is None else tokens.masked_fill(mask == 0, -100)
+        hidden = self.gpt.transformer(inputs_embeds=self.embed(tokens, prefix, images)).last_hidden_state
+        hidden = hidden[:, self.prefix_length - 1:-1]  # position i predicts caption token i
+        keep = labels != -100
+        logits = self.gpt.lm_head(hidden[keep])  # (N, V)
+        return F.cross_entropy(logits.float(), labels[keep])
+
+    # ---- export directories -------------------------------------------------------------------------------
+
+    def _tied_keys(self) -> List[str]:
+        tied = self.gpt.lm_head.weight is self.gpt.transformer.wte.weight
+        return ["gpt.lm_head.weight"] if tied else []
+
+    def save_pretrained(self, directory, tokenizer=None, include_decoder: bool = True) -> None:
+        """Write `config.json`, `model.safetensors` and the tokenizer atomically into `directory`."""
+        skip = set(self._tied_keys())
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip
+                 and (include_decoder or not k.startswith("gpt."))}
+        config = dataclasses.replace(self.config, decoder_in_checkpoint=include_decoder)
+        with atomic_directory(directory) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None) -> "ClipCaptionModel":
+        """Rebuild from `config.json` alone, then load `model.safetensors` strictly."""
+        directory = Path(directory)
+        config = read_config(directory)
+        gpt = None if config.decoder_in_checkpoint else GPT2LMHeadModel.from_pretrained(config.gpt2)
+        encoder = None
+        if config.encoder_in_checkpoint:
+            encoder = ImageEncoder(EncoderConfig.from_dict(config.encoder), load_weights=False)
+        model = cls(config, gpt=gpt, encoder=encoder)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for truncated or garbled files
+            raise CheckpointError(f"{weights}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+        optional = set(model._tied_keys())
+        if not config.decoder_in_checkpoint:
+            optional |= {k for k in model.state_dict() if k.startswith("gpt.")}
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith("gpt.")})
+        load_state_dict_strict(model, state, weights, optional_missing=optional)
+        return model.to(device) if device is not None else model
+
+    # ---- checkpoints of the original code -----------------------------------------------------------------
+
+    @classmethod
+    def from_original_state_dict(cls, state_dict: Dict[str, torch.Tensor], decoder_config: GPT2Config,
+                                 source="state dict", **sizes) -> "ClipCaptionModel":
+        """Import a state dict saved by the original ClipCap / Tini-Tiny `train.py`.
+
+        Sizes (`mapping_type`, `prefix_length`, `prefix_length_clip`, `num_layers`, `prefix_size`) are
+        inferred from tensor shapes; any given in `sizes` must agree. `decoder_config` gives the GPT-2
+        hyperparameters shapes cannot tell (number of heads); its shapes are checked against the weights.
+        Other `sizes` keys (`normalize_prefix`, `eos_token_ids`, `gpt2`, `encoder`) go into the config.
+        """
+        state_dict = {k: v for k, v in state_dict.items() if not LEGACY_GPT2_BUFFER.match(k)}
+        inferred = infer_original_sizes(state_dict, source)
+        for key, value in sizes.items():
+            if key in inferred and value is not None and value != inferred[key]:
+                raise CheckpointError(f"{source}: {key}={value} was given but the weights have {key}="
+                                      f"{inferred[key]} ({ORIGINAL_SIZE_KEYS[key]})")
+        check_decoder_shapes(state_dict, decoder_config, source)
+        extra = {k: v for k, v in sizes.items() if k not in inferred and v is not None}
+        config = CaptionerConfig(**inferred, source="original", decoder=decoder_config.to_dict(), **extra)
+        model = cls(config)
+        load_state_dict_strict(model, state_dict, source)
+        return model
+
+
+def read_config(directory: Path) -> CaptionerConfig:
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory} is a file, but an export directory (config.json + model.safetensors) is expected; "
+            f"convert a checkpoint of the original code with `python convert_checkpoint.py --checkpoint "
+            f"{directory} --out_dir DIR`")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: {CONFIG_FILE} is missing: not an export directory written by "
+                              f"train.py or convert_checkpoint.py")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return CaptionerConfig.from_dict(raw, source=path)
+
+
+# transformers 4.x wrote the causal-mask buffers into state dicts; current versions reject them.
+LEGACY_GPT2_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+ORIGINAL_SIZE_KEYS = {
+    "mapping_type": "clip_project.prefix_const (transformer) or clip_project.model.* (MLP)",
+    "prefix_length": "clip_project.prefix_const rows, or the MLP's output size / n_embd",
+    "prefix_length_clip": "clip_project.linear.weight rows / n_embd",
+    "num_layers": "clip_project.transformer.layers.*",
+    "prefix_size": "the mapper's input columns",
+}
+
+
+def infer_original_sizes(state_dict: Dict[str, torch.Tensor], source) -> Dict:
+    if not any(k.startswith("gpt.") for k in state_dict) or not any(k.startswith("clip_project.")
+                                                                       for k in state_dict):
+        raise CheckpointError(f"{source}: not a ClipCap state dict (expected keys gpt.* and clip_project.*)")
+    if "gpt.transformer.wte.weight" not in state_dict:
+        raise CheckpointError(f"{source}: key 'gpt.transformer.wte.weight' is missing")
+    n_embd = state_dict["gpt.transformer.wte.weight"].shape[1]
+    if "clip_project.prefix_const" in state_dict:
+        layers = {int(m[1]) for k in state_dict if (m := re.match(r"clip_project\.transformer\.layers\.(\d+)\.", k))}
+        linear = state_dict.get("clip_project.linear.weight")
+        if linear is None:
+            raise CheckpointError(f"{source}: key 'clip_project.linear.weight' is missing")
+        return dict(mapping_type="transformer", prefix_length=state_dict["clip_project.prefix_const"].shape[0],
+                    prefix_length_clip=linear.shape[0] // n_embd, num_layers=len(layers),
+                    prefix_size=linear.shape[1])
+    weights = sorted((int(m[1]), v) for k, v in state_dict.items()
+                     if (m := re.match(r"clip_project\.model\.(\d+)\.weight$", k)))
+    if not weights:
+        raise CheckpointError(f"{source}: neither clip_project.prefix_const (transformer mapper) nor "
+                              f"clip_project.model.0.weight (MLP mapper) is present")
+    sizes = [weights[0][1].shape[1]] + [w.shape[0] for _, w in weights]
+    if sizes[-1] % n_embd:
+        raise CheckpointError(f"{source}: the MLP's output size {sizes[-1]} is not a multiple of n_embd {n_embd}")
+    prefix_length = sizes[-1] // n_embd
+    standard = [sizes[0], n_embd * prefix_length // 2, n_embd * prefix_length]
+    return dict(mapping_type="mlp", prefix_length=prefix_length, prefix_size=sizes[0],
+                mlp_sizes=None if sizes == standard else sizes)
+
+
+def check_decoder_shapes(state_dict: Dict[str, torch.Tensor], config: GPT2Config, source) -> None:
+    expected = {
+        "gpt.transformer.wte.weight": (config.vocab_size, config.n_embd),
+        "gpt.transformer.wpe.weight": (config.n_positions, config.n_embd),
+    }
+    for key, shape in expected.items():
+        if key in state_dict and tuple(state_dict[key].shape) != shape:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(state_dict[key].shape)} but the GPT-2 "
+                                  f"config expects {shape}; pass the matching --gpt2 config")
+    layers = {int(m[1]) for k in state_dict if (m := re.match(r"gpt\.transformer\.h\.(\d+)\.", k))}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(f"{source}: the weights hold {len(layers)} GPT-2 layers (gpt.transformer.h.*) but "
+                              f"the GPT-2 config has n_layer={config.n_layer}; pass the matching --gpt2 config")

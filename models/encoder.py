@@ -1,0 +1,252 @@
+"""Image encoder: any timm model (TinyViT-21M by default) turning images into one feature vector or a grid.
+
+Preprocessing facts (input size, resize, crop, mean/std) come from the model's timm data config and are stored
+in `EncoderConfig.data_config`, so whoever stores features records exactly how images were prepared.
+"""
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform, resolve_model_data_config
+from timm.models import group_modules
+from torch import nn
+
+from models.checkpoint_io import (CheckpointError, atomic_directory, load_state_dict_file,
+                                  load_state_dict_strict)
+
+FEATURE_TYPES = ("pooled", "grid")
+# The original scripts' OpenAI CLIP encoders, as timm image towers; their feature is the projected embedding.
+CLIP_MODEL_TYPES = {
+    "ViT-B/32": "vit_base_patch32_clip_224.openai",
+    "RN50": "resnet50_clip.openai",
+    "RN101": "resnet101_clip.openai",
+    "RN50x4": "resnet50x4_clip.openai",
+}
+ENCODER_CONFIG_FILE = "config.json"
+ENCODER_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "tiny_vit_21m_224"
+    # "pooled": the pooled, normed pre-logits vector (B, D); "grid": the last feature map as tokens (B, T, D).
+    feature_type: str = "pooled"
+    # "pre_logits" drops the classifier; "head" keeps it, for CLIP towers whose head is the image projection.
+    pooled_output: str = "pre_logits"
+    # "timm": the model's own data config; "clip": the original scripts' CLIP preprocessing.
+    preprocessing: str = "timm"
+    image_size: Optional[int] = None  # overrides the data config's input size
+    # Where the weights came from: "pretrained" (timm hub/cache), "random", or a file path.
+    weights: str = "pretrained"
+    model_kwargs: Dict = field(default_factory=dict)  # extra timm.create_model arguments
+    data_config: Optional[Dict] = None  # filled in when the encoder is built
+
+    def __post_init__(self):
+        if self.feature_type not in FEATURE_TYPES:
+            raise ValueError(f"feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
+        if self.pooled_output not in ("pre_logits", "head"):
+            raise ValueError(f"pooled_output must be 'pre_logits' or 'head', got {self.pooled_output!r}")
+        if self.preprocessing not in ("timm", "clip"):
+            raise ValueError(f"preprocessing must be 'timm' or 'clip', got {self.preprocessing!r}")
+
+    @classmethod
+    def for_clip_model_type(cls, clip_model_type: str, **kwargs) -> "EncoderConfig":
+        """The original scripts' `--clip_model_type` choices: 'tinyvit' or an OpenAI CLIP name."""
+        if clip_model_type.lower() == "tinyvit":
+            return cls(name="tiny_vit_21m_224", **kwargs)
+        if clip_model_type not in CLIP_MODEL_TYPES:
+            raise ValueError(f"unknown clip_model_type {clip_model_type!r}; expected 'tinyvit' or one of "
+                             f"{sorted(CLIP_MODEL_TYPES)}")
+        return cls(name=CLIP_MODEL_TYPES[clip_model_type], pooled_output="head", preprocessing="clip", **kwargs)
+
+    def to_dict(self) -> Dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as config.json holds them
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"encoder config has unknown keys {unknown}")
+        return cls(**d)
+
+
+def official_tinyvit_filter_fn(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename an official TinyViT release state dict onto timm's TinyVit names.
+
+    The official model names its stages `layers.N` (timm: `stages.N`) and keeps each stage's downsampling at the
+    end of stage N (timm: start of stage N+1); its conv-BN convolutions are `.c` (timm: `.conv`), its patch
+    embedding `patch_embed.seq.0/.2` (timm: `patch_embed.conv1/.conv2`), its head `norm_head`/`head`
+    (timm: `head.norm`/`head.fc`); its `attention_bias_idxs` buffers are rebuilt by timm and dropped here.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("attention_bias_idxs"):
+            continue
+        k = re.sub(r"^patch_embed\.seq\.0\.", "patch_embed.conv1.", k)
+        k = re.sub(r"^patch_embed\.seq\.2\.", "patch_embed.conv2.", k)
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"stages.{int(m[1]) + 1}.downsample.", k)
+        k = re.sub(r"^layers\.", "stages.", k)
+        k = re.sub(r"\.c\.(weight|bias)$", r".conv.\1", k)
+        k = re.sub(r"^norm_head\.", "head.norm.", k)
+        k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
+        out[k] = v
+    return out
+
+
+def is_official_tinyvit(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("layers.", "patch_embed.seq.", "norm_head.")) for k in state_dict)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float images are rescaled, transparency is put on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        image = Image.fromarray(a.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+class ImageEncoder(nn.Module):
+    """A timm model giving `pooled` (B, D) or `grid` (B, T, D) features, with its preprocessing attached.
+
+    `load_weights=True` loads `config.weights` ("pretrained", "random" or a file); `False` leaves the
+    initialisation for a caller that loads a state dict strictly right after (exports do).
+    """
+
+    def __init__(self, config: EncoderConfig, load_weights: bool = True):
+        super().__init__()
+        pretrained = load_weights and config.weights == "pretrained"
+        kwargs = dict(config.model_kwargs)
+        if config.pooled_output == "pre_logits":
+            kwargs["num_classes"] = 0
+        self.model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+        if load_weights and config.weights not in ("pretrained", "random"):
+            self.load_weights_file(config.weights)
+        self.config = dataclasses.replace(config, data_config=config.data_config or self._data_config(config))
+        self.transform = create_transform(**self.config.data_config, is_training=False)
+        self._frozen_modules: List[str] = []
+        self._num_tokens: Optional[int] = None
+
+    def _data_config(self, config: EncoderConfig) -> Dict:
+        data_config = dict(resolve_model_data_config(self.model))
+        if config.preprocessing == "clip":
+            # The original scripts' CLIP preprocessing: shorter side resized to 224 (bicubic), centre crop.
+            data_config.update(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
+                               crop_mode="center", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+        if config.image_size:
+            data_config["input_size"] = (3, config.image_size, config.image_size)
+        return json.loads(json.dumps(data_config))
+
+    def load_weights_file(self, path) -> None:
+        """Load a timm-format or official TinyViT state dict strictly; the classifier is dropped by name
+        when this encoder has none (22k checkpoints carry a 21,841-class head)."""
+        state_dict = load_state_dict_file(path)
+        if is_official_tinyvit(state_dict):
+            state_dict = official_tinyvit_filter_fn(state_dict)
+        classifier = self.model.pretrained_cfg.get("classifier", "head.fc")
+        if self.model.num_classes == 0 and isinstance(classifier, str):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier + ".")}
+        load_state_dict_strict(self.model, state_dict, path)
+
+    @property
+    def feature_dim(self) -> int:
+        if self.config.feature_type == "grid":
+            return self.model.num_features
+        if self.config.pooled_output == "head":
+            return self.model.num_classes
+        return getattr(self.model, "head_hidden_size", self.model.num_features)
+
+    @property
+    def num_tokens(self) -> int:
+        """Grid tokens per image at the configured input size (1 for pooled features)."""
+        if self.config.feature_type == "pooled":
+            return 1
+        if self._num_tokens is None:
+            was_training = self.training
+            self.eval()
+            param = next(self.model.parameters())
+            with torch.no_grad():
+                x = torch.zeros(1, *self.config.data_config["input_size"], device=param.device, dtype=param.dtype)
+                self._num_tokens = self(x).shape[1]
+            self.train(was_training)
+        return self._num_tokens
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A PIL image of any mode -> a normalised (3, H, W) tensor."""
+        return self.transform(to_rgb(image))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_features(images)
+        if self.config.feature_type == "grid":
+            return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x  # (B, C, H, W) -> (B, H*W, C)
+        if self.config.pooled_output == "head":
+            return self.model.forward_head(x)
+        return self.model.forward_head(x, pre_logits=True)  # (B, D)
+
+    def freeze(self) -> None:
+        """Freeze every weight (no gradients, BatchNorm statistics fixed)."""
+        self.freeze_stages(None)
+
+    def freeze_stages(self, num_stages: Optional[int]) -> None:
+        """Freeze the stem and the first `num_stages` stages (None: everything; 0: nothing).
+
+        The original encoder froze its patch embedding and first stage: `freeze_stages(1)`. Stages come from
+        the model's timm group matcher, so this works for any timm model.
+        """
+        if num_stages is None:
+            names = [""]
+        elif num_stages <= 0:
+            names = []
+        else:
+            groups = group_modules(self.model, self.model.group_matcher(coarse=True))
+            names = [name for gid in sorted(groups)[: num_stages + 1] for name in groups[gid]]
+        for name in names:
+            self.model.get_submodule(name).requires_grad_(False)
+        self._frozen_modules = names
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        for name in self._frozen_modules:  # frozen parts keep their BatchNorm statistics and no dropout
+            self.model.get_submodule(name).eval()
+        return self
+
+    def save_pretrained(self, directory) -> None:
+        """An encoder export: `config.json` + `model.safetensors` (timm names)."""
+        with atomic_directory(directory) as tmp:
+            (tmp / ENCODER_CONFIG_FILE).write_text(json.dumps(
+                {"model_type": "image_encoder", "encoder": self.config.to_dict()}, indent=2))
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                      str(tmp / ENCODER_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "ImageEncoder":
+        directory = Path(directory)
+        config_path = directory / ENCODER_CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{directory}: not an encoder export ({ENCODER_CONFIG_FILE} missing)")
+        try:
+            saved = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path}: not valid JSON: {e}") from e
+        if saved.get("model_type") != "image_encoder":
+            raise CheckpointError(f"{config_path}: model_type is {saved.get('model_type')!r}, "
+                                  f"expected 'image_encoder'")
+        encoder = cls(EncoderConfig.from_dict(saved["encoder"]), load_weights=False)
+        weights = directory / ENCODER_WEIGHTS_FILE
+        load_state_dict_strict(encoder.model, load_state_dict_file(weights), weights)
+        return encoder
