@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +96,19 @@ class ClipCaptionModel(nn.Module):
             gpt = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
         self.gpt = gpt
         self.config = dataclasses.replace(config, decoder=gpt.config.to_dict())
-        if encoder is not None:
-            self.config.encoder = encoder.config.to_dict()
-            self.config.encoder_in_checkpoint = True
         self.prefix_length = config.prefix_length
         self.clip_project = build_mapper(config, gpt.config.n_embd)
-        self.encoder = encoder
+        self.encoder = None
+        if encoder is not None:
+            self.attach_encoder(encoder)
         if config.only_prefix:
             self.freeze_decoder()
+
+    def attach_encoder(self, encoder: ImageEncoder) -> None:
+        """Hold the image encoder, so that exports carry its weights and preprocessing."""
+        self.encoder = encoder
+        self.config.encoder = encoder.config.to_dict()
+        self.config.encoder_in_checkpoint = True
 
     @classmethod
     def create(cls, config: CaptionerConfig, encoder: Optional[ImageEncoder] = None) -> "ClipCaptionModel":
@@ -214,13 +219,15 @@ class ClipCaptionModel(nn.Module):
 
     @classmethod
     def from_original_state_dict(cls, state_dict: Dict[str, torch.Tensor], decoder_config: GPT2Config,
-                                 source="state dict", **sizes) -> "ClipCaptionModel":
+                                 source="state dict", encoder: Union[ImageEncoder, EncoderConfig, None] = None,
+                                 **sizes) -> "ClipCaptionModel":
         """Import a state dict saved by the original ClipCap / Tini-Tiny `train.py`.
 
         Sizes (`mapping_type`, `prefix_length`, `prefix_length_clip`, `num_layers`, `prefix_size`) are
         inferred from tensor shapes; any given in `sizes` must agree. `decoder_config` gives the GPT-2
         hyperparameters shapes cannot tell (number of heads); its shapes are checked against the weights.
-        Other `sizes` keys (`normalize_prefix`, `eos_token_ids`, `gpt2`, `encoder`) go into the config.
+        Other `sizes` keys (`normalize_prefix`, `eos_token_ids`, `gpt2`) go into the config. `encoder` is the
+        encoder the features came from: a module to hold (its weights are exported), or only its config.
         """
         state_dict = {k: v for k, v in state_dict.items() if not LEGACY_GPT2_BUFFER.match(k)}
         inferred = infer_original_sizes(state_dict, source)
@@ -231,8 +238,12 @@ class ClipCaptionModel(nn.Module):
         check_decoder_shapes(state_dict, decoder_config, source)
         extra = {k: v for k, v in sizes.items() if k not in inferred and v is not None}
         config = CaptionerConfig(**inferred, source="original", decoder=decoder_config.to_dict(), **extra)
+        if isinstance(encoder, EncoderConfig):
+            config.encoder = encoder.to_dict()
         model = cls(config)
         load_state_dict_strict(model, state_dict, source)
+        if isinstance(encoder, ImageEncoder):
+            model.attach_encoder(encoder)
         return model
 
 

@@ -84,11 +84,13 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a forbidden class: the bytes themselves are garbage
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?)") from e
         raise CheckpointError(
             f"{path} pickles Python objects other than tensors (for example a whole model saved with "
             f"torch.save(model, ...)), which would run arbitrary code when loaded. Where you trust the file, "
             f"turn it into a state dict once: torch.save(torch.load('{path}', weights_only=False).state_dict(), "
-            f"'state_dict.pth'), then pass state_dict.pth. ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+            f"'state_dict.pth'), then pass state_dict.pth."
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {e}") from e

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config
+
+import convert_checkpoint
+from models.captioner import ClipCaptionModel
+from models.encoder import ImageEncoder
+from conftest import FIXTURES
+
+REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
+TINYVIT_REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def original_gpt2_dir(tmp_path_factory, tokenizer):
+    """The GPT-2 the original fixtures were made with (config only: the weights come from the checkpoint)."""
+    path = tmp_path_factory.mktemp("original_gpt2")
+    GPT2Config.from_dict(REF["gpt2_config"]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_convert_original_checkpoint_to_export(tmp_path, original_gpt2_dir, tokenizer, kind):
+    out = tmp_path / kind
+    rc = convert_checkpoint.main(["--checkpoint", str(FIXTURES / f"original_{kind}_prefix.pt"),
+                                  "--out_dir", str(out), "--gpt2", str(original_gpt2_dir)])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"] == "original" and config["mapping_type"] == kind
+    assert config["eos_token_ids"] == tokenizer.encode(".")
+    assert config["encoder"]["name"] == "tiny_vit_21m_224" and config["encoder"]["preprocessing"] == "clip"
+    assert not config["encoder_in_checkpoint"]
+    model = ClipCaptionModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(REF["tokens"], REF["features"]), REF[f"logits_{kind}"], atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(str(out)).encode("A red dog.") == tokenizer.encode("A red dog.")
+
+
+def test_convert_embeds_an_encoder_weights_file(tmp_path, original_gpt2_dir):
+    encoder_args = ["--encoder", "tiny_vit_5m_224", "--encoder_weights", str(FIXTURES / "official_tinyvit_tiny.pth")]
+    # the official fixture is a custom-size TinyViT: check that a mismatched encoder is refused, by key
+    rc = convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"),
+                                  "--out_dir", str(tmp_path / "x"), "--gpt2", str(original_gpt2_dir)] + encoder_args)
+    assert rc == 1 and not (tmp_path / "x").exists()
+
+
+def test_convert_official_tinyvit(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tinyvit"
+    kwargs = {k: v for k, v in TINYVIT_REF["config"].items() if k != "num_classes"}
+    original_init = ImageEncoder.__init__
+
+    def tiny_init(self, config, load_weights=True):  # the fixture is a custom-size TinyViT
+        config.model_kwargs = kwargs
+        original_init(self, config, load_weights)
+
+    monkeypatch.setattr(ImageEncoder, "__init__", tiny_init)
+    assert convert_checkpoint.main(["--tinyvit", str(FIXTURES / "official_tinyvit_tiny.pth"),
+                                    "--encoder", "tiny_vit_5m_224", "--out_dir", str(out)]) == 0
+    assert "64-d pooled features" in capsys.readouterr().out
+    encoder = ImageEncoder.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(TINYVIT_REF["x"]), TINYVIT_REF["features"], atol=1e-5, rtol=0)
+
+
+def test_convert_reports_errors_without_traceback(tmp_path, capsys, original_gpt2_dir):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    rc = convert_checkpoint.main(["--checkpoint", str(bad), "--out_dir", str(tmp_path / "out"),
+                                  "--gpt2", str(original_gpt2_dir)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "bad.pt: not a readable torch checkpoint" in err and not (tmp_path / "out").exists()
+    rc = convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"), "--prefix_length", "9",
+                                  "--out_dir", str(tmp_path / "out"), "--gpt2", str(original_gpt2_dir)])
+    assert rc == 1 and "prefix_length=9 was given but the weights have prefix_length=4" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from models.checkpoint_io import CheckpointError
+from models.encoder import EncoderConfig, ImageEncoder, official_tinyvit_filter_fn, to_rgb
+from conftest import FIXTURES
+
+REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
+OFFICIAL = FIXTURES / "official_tinyvit_tiny.pth"
+TINY_KWARGS = {k: v for k, v in REF["config"].items() if k != "num_classes"}
+
+
+def tiny_config(**kw):
+    base = dict(name="tiny_vit_5m_224", model_kwargs=TINY_KWARGS, image_size=64, weights="random")
+    return EncoderConfig(**{**base, **kw})
+
+
+def test_official_tinyvit_reproduces_reference_features_and_logits():
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False, **REF["config"]).eval()
+    state = torch.load(OFFICIAL, weights_only=True)["model"]
+    model.load_state_dict(official_tinyvit_filter_fn(state), strict=True)
+    with torch.no_grad():
+        logits = model(REF["x"])
+        features = model.forward_head(model.forward_features(REF["x"]), pre_logits=True)
+    torch.testing.assert_close(logits, REF["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(features, REF["features"], atol=1e-5, rtol=0)
+
+
+def test_encoder_loads_official_file_without_classifier():
+    encoder = ImageEncoder(tiny_config(weights=str(OFFICIAL))).eval()
+    assert encoder.model.num_classes == 0 and encoder.feature_dim == 64
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(REF["x"]), REF["features"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name,dim", [("tiny_vit_5m_224", 320), ("tiny_vit_11m_224", 448),
+                                      ("tiny_vit_21m_224", 576)])
+def test_tinyvit_sizes_pooled_and_grid(name, dim):
+    pooled = ImageEncoder(EncoderConfig(name=name, weights="random")).eval()
+    grid = ImageEncoder(EncoderConfig(name=name, weights="random", feature_type="grid")).eval()
+    grid.load_state_dict(pooled.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        p, g = pooled(x), grid(x)
+    assert pooled.feature_dim == dim and p.shape == (2, dim)
+    assert grid.num_tokens == 49 and g.shape == (2, 49, dim)
+    assert torch.isfinite(p).all() and torch.isfinite(g).all()
+    # pooled = layer norm of the grid's mean: the two feature types come from the same network
+    mean = g.mean(1)
+    expected = pooled.model.head.norm(mean[:, :, None, None]).flatten(1)
+    torch.testing.assert_close(p, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_reaches_weights_and_gives_no_nan():
+    encoder = ImageEncoder(tiny_config())
+    encoder(torch.randn(2, 3, 64, 64)).pow(2).sum().backward()
+    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_freeze_stages_freezes_stem_and_first_stage_only():
+    encoder = ImageEncoder(tiny_config())
+    encoder.freeze_stages(1)
+    frozen = {n for n, p in encoder.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("patch_embed.", "stages.0.")) for n in frozen)
+    assert {n for n, _ in encoder.model.named_parameters()
+            if n.startswith(("patch_embed.", "stages.0."))} == frozen
+    encoder.train()
+    assert not encoder.model.patch_embed.conv1.bn.training and encoder.model.stages[1].training
+    before = encoder.model.patch_embed.conv1.bn.running_mean.clone()
+    encoder(torch.randn(2, 3, 64, 64) * 5)
+    torch.testing.assert_close(encoder.model.patch_embed.conv1.bn.running_mean, before)
+
+
+def test_freeze_all():
+    encoder = ImageEncoder(tiny_config())
+    encoder.freeze()
+    encoder.train()
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.model.training
+
+
+def test_preprocessing_from_timm_data_config_and_clip_option():
+    timm_enc = ImageEncoder(EncoderConfig(name="test_resnet", weights="random"))
+    assert timm_enc.config.data_config["mean"] == [0.5, 0.5, 0.5]
+    assert timm_enc.preprocess(Image.new("RGB", (300, 200))).shape == (3, 160, 160)
+    clip_enc = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", preprocessing="clip"))
+    dc = clip_enc.config.data_config
+    assert dc["input_size"] == [3, 224, 224] and dc["crop_pct"] == 1.0 and dc["interpolation"] == "bicubic"
+    assert dc["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    # shorter side to 224 then a centre crop: a white stripe in the middle survives, the borders are cut
+    img = np.zeros((224, 448, 3), dtype=np.uint8)
+    img[:, 200:248] = 255
+    x = clip_enc.preprocess(Image.fromarray(img))
+    assert x.shape == (3, 224, 224) and x[:, :, 112].min() > 1.0 and x[:, :, 0].max() < -1.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_to_rgb_converts_every_mode(mode):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+    img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (8, 8)
+
+
+def test_encoder_export_round_trip(tmp_path):
+    encoder = ImageEncoder(tiny_config(weights=str(OFFICIAL))).eval()
+    encoder.save_pretrained(tmp_path / "enc")
+    loaded = ImageEncoder.from_pretrained(tmp_path / "enc").eval()
+    assert loaded.config == encoder.config
+    with torch.no_grad():
+        assert torch.equal(loaded(REF["x"]), encoder(REF["x"]))
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        ImageEncoder(tiny_config(weights=str(tmp_path / "missing.pth")))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(OFFICIAL.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        ImageEncoder(tiny_config(weights=str(truncated)))
+    whole_model = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), whole_model)
+    with pytest.raises(CheckpointError, match=r"state_dict\(\)"):
+        ImageEncoder(tiny_config(weights=str(whole_model)))
+    wider = ImageEncoder(tiny_config(model_kwargs={**TINY_KWARGS, "embed_dims": [24, 32, 48, 64]}))
+    torch.save({"model": wider.model.state_dict()}, tmp_path / "wider.pth")
+    with pytest.raises(CheckpointError, match=r"key 'patch_embed\.conv1\.conv\.weight' has shape \(12, 3, 3, 3\) "
+                                              r"but the model expects \(8, 3, 3, 3\)"):
+        ImageEncoder(tiny_config(weights=str(tmp_path / "wider.pth")))
+    deeper = ImageEncoder(tiny_config(model_kwargs={**TINY_KWARGS, "depths": [2, 1, 2, 1]}))
+    torch.save(deeper.model.state_dict(), tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"deeper\.pth: weights do not match the model: \d+ unexpected key"):
+        ImageEncoder(tiny_config(weights=str(tmp_path / "deeper.pth")))
