@@ -1,0 +1,201 @@
+"""A synthetic captioning dataset: one or two coloured shapes on varied backgrounds, captioned by a small grammar.
+
+Generated deterministically from a seed and written in the official COCO caption format (`images[]` with
+`file_name`, `annotations[]`), so parse_coco.py, train.py, predict.py and evaluate.py run on it exactly as on COCO.
+Each `images[]` entry also carries its `scene` (the ground truth), which `parse_caption` checks captions against.
+
+  python shapes_data.py --out_dir ./data/shapes --num_train 2000 --num_val 200 --num_test 300 --seed 0
+"""
+import argparse
+import json
+import random
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from models.checkpoint_io import atomic_write
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom")  # where a lone shape sits
+RELATIONS = ("to the left of", "to the right of", "above", "below")  # first shape relative to the second
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+           "below": "above"}
+POSITION_PHRASES = {"left": ["on the left", "in the left part of the image"],
+                    "right": ["on the right", "in the right part of the image"],
+                    "top": ["at the top", "in the upper part of the image"],
+                    "bottom": ["at the bottom", "in the lower part of the image"]}
+
+
+@dataclass
+class Thing:
+    colour: str
+    shape: str
+
+
+@dataclass
+class Scene:
+    things: List[Thing]
+    position: Optional[str] = None  # one shape: where it is
+    relation: Optional[str] = None  # two shapes: things[0] RELATION things[1]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    first = Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    if rng.random() < 0.5:
+        return Scene([first], position=rng.choice(POSITIONS))
+    while True:
+        second = Thing(rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        if second != first:  # two identical shapes would make the relation ambiguous
+            return Scene([first, second], relation=rng.choice(RELATIONS))
+
+
+def captions_for(scene: Scene, rng: random.Random, count: int = 5) -> List[str]:
+    """Paraphrases of the scene from the grammar, distinct where the grammar allows."""
+    a = scene.things[0]
+    if scene.position:
+        templates = [f"a {a.colour} {a.shape} {p}" for p in POSITION_PHRASES[scene.position]]
+        templates += [f"there is a {a.colour} {a.shape} {p}" for p in POSITION_PHRASES[scene.position]]
+        templates += [f"a {a.shape} in {a.colour} {POSITION_PHRASES[scene.position][0]}"]
+    else:
+        b, rel = scene.things[1], scene.relation
+        templates = [f"a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
+                     f"a {b.colour} {b.shape} {INVERSE[rel]} a {a.colour} {a.shape}",
+                     f"there is a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
+                     f"a {a.shape} in {a.colour} {rel} a {b.shape} in {b.colour}",
+                     f"a {b.colour} {b.shape} with a {a.colour} {a.shape} {rel} it"]
+    rng.shuffle(templates)
+    return templates[:count]
+
+
+def draw_scene(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
+    # Varied backgrounds: a random grey or muted tint with a little noise, never a shape colour.
+    base = [rng.randint(90, 200)] * 3 if rng.random() < 0.5 else [rng.randint(80, 180) for _ in range(3)]
+    img = Image.new("RGB", (size, size), tuple(base))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(0, 6)):
+        x, y, r = rng.randint(0, size), rng.randint(0, size), rng.randint(2, size // 6)
+        shade = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in base)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=shade)
+    s = size // 4 + rng.randint(-2, 3)  # shape extent
+    lo, mid, hi = s // 2 + 2, size // 2, size - s // 2 - 2
+    if scene.position:
+        jitter = lambda: rng.randint(-size // 10, size // 10)  # noqa: E731
+        centres = [{"left": (lo, mid + jitter()), "right": (hi, mid + jitter()),
+                    "top": (mid + jitter(), lo), "bottom": (mid + jitter(), hi)}[scene.position]]
+    else:
+        offset = lambda: rng.randint(-size // 8, size // 8)  # noqa: E731
+        first, second = {"to the left of": ((lo, mid), (hi, mid)), "to the right of": ((hi, mid), (lo, mid)),
+                         "above": ((mid, lo), (mid, hi)), "below": ((mid, hi), (mid, lo))}[scene.relation]
+        centres = [(first[0] + (offset() if first[0] == mid else 0), first[1] + (offset() if first[1] == mid else 0)),
+                   (second[0] + (offset() if second[0] == mid else 0),
+                    second[1] + (offset() if second[1] == mid else 0))]
+    for thing, (cx, cy) in zip(scene.things, centres):
+        box = (cx - s // 2, cy - s // 2, cx + s // 2, cy + s // 2)
+        colour = COLOURS[thing.colour]
+        if thing.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif thing.shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=colour)
+    return img
+
+
+THING_RE = re.compile(r"a (?:(?P<c1>\w+) (?P<s1>circle|square|triangle)|(?P<s2>circle|square|triangle) in (?P<c2>\w+))")
+
+
+def parse_caption(caption: str) -> Optional[Scene]:
+    """The scene a caption describes, or None when it does not follow the grammar."""
+    text = " ".join(caption.lower().replace(".", " ").split())
+    things = [Thing(m["c1"] or m["c2"], m["s1"] or m["s2"]) for m in THING_RE.finditer(text)]
+    if any(t.colour not in COLOURS for t in things) or not things:
+        return None
+    if len(things) == 1:
+        if text.endswith(" it"):
+            return None
+        for position, phrases in POSITION_PHRASES.items():
+            if any(p in text for p in phrases):
+                return Scene(things, position=position)
+        return None
+    if len(things) != 2:
+        return None
+    relation = next((r for r in sorted(RELATIONS, key=len, reverse=True) if f" {r} " in f" {text} "), None)
+    if relation is None:
+        return None
+    if text.endswith(f"{relation} it"):  # "a B with a A REL it": A REL B
+        return Scene([things[1], things[0]], relation=relation)
+    return Scene(things, relation=relation)
+
+
+def same_scene_facts(predicted: Optional[Scene], truth: Scene) -> Dict[str, bool]:
+    """Colour, shape and position/relation correctness of a caption's scene; a relation stated in the inverse
+    direction with the shapes swapped ("B below A" for "A above B") is correct."""
+    if predicted is None or len(predicted.things) != len(truth.things):
+        return {"colour": False, "shape": False, "position": False}
+    candidates = [predicted]
+    if predicted.relation:
+        candidates.append(Scene(predicted.things[::-1], relation=INVERSE[predicted.relation]))
+    best = {"colour": False, "shape": False, "position": False}
+    for cand in candidates:
+        facts = {"colour": [t.colour for t in cand.things] == [t.colour for t in truth.things],
+                 "shape": [t.shape for t in cand.things] == [t.shape for t in truth.things],
+                 "position": (cand.position, cand.relation) == (truth.position, truth.relation)
+                 and [asdict(t) for t in cand.things] == [asdict(t) for t in truth.things]}
+        if sum(facts.values()) > sum(best.values()):
+            best = facts
+    return best
+
+
+def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start_id: int, size: int) -> int:
+    images, annotations = [], []
+    for i in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False):
+        image_id = start_id + i
+        scene = random_scene(rng)
+        file_name = f"images/{split}_{image_id:06d}.png"
+        draw_scene(scene, rng, size).save(out_dir / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
+                       "scene": asdict(scene)})
+        for caption in captions_for(scene, rng):
+            annotations.append({"id": len(annotations) + start_id * 10, "image_id": image_id, "caption": caption})
+    with atomic_write(out_dir / f"captions_{split}.json") as tmp:
+        tmp.write_text(json.dumps({"info": {"description": f"synthetic shapes, {split} split"},
+                                   "images": images, "annotations": annotations}))
+    return start_id + count
+
+
+def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64) -> Path:
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    next_id = 1
+    for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
+        next_id = write_split(out_dir, split, count, rng, next_id, size)
+    return out_dir
+
+
+def scene_from_dict(d: Dict) -> Scene:
+    return Scene([Thing(**t) for t in d["things"]], position=d.get("position"), relation=d.get("relation"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="./data/shapes", help="where images/ and captions_<split>.json go")
+    p.add_argument("--num_train", type=int, default=2000)
+    p.add_argument("--num_val", type=int, default=200)
+    p.add_argument("--num_test", type=int, default=300)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images and captions")
+    args = p.parse_args(argv)
+    generate(args.out_dir, args.num_train, args.num_val, args.num_test, args.seed, args.image_size)
+    print(f"wrote {args.num_train}/{args.num_val}/{args.num_test} train/val/test images to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

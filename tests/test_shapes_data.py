@@ -1,0 +1,73 @@
+import json
+import random
+
+import numpy as np
+from PIL import Image
+
+import shapes_data
+from shapes_data import COLOURS, Scene, Thing, captions_for, parse_caption, same_scene_facts, scene_from_dict
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = shapes_data.generate(tmp_path / "a", num_train=12, num_val=3, num_test=4, seed=7)
+    b = shapes_data.generate(tmp_path / "b", num_train=12, num_val=3, num_test=4, seed=7)
+    c = shapes_data.generate(tmp_path / "c", num_train=12, num_val=3, num_test=4, seed=8)
+    for split in ("train", "val", "test"):
+        assert (a / f"captions_{split}.json").read_text() == (b / f"captions_{split}.json").read_text()
+    files = sorted(p.name for p in (a / "images").iterdir())
+    assert len(files) == 19
+    assert all((a / "images" / f).read_bytes() == (b / "images" / f).read_bytes() for f in files)
+    assert (a / "captions_train.json").read_text() != (c / "captions_train.json").read_text()
+
+
+def test_coco_format_and_captions_parse_back_to_the_scene(tmp_path):
+    out = shapes_data.generate(tmp_path, num_train=40, num_val=0, num_test=0, seed=0)
+    data = json.loads((out / "captions_train.json").read_text())
+    assert {"images", "annotations"} <= set(data)
+    by_id = {im["id"]: im for im in data["images"]}
+    per_image = {}
+    for ann in data["annotations"]:
+        scene = scene_from_dict(by_id[ann["image_id"]]["scene"])
+        assert same_scene_facts(parse_caption(ann["caption"]), scene) == {"colour": True, "shape": True,
+                                                                          "position": True}, ann["caption"]
+        per_image.setdefault(ann["image_id"], set()).add(ann["caption"])
+    assert all(len(c) == 5 for c in per_image.values())  # five distinct paraphrases per image
+    assert {len(scene_from_dict(im["scene"]).things) for im in data["images"]} == {1, 2}
+
+
+def test_images_show_the_scene(tmp_path):
+    rng = random.Random(0)
+    scene = Scene([Thing("red", "square"), Thing("blue", "circle")], relation="to the left of")
+    pixels = np.asarray(shapes_data.draw_scene(scene, rng, 64)).astype(int)
+    def centre_of(colour):
+        ys, xs = np.nonzero((np.abs(pixels - np.array(COLOURS[colour])).sum(-1)) < 10)
+        return xs.mean(), ys.mean()
+    assert centre_of("red")[0] < 32 < centre_of("blue")[0]
+
+
+def test_parse_caption_scores_wrong_captions():
+    truth = Scene([Thing("red", "square"), Thing("blue", "circle")], relation="above")
+    assert same_scene_facts(parse_caption("a blue circle below a red square"), truth) == {
+        "colour": True, "shape": True, "position": True}
+    assert same_scene_facts(parse_caption("a red square below a blue circle"), truth) == {
+        "colour": True, "shape": True, "position": False}
+    assert same_scene_facts(parse_caption("a red triangle above a blue circle"), truth)["shape"] is False
+    assert same_scene_facts(parse_caption("a green square above a blue circle"), truth)["colour"] is False
+    assert same_scene_facts(parse_caption("a red square"), truth) == {"colour": False, "shape": False,
+                                                                      "position": False}
+    assert parse_caption("a purple square on the left") is None
+    assert parse_caption("a red square") is None  # no position
+
+
+def test_captions_for_covers_all_grammar_forms():
+    rng = random.Random(3)
+    scene = Scene([Thing("yellow", "triangle")], position="top")
+    caps = captions_for(scene, rng)
+    assert len(set(caps)) == 5 and all(parse_caption(c) == scene for c in caps)
+
+
+def test_main_writes_the_splits(tmp_path, capsys):
+    assert shapes_data.main(["--out_dir", str(tmp_path), "--num_train", "3", "--num_val", "1", "--num_test", "2",
+                             "--image_size", "48"]) == 0
+    data = json.loads((tmp_path / "captions_test.json").read_text())
+    assert len(data["images"]) == 2 and Image.open(tmp_path / data["images"][0]["file_name"]).size == (48, 48)
