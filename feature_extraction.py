@@ -71,8 +71,11 @@ def collate(items) -> Tuple[List[int], Optional[torch.Tensor], List[Tuple[int, s
 
 
 def set_pil_pixel_limit(max_pixels: Optional[int], worker_id: int = 0) -> None:
-    """Let PIL's own bomb check (which refuses at twice its limit) agree with ours; run in every worker."""
-    if max_pixels:
+    """Raise PIL's own bomb limit (it refuses at twice its limit) where ours is higher; run in every worker.
+
+    A lower limit needs nothing here: `load_image` refuses those images itself, with a clearer message.
+    """
+    if max_pixels and Image.MAX_IMAGE_PIXELS and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 

@@ -30,15 +30,30 @@ from models.encoder import CLIP_MODEL_TYPES, FEATURE_TYPES, EncoderConfig, Image
 FORMAT_VERSION = 1
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"drop_path_rate\": 0}}', got {text!r}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # flags without a fixed default say what they default to in words
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--clip_model_type", default="tinyvit", choices=["tinyvit", *CLIP_MODEL_TYPES],
                    help="image encoder: TinyViT-21M, or an OpenAI CLIP image tower (timm) as in the original")
-    p.add_argument("--encoder", default=None, help="any timm model name; overrides --clip_model_type")
+    p.add_argument("--encoder", default=None,
+                   help="any timm model name (e.g. tiny_vit_11m_224); overrides --clip_model_type")
     p.add_argument("--encoder_weights", default="pretrained",
                    help="'pretrained' (timm hub or cache), 'random', or a checkpoint file (timm or official TinyViT)")
-    p.add_argument("--encoder_kwargs", type=json.loads, default={},
+    p.add_argument("--encoder_kwargs", type=json_object, default={},
                    help="extra timm.create_model arguments as JSON, e.g. '{\"drop_path_rate\": 0}'")
     p.add_argument("--feature_type", default="pooled", choices=FEATURE_TYPES,
                    help="pooled: one vector per image (N, D); grid: the last feature map as tokens (N, T, D)")
@@ -46,13 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--annotations", default="./data/coco/annotations/train_caption.json",
                    help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, or your own "
                         "JSON list / CSV of (file name, caption)")
-    p.add_argument("--annotation_format", default="auto", choices=ANNOTATION_FORMATS)
+    p.add_argument("--annotation_format", default="auto", choices=ANNOTATION_FORMATS,
+                   help="auto detects it; list: a JSON list of caption entries, coco, karpathy, csv")
     p.add_argument("--split", default=None,
                    help="Karpathy split: train, val, test, restval, or several joined by '+' (train+restval)")
     p.add_argument("--images_root", default="./data/coco", help="folder that annotation file names are relative to")
     p.add_argument("--out_path", default=None,
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
-    p.add_argument("--batch_size", type=int, default=32, help="images per encoder call")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per encoder call; default 128 on CUDA, 8 on CPU (where bigger batches gain nothing)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader processes decoding and preprocessing images; default: CPU cores - 1 (at most 8)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -69,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     tag = (args.encoder or args.clip_model_type).replace("/", "_")
     args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
@@ -174,6 +191,7 @@ def finish(args, records, encoder, precision, partial: Path, failures, encoded: 
     """Main process: merge the partial results into the pickle, list the failures, remove the partial results."""
     failed = {f.index for f in failures}
     kept = [i for i in range(len(records)) if i not in failed]
+    write_error_log(args.error_log, records, failures)
     if not kept:
         raise ExtractionError(f"none of the {len(records)} images could be read; see {args.error_log}")
     features = assemble(partial, kept)
@@ -182,7 +200,6 @@ def finish(args, records, encoder, precision, partial: Path, failures, encoded: 
         raise ExtractionError(f"{args.annotations}: the readable images have no captions; nothing to write")
     metadata = features_metadata(args, encoder, precision, records, kept, failures, len(captions))
     write_features(args.out_path, features, captions, metadata)
-    write_error_log(args.error_log, records, failures)
     shutil.rmtree(partial)
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(f.kind for f in failures).items()))
     print(f"wrote {args.out_path}: {len(kept)} images, {len(captions)} captions, features "
@@ -232,7 +249,8 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
     num_workers = args.num_workers if args.num_workers is not None else \
         min(8, max(0, (os.cpu_count() or 1) // world_size - 1))
     start = time.perf_counter()
-    failures = extract(records, encoder, partial, plan_batches(len(records), args.batch_size, done, rank, world_size),
+    batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
+    failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
                        device=device, precision=precision, dtype=args.dtype, num_workers=num_workers,
                        channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
                        rank=rank, show_progress=main_process)

@@ -239,6 +239,7 @@ class EvilStorage:
         return torch.storage._load_from_bytes, (self.payload,)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("make", [Evil, EvilStorage])
 def test_malicious_pickle_is_refused_without_running(tmp_path, make):
     marker = tmp_path / "pwned"

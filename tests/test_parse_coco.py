@@ -214,9 +214,11 @@ def test_resume_after_kill_9(tree, reference, tmp_path):
     out = tmp_path / "f.pkl"
     argv = args_for(tree, out, "--batch_size", "4", "--num_workers", "1")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), argv=argv)], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), argv=argv)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
     assert not out.exists() and feature_extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
     parse_coco.main(argv)
     assert_same_file(out, reference)
@@ -301,3 +303,20 @@ def test_grid_features_and_bad_annotations(tree, tmp_path):
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "x"},\n{"caption": "y"}]')
     with pytest.raises(AnnotationError, match=r"bad.json: entry 1: missing 'image_id'"):
         parse_coco.main(args_for(tree, tmp_path / "x.pkl", annotations="../" + tmp_path.name + "/bad.json"))
+
+
+def test_pixel_limit_flag_and_nothing_readable(tree, tmp_path):
+    (tmp_path / "two.csv").write_text(f"{coco_name(1)},a caption\n{coco_name(2)},another\n")
+    with pytest.raises(ExtractionError, match=r"none of the 2 images could be read; see .*two.errors.log"):
+        parse_coco.main(args_for(tree, tmp_path / "two.pkl", "--max_image_pixels", "1000",
+                                 annotations="../" + tmp_path.name + "/two.csv"))
+    lines = (tmp_path / "two.errors.log").read_text().splitlines()
+    assert len(lines) == 2 and all("exceeds the limit of 1,000" in line for line in lines)
+
+
+def test_default_output_paths():
+    assert parse_coco.parse_args([]).out_path == Path("data/coco/oscar_split_tinyvit_train.pkl")
+    args = parse_coco.parse_args(["--clip_model_type", "ViT-B/32"])
+    assert args.out_path == Path("data/coco/oscar_split_ViT-B_32_train.pkl")
+    assert args.error_log == Path("data/coco/oscar_split_ViT-B_32_train.errors.log")
+    assert parse_coco.parse_args(["--encoder", "convnext_atto"]).out_path.name == "oscar_split_convnext_atto_train.pkl"
