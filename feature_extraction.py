@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data.transforms import MaybeToTensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from caption_data import ImageError, ImageRecord, load_image
@@ -44,6 +47,36 @@ class Failure:
     path: str
     kind: str  # missing, unreadable, truncated, too_large
     reason: str
+
+
+class ToUint8Tensor:
+    """PIL RGB image -> (3, H, W) uint8 tensor."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def split_transform(transform):
+    """(worker transform, normalisation or None) for an encoder's preprocessing transform.
+
+    timm's eval transforms end with ToTensor + Normalize. Workers then stop at the resized, cropped image as uint8
+    and the batch is scaled and normalised on the device with the same operations: four times less data between
+    processes and to the GPU, and less CPU work in the workers, which are what limits speed on a GPU.
+    Other transforms run whole in the workers.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) >= 2 and isinstance(steps[-2], (MaybeToTensor, ToTensor)) and isinstance(steps[-1], Normalize):
+        return Compose(steps[:-2] + [ToUint8Tensor()]), (tuple(steps[-1].mean), tuple(steps[-1].std))
+    return transform, None
+
+
+def normalize_batch(images: torch.Tensor, normalization) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalised float, as ToTensor + Normalize compute it per image."""
+    if normalization is None:
+        return images
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+                 for v in normalization)
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 class ImageDataset(Dataset):
@@ -186,10 +219,10 @@ def assemble(directory: Path, indices: Sequence[int]) -> torch.Tensor:
             if batch.shape[1:] != features.shape[1:] or batch.dtype != features.dtype:
                 raise ExtractionError(f"{path}: features of shape {tuple(batch.shape[1:])} ({batch.dtype}) among "
                                       f"features of shape {tuple(features.shape[1:])} ({features.dtype})")
-            for k, index in enumerate(batch_indices):
-                row = row_of.get(index)
-                if row is not None and not filled[row]:
-                    features[row], filled[row] = batch[k], True
+            rows = torch.tensor([row_of.get(index, -1) for index in batch_indices])
+            keep = rows >= 0
+            keep[keep.clone()] = ~filled[rows[keep]]
+            features[rows[keep]], filled[rows[keep]] = batch[keep], True
     missing = len(indices) if filled is None else int((~filled).sum())
     if missing:
         raise ExtractionError(f"{directory}: features of {missing} image(s) are missing; rerun to compute them")
@@ -220,7 +253,8 @@ def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: L
     Returns the images that could not be read; with `on_error="fail"` the first one raises instead.
     """
     set_pil_pixel_limit(max_pixels)
-    loader = DataLoader(ImageDataset(records, encoder.transform, max_pixels), batch_sampler=batches,
+    transform, normalization = split_transform(encoder.transform)
+    loader = DataLoader(ImageDataset(records, transform, max_pixels), batch_sampler=batches,
                         num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                         worker_init_fn=functools.partial(set_pil_pixel_limit, max_pixels))
     writer, failures = LogWriter(directory, rank), []
@@ -239,7 +273,8 @@ def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: L
                     failures.append(failure)
                     tqdm.write(f"skipping {failure.path}: {reason}", file=sys.stderr)
                 if images is not None:
-                    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                    images = normalize_batch(images.to(device, non_blocking=True), normalization)
+                    images = images.contiguous(memory_format=memory_format)
                     features = encoder(images).float()
                     if not torch.isfinite(features).all():
                         raise ExtractionError(f"non-finite features for {records[indices[0]].path} and the rest of "

@@ -320,3 +320,16 @@ def test_default_output_paths():
     assert args.out_path == Path("data/coco/oscar_split_ViT-B_32_train.pkl")
     assert args.error_log == Path("data/coco/oscar_split_ViT-B_32_train.errors.log")
     assert parse_coco.parse_args(["--encoder", "convnext_atto"]).out_path.name == "oscar_split_convnext_atto_train.pkl"
+
+
+@pytest.mark.parametrize("preprocessing", ["timm", "clip"])
+def test_split_preprocessing_equals_the_encoders(tree, preprocessing):
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=40,
+                                         preprocessing=preprocessing))
+    transform, normalization = feature_extraction.split_transform(encoder.transform)
+    assert normalization is not None
+    images = [load_image(tree / coco_name(i)) for i in (1, 4, 11)]  # RGB, CMYK, 16-bit sources
+    batch = torch.stack([transform(image) for image in images])
+    assert batch.dtype == torch.uint8
+    assert torch.equal(feature_extraction.normalize_batch(batch, normalization),
+                       torch.stack([encoder.preprocess(image) for image in images]))
