@@ -146,7 +146,7 @@ def run_manifest(args, records, encoder, precision) -> dict:
             "dtype": args.dtype, "precision": precision}
 
 
-def features_metadata(args, encoder, precision, records, kept, failures, num_captions) -> dict:
+def features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, num_captions) -> dict:
     config = encoder.config
     return {
         "format_version": FORMAT_VERSION, "created_by": "parse_coco.py",
@@ -157,6 +157,7 @@ def features_metadata(args, encoder, precision, records, kept, failures, num_cap
         "dtype": args.dtype, "precision": precision,
         "num_images": len(kept), "num_captions": num_captions, "num_failed_images": len(failures),
         "num_skipped_captions": sum(len(records[f.index].captions) for f in failures),
+        "num_skipped_annotation_entries": len(skipped_entries),
         "source": {"annotations": str(args.annotations), "annotation_format": args.annotation_format,
                    "split": args.split, "images_root": str(args.images_root)},
         "image_ids": [records[i].image_id for i in kept], "file_names": [records[i].file_name for i in kept],
@@ -178,27 +179,32 @@ def caption_dicts(records, kept):
     return out
 
 
-def write_error_log(path: Path, records, failures) -> None:
-    if not failures:
+def write_error_log(path: Path, annotations, records, failures, skipped_entries) -> None:
+    """One line per problem: file, kind, reason (tab separated); bad annotation entries first."""
+    if not failures and not skipped_entries:
         path.unlink(missing_ok=True)  # a list from an earlier run would no longer be true
         return
+    prefix = f"{annotations}: "
+    lines = [f"{annotations}\tannotation\t{e[len(prefix):] if e.startswith(prefix) else e}\n" for e in skipped_entries]
+    lines += [f"{f.path}\t{f.kind}\t{f.reason}\timage_id={records[f.index].image_id}\t"
+              f"captions_skipped={len(records[f.index].captions)}\n" for f in failures]
     with atomic_write(path) as tmp:
-        tmp.write_text("".join(f"{f.path}\t{f.kind}\t{f.reason}\timage_id={records[f.index].image_id}\t"
-                               f"captions_skipped={len(records[f.index].captions)}\n" for f in failures))
+        tmp.write_text("".join(lines))
 
 
-def finish(args, records, encoder, precision, partial: Path, failures, encoded: int, seconds: float) -> dict:
+def finish(args, records, encoder, precision, partial: Path, failures, skipped_entries, encoded: int,
+           seconds: float) -> dict:
     """Main process: merge the partial results into the pickle, list the failures, remove the partial results."""
     failed = {f.index for f in failures}
     kept = [i for i in range(len(records)) if i not in failed]
-    write_error_log(args.error_log, records, failures)
+    write_error_log(args.error_log, args.annotations, records, failures, skipped_entries)
     if not kept:
         raise ExtractionError(f"none of the {len(records)} images could be read; see {args.error_log}")
     features = assemble(partial, kept)
     captions = caption_dicts(records, kept)
     if not captions:
         raise ExtractionError(f"{args.annotations}: the readable images have no captions; nothing to write")
-    metadata = features_metadata(args, encoder, precision, records, kept, failures, len(captions))
+    metadata = features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, len(captions))
     write_features(args.out_path, features, captions, metadata)
     shutil.rmtree(partial)
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(f.kind for f in failures).items()))
@@ -208,8 +214,11 @@ def finish(args, records, encoder, precision, partial: Path, failures, encoded: 
     if failures:
         print(f"{len(failures)} image(s) left out ({kinds}), {metadata['num_skipped_captions']} caption(s) "
               f"skipped; listed in {args.error_log}", file=sys.stderr)
+    if skipped_entries:
+        print(f"{len(skipped_entries)} bad annotation entries skipped; listed in {args.error_log}", file=sys.stderr)
     return {"out_path": args.out_path, "num_images": len(kept), "num_captions": len(captions),
-            "num_failed_images": len(failures), "images_read": encoded, "extraction_seconds": seconds}
+            "num_failed_images": len(failures), "num_skipped_annotation_entries": len(skipped_entries),
+            "images_read": encoded, "extraction_seconds": seconds}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -222,10 +231,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict]:
     main_process, distributed = rank == 0, dist.is_initialized()
+    entry_errors = [] if args.on_error == "skip" else None
     records = read_annotations(args.annotations, split=args.split, images_root=args.images_root,
-                               fmt=args.annotation_format)
+                               fmt=args.annotation_format, errors=entry_errors)
+    skipped_entries = [str(e) for e in entry_errors or []]
+    if main_process:
+        for message in skipped_entries:
+            print(f"skipping {message}", file=sys.stderr)
     if not records:
-        raise AnnotationError(f"{args.annotations}: no images" + (f" in split {args.split!r}" if args.split else ""))
+        if main_process:
+            write_error_log(args.error_log, args.annotations, records, [], skipped_entries)
+        raise AnnotationError(f"{args.annotations}: no usable images" +
+                              (f" in split {args.split!r}" if args.split else ""))
     precision = resolve_precision(args.precision, device)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     encoder = build_encoder(args).to(device)
@@ -259,8 +276,8 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
         dist.all_gather_object(gathered, failures)
         failures = sorted((f for part in gathered for f in part), key=lambda f: f.index)
     seconds = time.perf_counter() - start
-    summary = finish(args, records, encoder, precision, partial, failures, len(records) - len(done), seconds) \
-        if main_process else None
+    summary = finish(args, records, encoder, precision, partial, failures, skipped_entries, len(records) - len(done),
+                     seconds) if main_process else None
     if distributed:
         dist.barrier()
     return summary

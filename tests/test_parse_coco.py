@@ -71,7 +71,9 @@ def tree(tmp_path_factory):
     (root / coco_name(16)).write_bytes(bomb_bytes())
     entries = [{"image_id": image_id, "id": 100 * image_id + k, "caption": f"image {image_id} caption {k}"}
                for k in range(5) for image_id in range(1, GOOD + len(BAD) + 1) if k < 3 + image_id % 3]
-    (root / "train_caption.json").write_text(json.dumps(entries))
+    (root / "clean.json").write_text(json.dumps(entries))
+    bad_entries = [{"id": 999, "caption": "an entry without image_id"}, {"image_id": 1, "id": 998, "caption": " "}]
+    (root / "train_caption.json").write_text(json.dumps(entries[:10] + bad_entries + entries[10:]))
     torch.manual_seed(0)
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=48))
     torch.save(encoder.model.state_dict(), root / "encoder.pth")
@@ -100,7 +102,7 @@ def reference(tree, tmp_path_factory):
 
 def test_rows_captions_and_features(tree, reference, capsys):
     data = read_features(reference)
-    records = read_annotations(tree / "train_caption.json", images_root=tree)
+    records = read_annotations(tree / "clean.json", images_root=tree)
     good = [r for r in records if r.image_id <= GOOD]
     assert data["clip_embedding"].shape == (GOOD, 96) and data["clip_embedding"].dtype == torch.float32
     torch.testing.assert_close(data["clip_embedding"], direct_features(tree, good), atol=1e-5, rtol=0)
@@ -113,12 +115,19 @@ def test_rows_captions_and_features(tree, reference, capsys):
     assert meta["file_names"][:3] == [coco_name(1), coco_name(2), coco_name(3)]  # train2014, val2014 lookups
     assert meta["file_names"][4] == coco_name(5) and coco_name(5).startswith("train2017/")
     assert meta["num_failed_images"] == 4 and meta["num_skipped_captions"] == sum(3 + i % 3 for i in BAD)
+    assert meta["num_skipped_annotation_entries"] == 2
     assert meta["encoder_name"] == "test_resnet" and meta["preprocessing"]["input_size"] == [3, 48, 48]
     assert not Path(f"{reference}.partial").exists()
 
 
 def test_bad_images_are_reported_with_their_reason(tree, reference):
     lines = reference.with_suffix(".errors.log").read_text().splitlines()
+    annotations = tree / "train_caption.json"
+    assert lines[:2] == [f"{annotations}\tannotation\tentry 10: missing 'image_id' (or a file name: file_name, "
+                         f"filename, image, path)",
+                         f"{annotations}\tannotation\tentry 11: empty or missing caption (' '); expected a "
+                         f"non-empty string"]
+    lines = lines[2:]
     assert [line.split("\t")[1] for line in lines] == list(BAD.values())
     assert [line.split("\t")[0] for line in lines] == [str(tree / coco_name(i)) for i in BAD]
     assert "file not found" in lines[0] and "image file is truncated" in lines[1]
@@ -126,11 +135,16 @@ def test_bad_images_are_reported_with_their_reason(tree, reference):
 
 
 def test_on_error_fail_stops_and_skip_prints(tree, tmp_path, capsys):
+    with pytest.raises(AnnotationError, match=r"train_caption.json: entry 10: missing 'image_id'"):
+        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail"))
     with pytest.raises(ExtractionError, match=rf"{coco_name(13)}: file not found \(image_id 13\)"):
-        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail", "--batch_size", "16"))
+        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail", "--batch_size", "16",
+                                 annotations="clean.json"))
     assert not (tmp_path / "f.pkl").exists()
     parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--batch_size", "16"))
     err = capsys.readouterr().err
+    assert f"skipping {tree / 'train_caption.json'}: entry 11: empty or missing caption" in err
+    assert "2 bad annotation entries skipped" in err
     assert f"skipping {tree / coco_name(15)}: unreadable" in err
     assert "4 image(s) left out (missing: 1, too_large: 1, truncated: 1, unreadable: 1), 16 caption(s) skipped" in err
 
@@ -300,9 +314,10 @@ def test_grid_features_and_bad_annotations(tree, tmp_path):
                      "--num_workers", "0"])
     data = read_features(tmp_path / "grid.pkl")
     assert data["clip_embedding"].shape == (2, 5, 64) and data["metadata"]["num_tokens"] == 5  # 2x2 patches + cls
-    (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "x"},\n{"caption": "y"}]')
-    with pytest.raises(AnnotationError, match=r"bad.json: entry 1: missing 'image_id'"):
+    (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "x"},\n{"caption": "y"]')
+    with pytest.raises(AnnotationError, match=r"bad.json: malformed JSON at line 2, column 16: Expecting .,."):
         parse_coco.main(args_for(tree, tmp_path / "x.pkl", annotations="../" + tmp_path.name + "/bad.json"))
+    assert not (tmp_path / "x.pkl").exists()
 
 
 def test_pixel_limit_flag_and_nothing_readable(tree, tmp_path):
