@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     print(f"encoder alone, before and after: {args.images / encoder_s[0]:.2f} and {args.images / encoder_s[1]:.2f} "
           f"images/s")
     print(f"device={device} encoder={args.encoder} images={args.images} "
-          f"captions={args.images * args.captions_per_image} batch_size={batch_size} precision={precision} threads={torch.get_num_threads()}")
+          f"captions={args.images * args.captions_per_image} batch_size={batch_size} precision={precision} "
+          f"threads={torch.get_num_threads()}")
     for name, rate in rates.items():
         print(f"{name:>16}: {rate:8.2f} images/s")
     print(f"RESULT ratio={rates['ours'] / rates['original']:.2f} "
