@@ -1,8 +1,8 @@
 """Batched, resumable image feature extraction: the engine behind parse_coco.py.
 
 Images are decoded and preprocessed in DataLoader workers and encoded in fixed batches: batch k always holds
-images [k * B, (k + 1) * B) of the annotation order, whichever process runs it, so a resumed or sharded run
-computes exactly what one uninterrupted process computes. Each finished batch is appended as one checksummed,
+images [k * B, (k + 1) * B) of the annotation order, whichever process runs it, so a resumed run computes exactly
+what one uninterrupted run computes (bit for bit on the same machine and thread count). Each finished batch is appended as one checksummed,
 fsynced record to a log file in the partial directory (`<out>.partial/`), so an interruption (Ctrl-C, kill -9,
 power loss) loses at most the batch in flight; a torn last record is recognised by its length and CRC and ignored.
 """
