@@ -1,0 +1,306 @@
+"""Encode every image of an annotation file once and write the features pickle that train.py reads.
+
+    python parse_coco.py --clip_model_type tinyvit            # ./data/coco/oscar_split_tinyvit_train.pkl
+    torchrun --nproc_per_node=4 parse_coco.py --annotations data/coco/annotations/dataset_coco.json \
+        --split train+restval --out_path data/coco/karpathy_train.pkl
+
+Interrupted runs resume: rerun the same command. See feature_extraction.py for how.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
+from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
+                                plan_batches, prepare_partial)
+from models.checkpoint_io import CheckpointError, atomic_write
+from models.encoder import CLIP_MODEL_TYPES, FEATURE_TYPES, EncoderConfig, ImageEncoder
+
+FORMAT_VERSION = 1
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"drop_path_rate\": 0}}', got {text!r}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # flags without a fixed default say what they default to in words
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--clip_model_type", default="tinyvit", choices=["tinyvit", *CLIP_MODEL_TYPES],
+                   help="image encoder: TinyViT-21M, or an OpenAI CLIP image tower (timm) as in the original")
+    p.add_argument("--encoder", default=None,
+                   help="any timm model name (e.g. tiny_vit_11m_224); overrides --clip_model_type")
+    p.add_argument("--encoder_weights", default="pretrained",
+                   help="'pretrained' (timm hub or cache), 'random', or a checkpoint file (timm or official TinyViT)")
+    p.add_argument("--encoder_kwargs", type=json_object, default={},
+                   help="extra timm.create_model arguments as JSON, e.g. '{\"drop_path_rate\": 0}'")
+    p.add_argument("--feature_type", default="pooled", choices=FEATURE_TYPES,
+                   help="pooled: one vector per image (N, D); grid: the last feature map as tokens (N, T, D)")
+    p.add_argument("--image_size", type=int, default=None, help="encoder input size; default: the model's own")
+    p.add_argument("--annotations", default="./data/coco/annotations/train_caption.json",
+                   help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, or your own "
+                        "JSON list / CSV of (file name, caption)")
+    p.add_argument("--annotation_format", default="auto", choices=ANNOTATION_FORMATS,
+                   help="auto detects it; list: a JSON list of caption entries, coco, karpathy, csv")
+    p.add_argument("--split", default=None,
+                   help="Karpathy split: train, val, test, restval, or several joined by '+' (train+restval)")
+    p.add_argument("--images_root", default="./data/coco", help="folder that annotation file names are relative to")
+    p.add_argument("--out_path", default=None,
+                   help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per encoder call; default 128 on CUDA, 8 on CPU (where bigger batches gain nothing)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader processes decoding and preprocessing images; default: CPU cores - 1 (at most 8)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="encoder compute precision (autocast); auto: bf16 on CUDA where supported, else fp16 on "
+                        "CUDA, fp32 on CPU")
+    p.add_argument("--dtype", default="float32", choices=sorted(STORAGE_DTYPES), help="stored feature dtype")
+    p.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
+                   help="channels-last memory format; default: on for CUDA")
+    p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
+                   help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
+    p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")
+    p.add_argument("--max_image_pixels", type=int, default=None,
+                   help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
+    p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
+    args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    tag = (args.encoder or args.clip_model_type).replace("/", "_")
+    args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
+    args.error_log = Path(args.error_log or args.out_path.with_suffix(".errors.log"))
+    return args
+
+
+def setup_distributed(device_arg: str):
+    """(rank, world_size, device); a torchrun launch (RANK set) joins the process group, one device each."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
+    return rank, world_size, device
+
+
+def build_encoder(args) -> ImageEncoder:
+    kwargs = dict(feature_type=args.feature_type, weights=args.encoder_weights, image_size=args.image_size,
+                  model_kwargs=args.encoder_kwargs)
+    config = EncoderConfig(name=args.encoder, **kwargs) if args.encoder else \
+        EncoderConfig.for_clip_model_type(args.clip_model_type, **kwargs)
+    try:
+        encoder = ImageEncoder(config)
+    except CheckpointError:
+        raise
+    except Exception as e:  # hub and network errors come in many classes
+        if config.weights != "pretrained":
+            raise
+        raise ExtractionError(f"could not load pretrained weights for {config.name} ({e.__class__.__name__}: {e}); "
+                              f"without internet access pass --encoder_weights with a checkpoint file") from e
+    return encoder.eval().requires_grad_(False)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_manifest(args, records, encoder, precision) -> dict:
+    """Everything that decides the features of image i: a resumed run must match it exactly."""
+    images = hashlib.sha256(json.dumps([(str(r.image_id), r.file_name) for r in records]).encode()).hexdigest()
+    weights = encoder.config.weights
+    return {"format_version": FORMAT_VERSION, "images_sha256": images, "num_images": len(records),
+            "images_root": str(Path(args.images_root).resolve()), "encoder": encoder.config.to_dict(),
+            "weights_sha256": sha256_file(Path(weights)) if Path(weights).is_file() else None,
+            "dtype": args.dtype, "precision": precision}
+
+
+def features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, num_captions) -> dict:
+    config = encoder.config
+    return {
+        "format_version": FORMAT_VERSION, "created_by": "parse_coco.py",
+        "encoder": config.to_dict(), "encoder_name": config.name, "weights": config.weights,
+        "clip_model_type": None if args.encoder else args.clip_model_type,
+        "preprocessing": config.data_config, "feature_type": config.feature_type,
+        "feature_dim": encoder.feature_dim, "num_tokens": encoder.num_tokens if config.feature_type == "grid" else None,
+        "dtype": args.dtype, "precision": precision,
+        "num_images": len(kept), "num_captions": num_captions, "num_failed_images": len(failures),
+        "num_skipped_captions": sum(len(records[f.index].captions) for f in failures),
+        "num_skipped_annotation_entries": len(skipped_entries),
+        "source": {"annotations": str(args.annotations), "annotation_format": args.annotation_format,
+                   "split": args.split, "images_root": str(args.images_root)},
+        "image_ids": [records[i].image_id for i in kept], "file_names": [records[i].file_name for i in kept],
+    }
+
+
+def caption_dicts(records, kept):
+    """The original schema's caption entries: image_id, the source's caption id where it has one, caption, row."""
+    out = []
+    for row, index in enumerate(kept):
+        record = records[index]
+        ids = record.caption_ids or [None] * len(record.captions)
+        for caption, caption_id in zip(record.captions, ids):
+            entry = {"image_id": record.image_id}
+            if caption_id is not None:
+                entry["id"] = caption_id
+            entry.update(caption=caption, clip_embedding=row)
+            out.append(entry)
+    return out
+
+
+def write_error_log(path: Path, annotations, records, failures, skipped_entries) -> None:
+    """One line per problem: file, kind, reason (tab separated); bad annotation entries first."""
+    if not failures and not skipped_entries:
+        path.unlink(missing_ok=True)  # a list from an earlier run would no longer be true
+        return
+    prefix = f"{annotations}: "
+    lines = [f"{annotations}\tannotation\t{e[len(prefix):] if e.startswith(prefix) else e}\n" for e in skipped_entries]
+    lines += [f"{f.path}\t{f.kind}\t{f.reason}\timage_id={records[f.index].image_id}\t"
+              f"captions_skipped={len(records[f.index].captions)}\n" for f in failures]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(lines))
+
+
+def finish(args, records, encoder, precision, partial: Path, failures, skipped_entries, encoded: int,
+           seconds: float) -> dict:
+    """Main process: merge the partial results into the pickle, list the failures, remove the partial results."""
+    failed = {f.index for f in failures}
+    kept = [i for i in range(len(records)) if i not in failed]
+    write_error_log(args.error_log, args.annotations, records, failures, skipped_entries)
+    if not kept:
+        raise ExtractionError(f"none of the {len(records)} images could be read; see {args.error_log}")
+    features = assemble(partial, kept)
+    captions = caption_dicts(records, kept)
+    if not captions:
+        raise ExtractionError(f"{args.annotations}: the readable images have no captions; nothing to write")
+    metadata = features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, len(captions))
+    write_features(args.out_path, features, captions, metadata)
+    shutil.rmtree(partial)
+    kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(f.kind for f in failures).items()))
+    print(f"wrote {args.out_path}: {len(kept)} images, {len(captions)} captions, features "
+          f"{tuple(features.shape)} {args.dtype}; this run read {encoded} images in {seconds:.1f} s "
+          f"({encoded / max(seconds, 1e-9):.1f} images/s)")
+    if failures:
+        print(f"{len(failures)} image(s) left out ({kinds}), {metadata['num_skipped_captions']} caption(s) "
+              f"skipped; listed in {args.error_log}", file=sys.stderr)
+    if skipped_entries:
+        print(f"{len(skipped_entries)} bad annotation entries skipped; listed in {args.error_log}", file=sys.stderr)
+    return {"out_path": args.out_path, "num_images": len(kept), "num_captions": len(captions),
+            "num_failed_images": len(failures), "num_skipped_annotation_entries": len(skipped_entries),
+            "images_read": encoded, "extraction_seconds": seconds}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict]:
+    main_process, distributed = rank == 0, dist.is_initialized()
+    entry_errors = [] if args.on_error == "skip" else None
+    records = read_annotations(args.annotations, split=args.split, images_root=args.images_root,
+                               fmt=args.annotation_format, errors=entry_errors)
+    skipped_entries = [str(e) for e in entry_errors or []]
+    if main_process:
+        for message in skipped_entries:
+            print(f"skipping {message}", file=sys.stderr)
+    if not records:
+        if main_process:
+            write_error_log(args.error_log, args.annotations, records, [], skipped_entries)
+        raise AnnotationError(f"{args.annotations}: no usable images" +
+                              (f" in split {args.split!r}" if args.split else ""))
+    precision = resolve_precision(args.precision, device)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    encoder = build_encoder(args).to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    manifest = run_manifest(args, records, encoder, precision)
+    partial = Path(f"{args.out_path}.partial")
+    if main_process:
+        resumed = prepare_partial(partial, manifest, args.fresh)
+    if distributed:
+        dist.barrier()
+    if not main_process:
+        check_manifest(partial, manifest)
+    done = done_indices(partial)
+    if distributed:
+        dist.barrier()  # everyone has planned from the same logs before anyone appends to them
+    if main_process:
+        print(f"{args.annotations}: {len(records)} images, {sum(len(r.captions) for r in records)} captions; "
+              f"encoder {encoder.config.name} ({encoder.config.weights}) on {device}, {precision}"
+              + (f"; resuming, {len(done)} images already done" if resumed else ""))
+    num_workers = args.num_workers if args.num_workers is not None else \
+        min(8, max(0, (os.cpu_count() or 1) // world_size - 1))
+    start = time.perf_counter()
+    batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
+    failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
+                       device=device, precision=precision, dtype=args.dtype, num_workers=num_workers,
+                       channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
+                       rank=rank, show_progress=main_process)
+    if distributed:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, failures)
+        failures = sorted((f for part in gathered for f in part), key=lambda f: f.index)
+    seconds = time.perf_counter() - start
+    summary = finish(args, records, encoder, precision, partial, failures, skipped_entries, len(records) - len(done),
+                     seconds) if main_process else None
+    if distributed:
+        dist.barrier()
+    return summary
+
+
+def main(argv=None) -> Optional[dict]:
+    """Run the extraction; the main process returns a summary (out_path, counts, extraction_seconds)."""
+    args = parse_args(argv)
+    rank, world_size, device = setup_distributed(args.device)
+    try:
+        return run(args, rank, world_size, device)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted; finished batches are kept in {args.out_path}.partial, rerun the same command to "
+                  f"resume", file=sys.stderr)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError) as e:
+        sys.exit(f"error: {e}")

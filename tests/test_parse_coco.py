@@ -1,0 +1,350 @@
+"""parse_coco.py end to end on a small generated COCO-style tree, with a tiny timm encoder at 48 px."""
+import csv
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import feature_extraction
+import parse_coco
+from caption_data import AnnotationError, load_image, read_annotations, read_features
+from feature_extraction import ExtractionError
+from models.encoder import EncoderConfig, ImageEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = 12  # readable images 1..12, in several modes and folders
+BAD = {13: "missing", 14: "truncated", 15: "unreadable", 16: "too_large"}
+
+
+def coco_name(image_id: int) -> str:
+    if image_id % 3 == 0:
+        return f"val2014/COCO_val2014_{image_id:012d}.jpg"
+    if image_id % 5 == 0:
+        return f"train2017/{image_id:012d}.jpg"
+    return f"train2014/COCO_train2014_{image_id:012d}.jpg"
+
+
+def make_image(image_id: int, rng) -> Image.Image:
+    pixels = rng.integers(0, 255, (40 + image_id, 56, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    mode = {2: "L", 4: "CMYK", 7: "RGBA", 8: "P", 11: "I;16"}.get(image_id)
+    if mode == "I;16":
+        return Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    return image.convert(mode) if mode else image
+
+
+def bomb_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """COCO-style images under root/, a train_caption.json with 3-5 captions per image, and an encoder file."""
+    root = tmp_path_factory.mktemp("coco")
+    rng = np.random.default_rng(0)
+    for image_id in range(1, GOOD + 1):
+        path = root / coco_name(image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = make_image(image_id, rng)
+        # Formats by content, not extension, as in real data sets: PIL reads a PNG named .jpg.
+        image.save(path, format="JPEG" if image.mode in ("RGB", "L", "CMYK") else "PNG")
+    good_jpeg = (root / coco_name(1)).read_bytes()
+    (root / coco_name(14)).write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (root / coco_name(15)).write_bytes(b"this is not an image")
+    (root / coco_name(16)).write_bytes(bomb_bytes())
+    entries = [{"image_id": image_id, "id": 100 * image_id + k, "caption": f"image {image_id} caption {k}"}
+               for k in range(5) for image_id in range(1, GOOD + len(BAD) + 1) if k < 3 + image_id % 3]
+    (root / "clean.json").write_text(json.dumps(entries))
+    bad_entries = [{"id": 999, "caption": "an entry without image_id"}, {"image_id": 1, "id": 998, "caption": " "}]
+    (root / "train_caption.json").write_text(json.dumps(entries[:10] + bad_entries + entries[10:]))
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=48))
+    torch.save(encoder.model.state_dict(), root / "encoder.pth")
+    return root
+
+
+def args_for(tree, out, *extra, annotations="train_caption.json"):
+    return ["--encoder", "test_resnet", "--encoder_weights", str(tree / "encoder.pth"), "--image_size", "48",
+            "--annotations", str(tree / annotations), "--images_root", str(tree), "--out_path", str(out),
+            "--device", "cpu", "--num_workers", "0", *extra]
+
+
+def direct_features(tree, records):
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights=str(tree / "encoder.pth"), image_size=48)).eval()
+    with torch.inference_mode():
+        return torch.cat([encoder(encoder.preprocess(load_image(r.path))[None]) for r in records])
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tmp_path_factory):
+    """One uninterrupted run (batch size 4), the baseline other runs are compared with."""
+    out = tmp_path_factory.mktemp("ref") / "features.pkl"
+    parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    return out
+
+
+def test_rows_captions_and_features(tree, reference, capsys):
+    data = read_features(reference)
+    records = read_annotations(tree / "clean.json", images_root=tree)
+    good = [r for r in records if r.image_id <= GOOD]
+    assert data["clip_embedding"].shape == (GOOD, 96) and data["clip_embedding"].dtype == torch.float32
+    torch.testing.assert_close(data["clip_embedding"], direct_features(tree, good), atol=1e-5, rtol=0)
+    # One row per distinct image in first-appearance order; each caption points at its image's row.
+    expected = [{"image_id": r.image_id, "id": cid, "caption": c, "clip_embedding": row}
+                for row, r in enumerate(good) for c, cid in zip(r.captions, r.caption_ids)]
+    assert data["captions"] == expected and len(expected) == sum(3 + i % 3 for i in range(1, GOOD + 1))
+    meta = data["metadata"]
+    assert meta["num_images"] == GOOD and meta["num_captions"] == len(expected) and meta["feature_dim"] == 96
+    assert meta["file_names"][:3] == [coco_name(1), coco_name(2), coco_name(3)]  # train2014, val2014 lookups
+    assert meta["file_names"][4] == coco_name(5) and coco_name(5).startswith("train2017/")
+    assert meta["num_failed_images"] == 4 and meta["num_skipped_captions"] == sum(3 + i % 3 for i in BAD)
+    assert meta["num_skipped_annotation_entries"] == 2
+    assert meta["encoder_name"] == "test_resnet" and meta["preprocessing"]["input_size"] == [3, 48, 48]
+    assert not Path(f"{reference}.partial").exists()
+
+
+def test_bad_images_are_reported_with_their_reason(tree, reference):
+    lines = reference.with_suffix(".errors.log").read_text().splitlines()
+    annotations = tree / "train_caption.json"
+    assert lines[:2] == [f"{annotations}\tannotation\tentry 10: missing 'image_id' (or a file name: file_name, "
+                         f"filename, image, path)",
+                         f"{annotations}\tannotation\tentry 11: empty or missing caption (' '); expected a "
+                         f"non-empty string"]
+    lines = lines[2:]
+    assert [line.split("\t")[1] for line in lines] == list(BAD.values())
+    assert [line.split("\t")[0] for line in lines] == [str(tree / coco_name(i)) for i in BAD]
+    assert "file not found" in lines[0] and "image file is truncated" in lines[1]
+    assert "decompression bomb" in lines[3] and lines[3].endswith(f"captions_skipped={3 + 16 % 3}")
+
+
+def test_on_error_fail_stops_and_skip_prints(tree, tmp_path, capsys):
+    with pytest.raises(AnnotationError, match=r"train_caption.json: entry 10: missing 'image_id'"):
+        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail"))
+    with pytest.raises(ExtractionError, match=rf"{coco_name(13)}: file not found \(image_id 13\)"):
+        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail", "--batch_size", "16",
+                                 annotations="clean.json"))
+    assert not (tmp_path / "f.pkl").exists()
+    parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--batch_size", "16"))
+    err = capsys.readouterr().err
+    assert f"skipping {tree / 'train_caption.json'}: entry 11: empty or missing caption" in err
+    assert "2 bad annotation entries skipped" in err
+    assert f"skipping {tree / coco_name(15)}: unreadable" in err
+    assert "4 image(s) left out (missing: 1, too_large: 1, truncated: 1, unreadable: 1), 16 caption(s) skipped" in err
+
+
+def test_batch_sizes_and_workers_agree(tree, reference, tmp_path):
+    parse_coco.main(args_for(tree, tmp_path / "b1.pkl", "--batch_size", "1"))
+    parse_coco.main(args_for(tree, tmp_path / "b8.pkl", "--batch_size", "8", "--num_workers", "2"))
+    ref = read_features(reference)
+    for name in ("b1.pkl", "b8.pkl"):
+        data = read_features(tmp_path / name)
+        torch.testing.assert_close(data["clip_embedding"], ref["clip_embedding"], atol=1e-5, rtol=1e-5)
+        assert data["captions"] == ref["captions"]
+
+
+def assert_same_file(path, reference):
+    """Equal content, bit for bit. (The files' bytes differ: a pickled tensor embeds its storage's address.)"""
+    data, ref = read_features(path), read_features(reference)
+    assert torch.equal(data["clip_embedding"], ref["clip_embedding"])
+    assert data["captions"] == ref["captions"] and data["metadata"] == ref["metadata"]
+
+
+def interrupt_after(monkeypatch, batches: int):
+    """Ctrl-C while the batch after `batches` finished ones is in flight."""
+    original, calls = feature_extraction.LogWriter.append, []
+
+    def append(self, indices, features):
+        calls.append(indices)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        original(self, indices, features)
+    monkeypatch.setattr(feature_extraction.LogWriter, "append", append)
+
+
+def test_resume_after_interrupt_and_torn_write(tree, reference, tmp_path, monkeypatch):
+    out = tmp_path / "f.pkl"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    monkeypatch.undo()
+    logs = list(Path(f"{out}.partial").glob("*.log"))
+    assert not out.exists() and len(logs) == 1
+    with open(logs[0], "ab") as f:  # power loss in the middle of writing the third record
+        f.write(b"TTF1" + b"\x00" * 9)
+    assert feature_extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
+    parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    assert_same_file(out, reference)
+
+
+def test_resume_refuses_other_settings_unless_fresh(tree, reference, tmp_path, monkeypatch):
+    out = tmp_path / "f.pkl"
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    monkeypatch.undo()
+    with pytest.raises(ExtractionError, match=r"partial results of a run with other inputs or settings "
+                                              r"\(differing: dtype\); rerun that command"):
+        parse_coco.main(args_for(tree, out, "--batch_size", "4", "--dtype", "float16"))
+    parse_coco.main(args_for(tree, out, "--batch_size", "4", "--dtype", "float16", "--fresh"))
+    data = read_features(out)
+    assert data["clip_embedding"].dtype == torch.float16 and data["metadata"]["dtype"] == "float16"
+    torch.testing.assert_close(data["clip_embedding"].float(), read_features(reference)["clip_embedding"],
+                               atol=1e-2, rtol=1e-3)
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import feature_extraction, parse_coco
+original, calls = feature_extraction.LogWriter.append, []
+def append(self, indices, features):
+    calls.append(indices)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, indices, features)
+feature_extraction.LogWriter.append = append
+parse_coco.main({argv!r})
+"""
+
+
+def test_resume_after_kill_9(tree, reference, tmp_path):
+    out = tmp_path / "f.pkl"
+    argv = args_for(tree, out, "--batch_size", "4", "--num_workers", "1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), argv=argv)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
+    assert not out.exists() and feature_extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
+    parse_coco.main(argv)
+    assert_same_file(out, reference)
+
+
+def run_rank(rank, argv, port, messages):
+    """One torchrun-like process: the environment torchrun sets, then main; reports the batches it encoded."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    extract = parse_coco.extract
+
+    def reporting_extract(records, encoder, directory, batches, **kwargs):
+        messages.put((rank, batches))
+        return extract(records, encoder, directory, batches, **kwargs)
+    parse_coco.extract = reporting_extract
+    try:
+        parse_coco.main(argv)
+    except BaseException as e:  # reported to the parent, which fails the test
+        messages.put((rank, repr(e)))
+        raise
+
+
+def test_two_process_gloo_run_equals_one_process(tree, reference, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "f.pkl"
+    argv = args_for(tree, out, "--batch_size", "4")
+    context = multiprocessing.get_context("fork")  # no second import of torch: seconds saved
+    messages = context.Queue()
+    procs = [context.Process(target=run_rank, args=(rank, argv, port, messages)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    reports = dict(messages.get(timeout=1) for _ in range(2))
+    assert [p.exitcode for p in procs] == [0, 0], reports
+    # Each process encodes every other fixed batch of 4.
+    assert reports == {0: [[0, 1, 2, 3], [8, 9, 10, 11]], 1: [[4, 5, 6, 7], [12, 13, 14, 15]]}
+    data, ref = read_features(out), read_features(reference)
+    torch.testing.assert_close(data["clip_embedding"], ref["clip_embedding"], atol=1e-5, rtol=1e-5)
+    assert data["captions"] == ref["captions"] and data["metadata"] == ref["metadata"]
+
+
+def test_other_annotation_formats(tree, tmp_path):
+    coco = {"images": [{"id": 3, "file_name": coco_name(3)}, {"id": 1, "file_name": coco_name(1)}],
+            "annotations": [{"image_id": 1, "id": 9, "caption": "one"}, {"image_id": 3, "id": 8, "caption": "three"}]}
+    (tree / "captions_val.json").write_text(json.dumps(coco))
+    images = [{"filepath": coco_name(i).split("/")[0], "filename": coco_name(i).split("/")[1], "cocoid": i,
+               "split": split, "sentences": [{"raw": f"karpathy {i}", "sentid": i}]}
+              for i, split in [(1, "train"), (2, "val"), (4, "restval"), (5, "test")]]
+    (tree / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    with open(tree / "mine.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "caption"], [coco_name(2), "my two"], [coco_name(6), "my six"]])
+    parse_coco.main(args_for(tree, tmp_path / "coco.pkl", annotations="captions_val.json"))
+    parse_coco.main(args_for(tree, tmp_path / "k.pkl", "--split", "train+restval", annotations="dataset_coco.json"))
+    parse_coco.main(args_for(tree, tmp_path / "csv.pkl", annotations="mine.csv"))
+    results = {name: read_features(tmp_path / f"{name}.pkl") for name in ("coco", "k", "csv")}
+    assert [c["caption"] for c in results["coco"]["captions"]] == ["three", "one"]
+    assert [c["image_id"] for c in results["k"]["captions"]] == [1, 4]
+    assert results["csv"]["captions"] == [{"image_id": coco_name(2), "caption": "my two", "clip_embedding": 0},
+                                          {"image_id": coco_name(6), "caption": "my six", "clip_embedding": 1}]
+    by_name = dict(zip(results["coco"]["metadata"]["file_names"], results["coco"]["clip_embedding"]))
+    csv_rows = dict(zip(results["csv"]["metadata"]["file_names"], results["csv"]["clip_embedding"]))
+    k_rows = dict(zip(results["k"]["metadata"]["file_names"], results["k"]["clip_embedding"]))
+    torch.testing.assert_close(by_name[coco_name(1)], k_rows[coco_name(1)], atol=1e-5, rtol=0)
+    assert set(csv_rows) == {coco_name(2), coco_name(6)}
+
+
+def test_grid_features_and_bad_annotations(tree, tmp_path):
+    torch.manual_seed(0)
+    ImageEncoder(EncoderConfig(name="test_vit", weights="random", image_size=32)).save_pretrained(tmp_path / "vit")
+    (tmp_path / "one.csv").write_text(f"{coco_name(1)},a caption\n{coco_name(2)},another\n")
+    parse_coco.main(["--encoder", "test_vit", "--encoder_weights", str(tmp_path / "vit/model.safetensors"),
+                     "--image_size", "32", "--feature_type", "grid", "--annotations", str(tmp_path / "one.csv"),
+                     "--images_root", str(tree), "--out_path", str(tmp_path / "grid.pkl"), "--device", "cpu",
+                     "--num_workers", "0"])
+    data = read_features(tmp_path / "grid.pkl")
+    assert data["clip_embedding"].shape == (2, 5, 64) and data["metadata"]["num_tokens"] == 5  # 2x2 patches + cls
+    (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "x"},\n{"caption": "y"]')
+    with pytest.raises(AnnotationError, match=r"bad.json: malformed JSON at line 2, column 16: Expecting .,."):
+        parse_coco.main(args_for(tree, tmp_path / "x.pkl", annotations="../" + tmp_path.name + "/bad.json"))
+    assert not (tmp_path / "x.pkl").exists()
+
+
+def test_pixel_limit_flag_and_nothing_readable(tree, tmp_path):
+    (tmp_path / "two.csv").write_text(f"{coco_name(1)},a caption\n{coco_name(2)},another\n")
+    with pytest.raises(ExtractionError, match=r"none of the 2 images could be read; see .*two.errors.log"):
+        parse_coco.main(args_for(tree, tmp_path / "two.pkl", "--max_image_pixels", "1000",
+                                 annotations="../" + tmp_path.name + "/two.csv"))
+    lines = (tmp_path / "two.errors.log").read_text().splitlines()
+    assert len(lines) == 2 and all("exceeds the limit of 1,000" in line for line in lines)
+
+
+def test_default_output_paths():
+    assert parse_coco.parse_args([]).out_path == Path("data/coco/oscar_split_tinyvit_train.pkl")
+    args = parse_coco.parse_args(["--clip_model_type", "ViT-B/32"])
+    assert args.out_path == Path("data/coco/oscar_split_ViT-B_32_train.pkl")
+    assert args.error_log == Path("data/coco/oscar_split_ViT-B_32_train.errors.log")
+    assert parse_coco.parse_args(["--encoder", "convnext_atto"]).out_path.name == "oscar_split_convnext_atto_train.pkl"
+
+
+@pytest.mark.parametrize("preprocessing", ["timm", "clip"])
+def test_split_preprocessing_equals_the_encoders(tree, preprocessing):
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=40,
+                                         preprocessing=preprocessing))
+    transform, normalization = feature_extraction.split_transform(encoder.transform)
+    assert normalization is not None
+    images = [load_image(tree / coco_name(i)) for i in (1, 4, 11)]  # RGB, CMYK, 16-bit sources
+    batch = torch.stack([transform(image) for image in images])
+    assert batch.dtype == torch.uint8
+    assert torch.equal(feature_extraction.normalize_batch(batch, normalization),
+                       torch.stack([encoder.preprocess(image) for image in images]))
