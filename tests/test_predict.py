@@ -182,6 +182,34 @@ def test_an_unsaved_random_encoder_is_refused(exports, tmp_path):
         Captioner.from_pretrained(tmp_path / "random")
 
 
+def test_pretrained_encoder_weights_unavailable_offline_is_a_clear_error(exports, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shutil.copytree(exports["from_file"], tmp_path / "hub")
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    config["encoder"]["weights"] = "pretrained"
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="cannot load the pretrained weights of image encoder 'test_resnet'"):
+        Captioner.from_pretrained(tmp_path / "hub")
+
+
+def test_grid_features(tokenizer, images, tmp_path):
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_vit", feature_type="grid", weights="random", image_size=32))
+    eos = tokenizer.eos_token_id
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=len(tokenizer), initializer_range=0.2,
+                                     bos_token_id=eos, eos_token_id=eos))
+    config = CaptionerConfig(mapping_type="transformer", prefix_length=4, num_layers=1, feature_type="grid",
+                             num_grid_tokens=encoder.num_tokens, prefix_size=encoder.feature_dim, eos_token_ids=[eos])
+    ClipCaptionModel(config, gpt=gpt, encoder=encoder).save_pretrained(tmp_path / "grid", tokenizer)
+    captioner = Captioner.from_pretrained(tmp_path / "grid")
+    image = Image.open(images / "cat.png")
+    with torch.no_grad():
+        grid = captioner.encoder(captioner.encoder.preprocess(image)[None])[0]  # (T, D): one image
+    assert grid.shape == (encoder.num_tokens, encoder.feature_dim)
+    assert captioner.caption(grid, **FAST) == captioner.caption(image, **FAST)
+    assert len(captioner.caption(torch.stack([grid, grid]), **FAST)) == 2
+
+
 def test_bf16(exports, images):
     captioner = Captioner.from_pretrained(exports["inside"], dtype="bf16")
     assert captioner.model.gpt.lm_head.weight.dtype == torch.bfloat16
@@ -287,6 +315,12 @@ def test_cli_bad_checkpoints_are_clear_errors(exports, images, tmp_path, capsys,
     assert main(["--checkpoint", str(checkpoint), "--image", str(images / "cat.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("predict.py: error:") and message in err
+
+
+def test_cli_refuses_a_missing_cuda_device(exports, images, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_unknown_output_format(exports, images):
