@@ -5,7 +5,7 @@
     python predict.py --checkpoint DIR --image a.jpg --decoding nucleus --num_captions 3 --seed 0
 
     from predict import Captioner
-    captioner = Captioner.from_pretrained("checkpoints/coco_prefix", device="cuda")
+    captioner = Captioner.from_pretrained("checkpoints/coco_prefix_latest", device="cuda")
     captioner.caption(["a.jpg", "b.jpg"])        # ['A man riding a wave on a surfboard.', ...]
 """
 import argparse
