@@ -105,6 +105,21 @@ def test_batch_equals_one_image_at_a_time(gpt, prefix):
     assert batched == [greedy(gpt, p[None], STOPS, 12).sequences()[0] for p in prefix]
 
 
+def test_finished_images_leave_the_batch(gpt, prefix):
+    rows = []
+    hook = gpt.transformer.register_forward_pre_hook(
+        lambda module, args: rows.append(args[0].shape[0]) if args and args[0] is not None else None)
+    try:
+        lengths = [len(rows_[0]) for rows_ in greedy(gpt, prefix, STOPS, 12).sequences()]
+        assert rows == [sum(n > t for n in lengths) for t in range(1, max(lengths))]
+        rows.clear()
+        beams = beam_search(gpt, prefix, STOPS, 3, 30)
+    finally:
+        hook.remove()
+    assert rows[0] == 18 and rows == sorted(rows, reverse=True) and all(r % 3 == 0 for r in rows)
+    assert rows[-1] < 18 and len(rows) == int(beams.lengths.max()) - 1
+
+
 def test_a_stop_token_ends_the_caption_there(gpt, prefix):
     free = greedy(gpt, prefix[:1], [], 10).sequences()[0][0]
     stop = free[3]
