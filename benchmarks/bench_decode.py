@@ -1,0 +1,126 @@
+"""Beam search speed: models/decoding.py against the original ClipCap algorithm, measured in the same run.
+
+A randomly initialised distilgpt2-sized decoder (6 layers, 768 wide, vocabulary 50257), a 40-token prefix per
+image, beam 5, exactly `--new_tokens` new tokens (no stop tokens on either side, so lengths match).
+  (a) the original `generate_beam`: full recompute at every step, one image at a time (fp32)
+  (b) ours, one image at a time (fp32)
+  (c) ours, a batch of `--batch_size` images (fp32, and again in bf16)
+With `--with_generate`, transformers' `generate(num_beams=...)` is timed on (b) and (c) too.
+The captions of (a), (b) and (c) are checked to be the same token sequences (fp32). Each measurement is
+repeated `--rounds` times, interleaved with the others, and the fastest time counts.
+
+    python benchmarks/bench_decode.py [--device cuda]
+
+The last line is `RESULT ratio_single=<b/a> ratio_batched=<c/a> ratio_batched_bf16=<c bf16/a> ...`.
+"""
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.original_decoding import original_beam_search  # noqa: E402
+from models.decoding import beam_search  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=32, help="images decoded together in (c)")
+    p.add_argument("--beam_size", type=int, default=5)
+    p.add_argument("--new_tokens", type=int, default=20, help="tokens generated per caption")
+    p.add_argument("--prefix_length", type=int, default=40, help="prefix embeddings per image")
+    p.add_argument("--original_images", type=int, default=1, help="images timed with the original algorithm")
+    p.add_argument("--single_images", type=int, default=4, help="images timed one at a time with ours")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of all measurements; the fastest counts")
+    p.add_argument("--no_bf16", action="store_true", help="skip the bf16 run of (c)")
+    p.add_argument("--with_generate", action="store_true", help="also time transformers' generate")
+    return p.parse_args(argv)
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def generate_beams(gpt, prefix, args):
+    """transformers' beam search on the same inputs, without stop tokens (it repeats the prefix per beam)."""
+    config = GenerationConfig(num_beams=args.beam_size, num_return_sequences=1, do_sample=False,
+                              max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    return gpt.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config)
+
+
+def measure(name, fn, captions, best, device):
+    """Time `fn` (which makes `captions` captions); keep the fastest time of the rounds under `name`."""
+    out, seconds = timed(fn, device)
+    best[name] = min(best.get(name, float("inf")), seconds / captions)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    gpt = GPT2LMHeadModel(config).eval().to(device)
+    gpt_bf16 = None if args.no_bf16 else copy.deepcopy(gpt).to(torch.bfloat16)
+    prefix = torch.randn(args.batch_size, args.prefix_length, config.n_embd, device=device)
+    k, n_new, n_orig = args.beam_size, args.new_tokens, args.original_images
+    n_single = max(args.single_images, n_orig)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, decoder 6x768, vocabulary 50257, "
+          f"prefix {args.prefix_length}, beam {k}, {n_new} new tokens, batch {args.batch_size}, "
+          f"{args.rounds} rounds (fastest counts)")
+
+    beam_search(gpt, prefix[:2], [], k, 3)  # warm-up: allocator, kernels, lazy initialisation
+    original_beam_search(gpt, prefix[:1], [], k, 3)
+    if gpt_bf16 is not None:
+        beam_search(gpt_bf16, prefix[:2].to(torch.bfloat16), [], k, 3)
+    if args.with_generate:
+        generate_beams(gpt, prefix[:1], argparse.Namespace(beam_size=k, new_tokens=3))
+    # Rounds interleave the measurements, so that a busy spell of a shared machine slows all of them alike.
+    best = {}
+    for _ in range(args.rounds):
+        originals = measure("a", lambda: [original_beam_search(gpt, prefix[i:i + 1], [], k, n_new)[0]
+                                          for i in range(n_orig)], n_orig, best, device)
+        singles = measure("b", lambda: [beam_search(gpt, prefix[i:i + 1], [], k, n_new).sequences()[0]
+                                        for i in range(n_single)], n_single, best, device)
+        batched = measure("c", lambda: beam_search(gpt, prefix, [], k, n_new).sequences(), args.batch_size,
+                          best, device)
+        if gpt_bf16 is not None:
+            measure("c_bf16", lambda: beam_search(gpt_bf16, prefix.to(torch.bfloat16), [], k, n_new),
+                    args.batch_size, best, device)
+        if args.with_generate:
+            measure("generate_single", lambda: [generate_beams(gpt, prefix[i:i + 1], args) for i in range(n_orig)],
+                    n_orig, best, device)
+            measure("generate_batched", lambda: generate_beams(gpt, prefix, args), args.batch_size, best, device)
+
+    rate = {name: 1.0 / seconds for name, seconds in best.items()}
+    labels = {"a": "(a) original, one image at a time", "b": "(b) ours, one image at a time",
+              "c": f"(c) ours, batch of {args.batch_size}", "c_bf16": f"(c) ours, batch of {args.batch_size}, bf16",
+              "generate_single": "generate, one image at a time",
+              "generate_batched": f"generate, batch of {args.batch_size}"}
+    for name, value in rate.items():
+        print(f"{labels[name]:<38} {value:8.3f} captions/s  ({value / rate['a']:.1f}x)")
+    same_a = all(originals[i] == singles[i] for i in range(n_orig))
+    same_c = all(singles[i] == batched[i] for i in range(n_single))
+    print(f"same beams: original vs ours {same_a}; one at a time vs batch {same_c}")
+    names = dict(b="ratio_single", c="ratio_batched", c_bf16="ratio_batched_bf16",
+                 generate_single="generate_single", generate_batched="generate_batched")
+    result = {key: rate[name] / rate["a"] for name, key in names.items() if name in rate}
+    print("RESULT " + " ".join(f"{key}={value:.2f}" for key, value in result.items())
+          + f" beams_match={int(same_a and same_c)}")
+
+
+if __name__ == "__main__":
+    main()
