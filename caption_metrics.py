@@ -181,7 +181,9 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     res = {k: tokens[("pred", k)] for k in ids}
     scores: Dict[str, float] = {}
     per_image: Dict[Hashable, Dict[str, float]] = {k: {} for k in ids}
-    for name in tqdm(todo, desc="metrics", disable=not progress):
+    bar = tqdm(todo, desc="metrics", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
         try:
             score, image_scores = _run_scorer(name, gts, res)
         except MetricsError as e:

@@ -118,6 +118,24 @@ def test_spice_skipped_with_a_note_when_corenlp_is_missing(monkeypatch, tmp_path
     assert result["notes"] == ["SPICE skipped: reason"] and set(result["metrics"]) == {"CIDEr"}
 
 
+def test_spice_failure_becomes_a_note(monkeypatch):
+    import subprocess
+
+    import pycocoevalcap.spice.spice as spice
+
+    class FailingSpice:
+        def compute_score(self, gts, res):
+            raise subprocess.CalledProcessError(1, ["java", "-jar", "spice-1.0.jar"])
+
+    monkeypatch.setattr(caption_metrics, "spice_status", lambda: None)
+    monkeypatch.setattr(spice, "Spice", FailingSpice)
+    monkeypatch.setattr(caption_metrics, "ptb_tokenize", lambda caps: {k: [c.lower() for c in v]
+                                                                        for k, v in caps.items()})
+    result = score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"))
+    assert "Bleu_4" in result["metrics"] and "SPICE" not in result["metrics"]
+    assert len(result["notes"]) == 1 and result["notes"][0].startswith("SPICE failed (Command")
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="unknown metric"):
         score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "WER"))
