@@ -184,11 +184,11 @@ def caption_records(records, checkpoint, device: str, beam_size: int, batch_size
                 beams = captioner.caption([im for _, im in ok], beam_size=beam_size, num_captions=beam_size)
                 predictions += [Prediction(r.image_id, caps[0], list(caps)) for (r, _), caps in zip(ok, beams)]
             bar.update(len(batch))
+    if failed and not allow_partial:
+        raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; pass "
+                              f"--allow_partial to score the others")
     if failed:
         print(f"warning: {len(failed):,} image(s) could not be captioned, e.g. {failed[0]}", file=sys.stderr)
-        if not allow_partial:
-            raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; pass "
-                                  f"--allow_partial to score the others")
     return predictions
 
 

@@ -54,8 +54,8 @@ def run_error(capsys, argv):
         evaluate.main(argv)
     assert exc.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("evaluate.py: error: ") and "Traceback" not in err
-    return err
+    assert "Traceback" not in err
+    return err[err.index("evaluate.py: error: "):]
 
 
 def test_scores_a_results_file_against_coco_annotations(tmp_path, coco_file, capsys):
@@ -160,3 +160,77 @@ def test_parser_defaults():
     args = evaluate.build_parser().parse_args(["--checkpoint", "ckpt", "--annotations", "a.json", "--split", "test"])
     assert args.metrics == ["BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"] and args.beam_size == 5
     assert evaluate._default_out_dir(args) == Path("ckpt_eval_test")
+
+
+# ---------------------------------------------------------------------------------------------- --checkpoint mode
+
+class StubCaptioner:
+    """Stands in for predict.Captioner: reads the image id back from the image's width."""
+    loaded = []
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None):
+        cls.loaded.append((str(directory), device))
+        return cls()
+
+    def caption(self, images, beam_size=5, num_captions=1):
+        out = []
+        for image in images:
+            first = PREDICTIONS[image.size[0] - 10]
+            out.append([first] + [f"beam {i} of {image.size[0]}" for i in range(1, num_captions)])
+        return out
+
+
+@pytest.fixture
+def coco_images(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    for image_id in SPLITS:
+        Image.new("RGB", (10 + image_id, 12), (image_id * 20, 0, 0)).save(
+            root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+    return root
+
+
+@pytest.fixture
+def stub_predict(monkeypatch):
+    import types
+
+    module = types.ModuleType("predict")
+    module.Captioner = StubCaptioner
+    monkeypatch.setitem(__import__("sys").modules, "predict", module)
+    StubCaptioner.loaded = []
+
+
+def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file, coco_images, stub_predict):
+    argv = ["--checkpoint", str(tmp_path / "run" / "latest"), "--images_root", str(coco_images), "--annotations",
+            str(karpathy_file), "--split", "test", "--batch_size", "4", "--device", "cpu", "--original_bleu", *FAST]
+    report = evaluate.main(argv)
+    assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu")]
+    out_dir = tmp_path / "run" / "latest_eval_test"
+    saved = json.loads((out_dir / "predictions.json").read_text())
+    assert [e["image_id"] for e in saved] == [1, 2, 3, 4, 5, 6]
+    assert saved[2]["caption"] == PREDICTIONS[3] and len(saved[2]["beams"]) == 5
+    assert report["metrics"] == pytest.approx(score_captions(PREDICTIONS, REFERENCES, ("BLEU", "CIDEr"))["metrics"])
+    assert report["predictions"] == str(out_dir / "predictions.json")
+    # The written predictions score the same through --predictions.
+    again = evaluate.main(["--predictions", str(out_dir / "predictions.json"), "--annotations", str(karpathy_file),
+                           "--split", "test", *FAST])
+    assert again["metrics"] == report["metrics"]
+
+
+def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco_images, stub_predict, capsys):
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--images_root", str(coco_images), "--annotations",
+            str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "out"), *FAST]
+    (coco_images / "val2014" / "COCO_val2014_000000000005.jpg").unlink()
+    err = run_error(capsys, argv)
+    assert "1 of 6 images are missing, e.g. " in err and "COCO_val2014_000000000005.jpg; check --images_root" in err
+    assert StubCaptioner.loaded == []  # refused before loading the model
+    (coco_images / "val2014" / "COCO_val2014_000000000002.jpg").write_bytes(b"not a jpeg")
+    err = run_error(capsys, argv[:-3] + ["--max_images", "3", *FAST])
+    assert "1 image(s) could not be read, e.g. " in err and "COCO_val2014_000000000002.jpg" in err
+    report = evaluate.main(argv + ["--allow_partial"])
+    assert [row["image_id"] for row in report["per_image"]] == [1, 3, 4, 6]
+    assert report["coverage"]["reference_images"] == 6 and report["num_images"] == 4
+    assert len(json.loads((tmp_path / "out" / "predictions.json").read_text())) == 4
