@@ -155,25 +155,22 @@ def _load(record):
         return e
 
 
-def caption_records(records, checkpoint, device: str, beam_size: int, batch_size: int,
-                    allow_partial: bool) -> List[Prediction]:
-    """Caption every record's image with predict.py's Captioner, keeping every beam."""
+def caption_records(records, checkpoint, device: str, beam_size: int, batch_size: int):
+    """Caption every record's image with predict.py's Captioner, keeping every beam.
+
+    Returns the predictions and one message per image that could not be read.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     from predict import Captioner
 
-    missing = [r for r in records if not Path(r.path).is_file()]
-    if missing and not allow_partial:
-        raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
-                              f"check --images_root (or pass --allow_partial to caption the others)")
     captioner = Captioner.from_pretrained(checkpoint, device=device)
-    todo = [r for r in records if Path(r.path).is_file()]
-    predictions, failed = [], [f"{r.path}: file not found" for r in missing]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    predictions, failed = [], []
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     # Images of the next batch decode in threads while the current batch is captioned.
-    with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(todo), desc="captioning", unit="img") as bar:
+    with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(records), desc="captioning", unit="img") as bar:
         pending = [pool.submit(_load, r) for r in batches[0]] if batches else []
         for i, batch in enumerate(batches):
             images = [f.result() for f in pending]
@@ -184,12 +181,7 @@ def caption_records(records, checkpoint, device: str, beam_size: int, batch_size
                 beams = captioner.caption([im for _, im in ok], beam_size=beam_size, num_captions=beam_size)
                 predictions += [Prediction(r.image_id, caps[0], list(caps)) for (r, _), caps in zip(ok, beams)]
             bar.update(len(batch))
-    if failed and not allow_partial:
-        raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; pass "
-                              f"--allow_partial to score the others")
-    if failed:
-        print(f"warning: {len(failed):,} image(s) could not be captioned, e.g. {failed[0]}", file=sys.stderr)
-    return predictions
+    return predictions, failed
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -296,11 +288,24 @@ def _default_out_dir(args) -> Path:
 def _predict(args, records, out_dir: Path) -> List[Prediction]:
     import torch
 
+    present, missing = [], []
+    for r in records:
+        (present if Path(r.path).is_file() else missing).append(r)
+    if missing and not args.allow_partial:
+        raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
+                              f"check --images_root (or pass --allow_partial to caption the others)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictions = caption_records(records, args.checkpoint, device, args.beam_size, args.batch_size,
-                                  args.allow_partial)
-    write_predictions(out_dir / "predictions.json", predictions)
-    print(f"wrote {out_dir / 'predictions.json'}")
+    predictions, failed = caption_records(present, args.checkpoint, device,
+                                          args.beam_size, args.batch_size)
+    path = out_dir / "predictions.json"
+    write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
+    print(f"wrote {path}")
+    failed = [f"{r.path}: file not found" for r in missing] + failed
+    if failed and not args.allow_partial:
+        raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; the other images' "
+                              f"captions are in {path}: score them with --predictions {path} --allow_partial")
+    if failed:
+        print(f"warning: {len(failed):,} image(s) could not be captioned, e.g. {failed[0]}", file=sys.stderr)
     return predictions
 
 

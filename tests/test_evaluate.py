@@ -230,6 +230,9 @@ def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco
     (coco_images / "val2014" / "COCO_val2014_000000000002.jpg").write_bytes(b"not a jpeg")
     err = run_error(capsys, argv[:-3] + ["--max_images", "3", *FAST])
     assert "1 image(s) could not be read, e.g. " in err and "COCO_val2014_000000000002.jpg" in err
+    kept = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [e["image_id"] for e in kept] == [1, 3]  # the others' captions are kept
+    assert f"score them with --predictions {tmp_path / 'out' / 'predictions.json'} --allow_partial" in err
     report = evaluate.main(argv + ["--allow_partial"])
     assert [row["image_id"] for row in report["per_image"]] == [1, 3, 4, 6]
     assert report["coverage"]["reference_images"] == 6 and report["num_images"] == 4
