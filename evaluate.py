@@ -5,7 +5,8 @@
     python evaluate.py --checkpoint DIR --images_root ./data/coco --annotations dataset_coco.json --split test
 
 A predictions file is a COCO results file, `[{"image_id": 391895, "caption": "...", "beams": [...]}]`, one entry
-per image (`beams`, every beam of a beam search, is optional and used only by --original_bleu). With
+per image (`beams`, every beam of a beam search, is optional and used only by --original_bleu; the `captions`
+list predict.py writes with --num_captions is read as the beams). With
 --checkpoint the split is captioned first (beam 5, every beam kept) and the predictions are written too.
 Outputs go to --out_dir: metrics.json (corpus scores, coverage, per-image CIDEr and BLEU-4), scores_hist.png,
 and predictions.json with --checkpoint.
@@ -66,9 +67,10 @@ def _parse_entry(entry, where: str, allow_empty: bool) -> Prediction:
     if not caption.strip() and not allow_empty:
         raise EvaluationError(f"{where} (image_id {image_id!r}): empty caption; every image needs a caption "
                               f"(--allow_empty scores empty captions as 0)")
-    beams = entry.get("beams", [])
+    key = "beams" if "beams" in entry else "captions"  # predict.py writes every beam as "captions"
+    beams = entry.get(key, [])
     if not isinstance(beams, list) or not all(isinstance(b, str) for b in beams):
-        raise EvaluationError(f"{where} (image_id {image_id!r}): 'beams' must be a list of strings")
+        raise EvaluationError(f"{where} (image_id {image_id!r}): {key!r} must be a list of strings")
     return Prediction(image_id, caption, beams)
 
 
@@ -155,8 +157,8 @@ def _load(record):
         return e
 
 
-def caption_records(records, checkpoint, device: str, beam_size: int, batch_size: int):
-    """Caption every record's image with predict.py's Captioner, keeping every beam.
+def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int, batch_size: int):
+    """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
 
     Returns the predictions and one message per image that could not be read.
     """
@@ -164,9 +166,10 @@ def caption_records(records, checkpoint, device: str, beam_size: int, batch_size
 
     from tqdm import tqdm
 
-    from predict import Captioner
+    from predict import Captioner, DecodingOptions
 
-    captioner = Captioner.from_pretrained(checkpoint, device=device)
+    captioner = Captioner.from_pretrained(checkpoint, device=device, dtype=dtype)
+    options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size)
     predictions, failed = [], []
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     # Images of the next batch decode in threads while the current batch is captioned.
@@ -178,8 +181,12 @@ def caption_records(records, checkpoint, device: str, beam_size: int, batch_size
             ok = [(r, im) for r, im in zip(batch, images) if not isinstance(im, Exception)]
             failed += [str(im) for im in images if isinstance(im, Exception)]
             if ok:
-                beams = captioner.caption([im for _, im in ok], beam_size=beam_size, num_captions=beam_size)
-                predictions += [Prediction(r.image_id, caps[0], list(caps)) for (r, _), caps in zip(ok, beams)]
+                results = captioner.predict([im for _, im in ok], options, batch_size=len(ok), on_error="keep")
+                for (record, _), result in zip(ok, results):
+                    if result.error is not None:
+                        failed.append(f"{record.path}: {result.error}")
+                    else:
+                        predictions.append(Prediction(record.image_id, result.captions[0], list(result.captions)))
             bar.update(len(batch))
     return predictions, failed
 
@@ -274,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
     p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="--checkpoint: precision of the model while captioning")
     return p
 
 
@@ -295,8 +304,8 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
         raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
                               f"check --images_root (or pass --allow_partial to caption the others)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictions, failed = caption_records(present, args.checkpoint, device,
-                                          args.beam_size, args.batch_size)
+    predictions, failed = caption_records(present, args.checkpoint, device, args.dtype, args.beam_size,
+                                          args.batch_size)
     path = out_dir / "predictions.json"
     write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
     print(f"wrote {path}")

@@ -3,6 +3,7 @@
 The CLI runs score BLEU and CIDEr only (METEOR starts a JVM for seconds); test_caption_metrics checks every
 metric against pycocoevalcap itself."""
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_partial_coverage_is_an_error_unless_allowed(tmp_path, coco_file, capsys
     ([{"image_id": 1.5, "caption": "a"}], "entry 0: image_id 1.5 is not usable"),
     ([{"image_id": 1, "caption": 3}], "entry 0 (image_id 1): caption is int; expected a string"),
     ([{"image_id": 1, "caption": "a", "beams": "a"}], "'beams' must be a list of strings"),
+    ([{"image_id": 1, "caption": "a", "captions": [1]}], "'captions' must be a list of strings"),
     ([{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "  "}], "entry 1 (image_id 2): empty caption"),
     ([{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}, {"image_id": 1, "caption": "c"}],
      "1 image id(s) have several captions, e.g. image_id 1 at entries [0, 2]"),
@@ -169,15 +171,16 @@ class StubCaptioner:
     loaded = []
 
     @classmethod
-    def from_pretrained(cls, directory, device=None):
-        cls.loaded.append((str(directory), device))
+    def from_pretrained(cls, directory, device=None, dtype="fp32"):
+        cls.loaded.append((str(directory), device, dtype))
         return cls()
 
-    def caption(self, images, beam_size=5, num_captions=1):
+    def predict(self, images, options, batch_size=32, progress=False, on_error="keep"):
+        assert options.decoding == "beam" and on_error == "keep"
         out = []
         for image in images:
-            first = PREDICTIONS[image.size[0] - 10]
-            out.append([first] + [f"beam {i} of {image.size[0]}" for i in range(1, num_captions)])
+            beams = [PREDICTIONS[image.size[0] - 10]] + [f"beam {i}" for i in range(1, options.beam_size)]
+            out.append(types.SimpleNamespace(captions=beams, error=None))
         return out
 
 
@@ -195,10 +198,9 @@ def coco_images(tmp_path):
 
 @pytest.fixture
 def stub_predict(monkeypatch):
-    import types
-
     module = types.ModuleType("predict")
     module.Captioner = StubCaptioner
+    module.DecodingOptions = lambda **kw: types.SimpleNamespace(**kw)
     monkeypatch.setitem(__import__("sys").modules, "predict", module)
     StubCaptioner.loaded = []
 
@@ -207,7 +209,7 @@ def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file,
     argv = ["--checkpoint", str(tmp_path / "run" / "latest"), "--images_root", str(coco_images), "--annotations",
             str(karpathy_file), "--split", "test", "--batch_size", "4", "--device", "cpu", "--original_bleu", *FAST]
     report = evaluate.main(argv)
-    assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu")]
+    assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu", "fp32")]
     out_dir = tmp_path / "run" / "latest_eval_test"
     saved = json.loads((out_dir / "predictions.json").read_text())
     assert [e["image_id"] for e in saved] == [1, 2, 3, 4, 5, 6]
@@ -237,3 +239,10 @@ def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco
     assert [row["image_id"] for row in report["per_image"]] == [1, 3, 4, 6]
     assert report["coverage"]["reference_images"] == 6 and report["num_images"] == 4
     assert len(json.loads((tmp_path / "out" / "predictions.json").read_text())) == 4
+
+
+def test_predict_py_captions_list_is_read_as_the_beams(tmp_path):
+    path = write_json(tmp_path / "p.json", [{"image_id": 1, "caption": "a", "file_name": "1.jpg",
+                                             "captions": ["a", "b"], "scores": [-0.1, -0.2]},
+                                            {"image_id": 2, "caption": "c", "beams": ["c", "d"], "captions": ["x"]}])
+    assert [p.beams for p in evaluate.read_predictions(path)] == [["a", "b"], ["c", "d"]]
