@@ -157,7 +157,8 @@ def _load(record):
         return e
 
 
-def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int, batch_size: int):
+def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int, max_length: int,
+                    batch_size: int):
     """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
 
     Returns the predictions and one message per image that could not be read.
@@ -169,7 +170,7 @@ def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int
     from predict import Captioner, DecodingOptions
 
     captioner = Captioner.from_pretrained(checkpoint, device=device, dtype=dtype)
-    options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size)
+    options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size, max_length=max_length)
     predictions, failed = [], []
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
     # Images of the next batch decode in threads while the current batch is captioned.
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original_bleu", action="store_true",
                    help="also compute the original notebook's BLEU-4 (not comparable with papers)")
     p.add_argument("--beam_size", type=int, default=5, help="--checkpoint: beam width; every beam is kept")
+    p.add_argument("--max_length", type=int, default=67, help="--checkpoint: most tokens per caption")
     p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
     p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
@@ -305,7 +307,7 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
                               f"check --images_root (or pass --allow_partial to caption the others)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     predictions, failed = caption_records(present, args.checkpoint, device, args.dtype, args.beam_size,
-                                          args.batch_size)
+                                          args.max_length, args.batch_size)
     path = out_dir / "predictions.json"
     write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
     print(f"wrote {path}")
@@ -319,7 +321,7 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
 
 
 def run(args) -> Dict:
-    for flag in ("beam_size", "batch_size", "max_images"):
+    for flag in ("beam_size", "max_length", "batch_size", "max_images"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     require_java()  # before any captioning: the PTB tokenizer needs it
