@@ -1,0 +1,458 @@
+"""Caption images with an exported captioner: the `Captioner` API (used by the notebook and evaluate.py) and a CLI.
+
+    python predict.py --checkpoint DIR --image a.jpg b.jpg
+    python predict.py --checkpoint DIR --images_dir val2014/ --out captions.json
+    python predict.py --checkpoint DIR --image a.jpg --decoding nucleus --num_captions 3 --seed 0
+
+    from predict import Captioner
+    captioner = Captioner.from_pretrained("checkpoints/coco_prefix", device="cuda")
+    captioner.caption(["a.jpg", "b.jpg"])        # ['A man riding a wave on a surfboard.', ...]
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import re
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from caption_data import FeaturesError, ImageError, load_image, read_features
+from models import decoding
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError, atomic_write
+from models.decoding import DECODINGS, DecodingOptions
+from models.encoder import EncoderConfig, ImageEncoder, to_rgb
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOADER_THREADS = min(8, os.cpu_count() or 1)
+__all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder", "main"]
+
+
+@dataclass
+class CaptionResult:
+    source: str  # the file path, or "<image 3>" / "<array 3>" / "<features 3>" for in-memory inputs
+    captions: List[str]  # best first for beam search (every beam); in drawing order for sampling
+    scores: List[float]  # mean log-probability per token under the model, stop token included
+    error: Optional[str] = None  # why the image could not be captioned (captions are then empty)
+
+    @property
+    def caption(self) -> Optional[str]:
+        return self.captions[0] if self.captions else None
+
+
+
+def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[ImageEncoder]:
+    """The image encoder that made the features this model was trained on, as `config.encoder` records it
+    (timm name, preprocessing, weights source); `weights` (file or encoder export directory) overrides the
+    recorded source. None when the checkpoint records no encoder: the model then takes features only."""
+    if config.encoder is None:
+        if weights is not None:
+            raise CheckpointError(f"{directory}: config.json records no image encoder (encoder is null), so "
+                                  f"encoder weights cannot be used with it: caption precomputed features")
+        return None
+    try:
+        encoder_config = EncoderConfig.from_dict(config.encoder)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}/config.json: invalid encoder config: {e}") from e
+    if weights is not None:
+        weights = Path(weights)
+        encoder_config.weights = str(weights / "model.safetensors" if weights.is_dir() else weights)
+    if encoder_config.weights == "random":
+        raise CheckpointError(
+            f"{directory}: the model was trained on features of a randomly initialised {encoder_config.name} "
+            f"whose weights were not saved; pass its weights (--encoder_weights) or precomputed features")
+    try:
+        encoder = ImageEncoder(encoder_config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: cannot load the image encoder weights ({e}); pass the right "
+                              f"file with --encoder_weights") from e
+    except (OSError, RuntimeError, ValueError) as e:  # hub downloads fail with several types when offline
+        raise CheckpointError(f"{directory}: cannot load the pretrained weights of image encoder "
+                              f"{encoder_config.name!r} from the Hugging Face hub or its cache "
+                              f"({e.__class__.__name__}: {e}); download them once, or pass --encoder_weights")
+    check_encoder(config, encoder, directory)
+    return encoder
+
+
+def check_encoder(config: CaptionerConfig, encoder: ImageEncoder, source) -> None:
+    if encoder.config.feature_type != config.feature_type or encoder.feature_dim != config.prefix_size:
+        raise CheckpointError(
+            f"{source}: the image encoder gives {encoder.config.feature_type} features of dimension "
+            f"{encoder.feature_dim}, but the mapping network expects {config.feature_type} features of "
+            f"dimension {config.prefix_size}")
+    if config.feature_type == "grid" and encoder.num_tokens != config.num_grid_tokens:
+        raise CheckpointError(f"{source}: the image encoder gives {encoder.num_tokens} grid tokens, but the "
+                              f"mapping network expects {config.num_grid_tokens}")
+
+
+def _load_pil(item, source: str):
+    """An RGB PIL image, or the `ImageError` saying why there is none."""
+    try:
+        return _to_pil(item, source)
+    except ImageError as e:
+        return e
+
+
+def _to_pil(item, source: str) -> Image.Image:
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    array = np.asarray(item)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageError(source, "unreadable", f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
+                                               f"{array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+            raise ImageError(source, "unreadable", "a float image array must hold values in [0, 1] "
+                                                   "(as scikit-image's); convert it to uint8")
+        array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    elif array.dtype != np.uint8 and not (array.ndim == 2 and array.dtype == np.uint16):
+        raise ImageError(source, "unreadable", f"unsupported image array dtype {array.dtype}; expected uint8, "
+                                               f"uint16 (grayscale), bool or float in [0, 1]")
+    return to_rgb(Image.fromarray(array))
+
+
+class Captioner:
+    """Images (paths, PIL images, numpy arrays) or precomputed features -> captions, in batches.
+
+    Images go through the encoder and preprocessing recorded in the checkpoint; prefixes are normalised
+    exactly when training normalised them; captions end at the checkpoint's `eos_token_ids`.
+    """
+
+    def __init__(self, model: ClipCaptionModel, tokenizer, encoder: Optional[ImageEncoder] = None,
+                 eos_token_ids: Optional[Sequence[int]] = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.encoder = (encoder if encoder is not None else model.encoder)
+        if self.encoder is not None:
+            self.encoder.eval()
+        if eos_token_ids is None:
+            eos_token_ids = model.config.eos_token_ids
+            if not eos_token_ids and tokenizer.eos_token_id is not None:
+                warnings.warn(f"the checkpoint records no eos_token_ids; captions end at the tokenizer's "
+                              f"{tokenizer.eos_token!r}")
+                eos_token_ids = [tokenizer.eos_token_id]
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype: Union[str, torch.dtype] = "fp32",
+                        encoder_weights=None) -> "Captioner":
+        """Load an export directory written by train.py or convert_checkpoint.py (strictly: a missing, foreign
+        or mismatched checkpoint raises `CheckpointError`, never falls back to random weights)."""
+        directory = Path(directory)
+        model = ClipCaptionModel.from_pretrained(directory)
+        try:
+            # The decoder's config names the tokenizer type; config.json describes the whole captioner.
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), config=model.gpt.config)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory}: cannot load the tokenizer ({e}); an export holds its tokenizer "
+                                  f"files (save_pretrained(dir, tokenizer))") from e
+        if len(tokenizer) > model.gpt.config.vocab_size:
+            raise CheckpointError(f"{directory}: the tokenizer has {len(tokenizer)} tokens but the decoder's "
+                                  f"vocabulary has {model.gpt.config.vocab_size}")
+        encoder = model.encoder
+        if encoder is None:
+            encoder = build_encoder(model.config, directory, encoder_weights)
+        elif encoder_weights is not None:
+            raise CheckpointError(f"{directory}: the checkpoint holds its own image encoder weights; "
+                                  f"--encoder_weights does not apply")
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        model.to(device=device, dtype=dtype)
+        if encoder is not None:
+            encoder.to(device=device, dtype=dtype)
+        return cls(model, tokenizer, encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def caption(self, images, options: Optional[DecodingOptions] = None, batch_size: int = 32,
+                progress: bool = False, **kwargs):
+        """Captions in input order: one string per image, or a list of `num_captions` strings per image when
+        more than one is asked for. A single input (not a list) gives a single result. Keyword arguments
+        are `DecodingOptions` fields: `caption(images, decoding="nucleus", num_captions=3, seed=0)`.
+        An unreadable image raises `ImageError`."""
+        options = dataclasses.replace(options or DecodingOptions(), **kwargs)
+        items, single = self._as_list(images)
+        results = self.predict(items, options, batch_size, progress, on_error="raise")
+        out = [r.captions[0] if options.num_captions == 1 else r.captions[:options.num_captions]
+               for r in results]
+        return out[0] if single else out
+
+    def predict(self, images, options: Optional[DecodingOptions] = None, batch_size: int = 32,
+                progress: bool = False, on_error: str = "keep", **kwargs) -> List[CaptionResult]:
+        """One `CaptionResult` per input, with every beam (or sample) and its score. With `on_error="keep"`
+        an unreadable image gets a result with its `error` and the others are captioned as usual; with
+        "raise" it raises `ImageError`. Keyword arguments are `DecodingOptions` fields, as for `caption`."""
+        options = dataclasses.replace(options or DecodingOptions(), **kwargs)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if on_error not in ("keep", "raise"):
+            raise ValueError(f"on_error must be 'keep' or 'raise', got {on_error!r}")
+        items, _ = self._as_list(images)
+        if self.encoder is None and not all(torch.is_tensor(x) for x in items):
+            shape = self._feature_shape()
+            raise ValueError(f"this checkpoint records no image encoder (config.json: encoder is null), so it "
+                             f"captions precomputed features only: pass torch tensors of shape {shape} (one "
+                             f"image) or (N, {', '.join(map(str, shape))})")
+        results = []
+        with tqdm(total=len(items), unit="image", disable=not progress) as bar:
+            for start in range(0, len(items), batch_size):
+                results += self._predict_batch(items[start:start + batch_size], start, options, on_error)
+                bar.update(min(batch_size, len(items) - start))
+        return results
+
+    # ---- one batch -----------------------------------------------------------------------------------------
+
+    def _feature_shape(self):
+        config = self.model.config
+        return (config.prefix_size,) if config.feature_type == "pooled" else (config.num_grid_tokens,
+                                                                              config.prefix_size)
+
+    def _as_list(self, images):
+        """(list of single inputs, whether one input was given)."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            return [images], True
+        if isinstance(images, np.ndarray):
+            return (list(images), False) if images.ndim == 4 else ([images], True)
+        if torch.is_tensor(images):
+            single = len(self._feature_shape())
+            if images.ndim not in (single, single + 1):
+                raise ValueError(f"features must have shape {self._feature_shape()} or (N, ...) of it, got "
+                                 f"{tuple(images.shape)}")
+            return ([images], True) if images.ndim == single else (list(images), False)
+        if isinstance(images, (list, tuple)):
+            return list(images), False
+        raise TypeError(f"expected image paths, PIL images, numpy arrays or feature tensors (or a list of "
+                        f"them), got {type(images).__name__}")
+
+    def _source(self, item, index: int) -> str:
+        if isinstance(item, (str, os.PathLike)):
+            return str(item)
+        kind = "features" if torch.is_tensor(item) else "image" if isinstance(item, Image.Image) else "array"
+        return f"<{kind} {index}>"
+
+    def _features(self, items, start: int, on_error: str):
+        """Features (n, ...) of the inputs that could be read, their positions, and errors by position."""
+        param = next(self.model.parameters())
+        features, positions, errors, jobs = [], [], {}, []
+        for j, item in enumerate(items):
+            source = self._source(item, start + j)
+            if not torch.is_tensor(item):
+                jobs.append((j, item, source))
+            elif tuple(item.shape) != self._feature_shape():
+                raise ValueError(f"{source}: features of shape {tuple(item.shape)}, the model expects "
+                                 f"{self._feature_shape()}")
+            else:
+                features.append(item.to(param.device, torch.float32))
+                positions.append(j)
+        # Files are decoded in threads (PIL releases the GIL); tensor work stays in this thread, as torch ops
+        # from several threads would each start their own OpenMP team and oversubscribe the cores.
+        with ThreadPoolExecutor(LOADER_THREADS) as pool:
+            loaded = list(pool.map(lambda job: _load_pil(*job[1:]), jobs))
+        pixels = []
+        for (j, _, _), image in zip(jobs, loaded):
+            if isinstance(image, ImageError):
+                if on_error == "raise":
+                    raise image
+                errors[j] = str(image)
+            else:
+                pixels.append(self.encoder.preprocess(image))  # (3, H, W)
+                positions.append(j)
+        if pixels:
+            with torch.inference_mode():
+                features += list(self.encoder(torch.stack(pixels).to(param.device, param.dtype)).float())
+        return features, positions, errors
+
+    def _predict_batch(self, items, start: int, options: DecodingOptions, on_error: str) -> List[CaptionResult]:
+        features, positions, errors = self._features(items, start, on_error)
+        results = [CaptionResult(self._source(x, start + j), [], [], errors.get(j)) for j, x in enumerate(items)]
+        if not features:
+            return results
+        with torch.inference_mode():
+            prefix = self.model.prefix_embeddings(torch.stack(features))  # (n, P, C)
+            decoded = decoding.decode(self.model.gpt, prefix, self.eos_token_ids, options,
+                                       [start + j for j in positions])
+        for j, sequences, scores in zip(positions, decoded.sequences(), decoded.scores.tolist()):
+            texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+            results[j].captions = [" ".join(text.split()) for text in texts]  # one line, single spaces
+            results[j].scores = scores
+        return results
+
+
+def image_id_from_name(path) -> object:
+    """COCO's `image_id`: the last number in the file name (`COCO_val2014_000000391895.jpg` -> 391895), or
+    the file name itself when it holds no number."""
+    numbers = re.findall(r"\d+", Path(path).stem)
+    return int(numbers[-1]) if numbers else Path(path).name
+
+
+def list_images(directory: Path):
+    """Image files directly inside `directory` (by the extensions PIL can open), sorted, and the other
+    entries, which are reported rather than silently skipped."""
+    if not directory.is_dir():
+        raise ValueError(f"--images_dir {directory}: no such directory")
+    extensions = set(Image.registered_extensions())
+    images, ignored = [], []
+    for path in sorted(directory.iterdir()):
+        (images if path.is_file() and path.suffix.lower() in extensions else ignored).append(path)
+    if not images:
+        raise ValueError(f"--images_dir {directory}: no image files found")
+    return images, ignored
+
+
+def features_inputs(path):
+    """A features pickle (parse_coco.py) -> one feature row per image and its image_id."""
+    data = read_features(path)
+    rows = {}
+    for caption in data["captions"]:
+        rows.setdefault(caption["clip_embedding"], caption["image_id"])
+    order = sorted(rows)
+    return [data["clip_embedding"][row] for row in order], [rows[row] for row in order]
+
+
+def write_json(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:
+    """COCO results format, `[{"image_id", "caption"}]`, plus the file name (and the other captions when
+    several were asked for). Images that failed are not entries; they are reported on stderr."""
+    entries = []
+    for result, image_id in zip(results, image_ids):
+        if result.error is not None:
+            continue
+        entry = {"image_id": image_id, "caption": result.caption, "file_name": result.source}
+        if num_captions > 1:
+            entry["captions"] = result.captions[:num_captions]
+            entry["scores"] = [round(s, 5) for s in result.scores[:num_captions]]
+        entries.append(entry)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(entries, indent=1, ensure_ascii=False))
+
+
+def write_csv(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:
+    """One row per caption (`rank` 1 is the best), and one row with the `error` for each image that failed."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file_name", "image_id", "rank", "caption", "score", "error"])
+            for result, image_id in zip(results, image_ids):
+                if result.error is not None:
+                    writer.writerow([result.source, image_id, "", "", "", result.error])
+                for rank, (caption, score) in enumerate(zip(result.captions[:num_captions],
+                                                            result.scores[:num_captions]), start=1):
+                    writer.writerow([result.source, image_id, rank, caption, f"{score:.5f}", ""])
+
+
+def print_results(results: Sequence[CaptionResult], num_captions: int) -> None:
+    for result in results:
+        if result.error is not None:
+            print(f"{result.source}\tERROR: {result.error}")
+        for caption in result.captions[:num_captions]:
+            print(f"{result.source}\t{caption}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Caption images with a checkpoint exported by train.py or "
+                                            "convert_checkpoint.py.")
+    p.add_argument("--checkpoint", required=True, help="export directory (config.json, model.safetensors, "
+                                                       "tokenizer files)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", help="image file(s) to caption")
+    source.add_argument("--images_dir", help="caption every image file in this directory (not recursive)")
+    source.add_argument("--features", help="caption the precomputed features of a features pickle "
+                                           "written by parse_coco.py (one caption per image)")
+    p.add_argument("--out", help="write the captions to this file: .json (COCO results format) or .csv; "
+                                 "without it they are printed")
+    p.add_argument("--decoding", choices=DECODINGS, default="beam",
+                   help="beam search (default), greedy, or nucleus sampling")
+    p.add_argument("--beam_size", type=int, default=5, help="beams per image for --decoding beam")
+    p.add_argument("--max_length", type=int, default=67, help="most tokens per caption, stop token included")
+    p.add_argument("--top_p", type=float, default=0.8,
+                   help="nucleus sampling: draw from the most probable tokens holding this much probability")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="nucleus sampling: divides the logits; below 1 is more conservative, above 1 more diverse")
+    p.add_argument("--num_captions", type=int, default=1,
+                   help="captions per image: samples for nucleus, the best beams for beam search")
+    p.add_argument("--seed", type=int, default=None, help="nucleus sampling: makes the samples reproducible, "
+                                                          "whatever the batch size")
+    p.add_argument("--batch_size", type=int, default=32, help="images decoded together")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the model")
+    p.add_argument("--encoder_weights", default=None,
+                   help="image encoder weights (file or encoder export directory) to use instead of those "
+                        "the checkpoint records, e.g. when the recorded file has moved")
+    args = p.parse_args(argv)
+    if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
+        p.error(f"--out {args.out}: the file name must end in .json or .csv")
+    return args
+
+
+def collect_inputs(args):
+    """(inputs for the Captioner, image ids, notices for stderr)."""
+    if args.features:
+        features, image_ids = features_inputs(args.features)
+        return features, image_ids, []
+    if args.images_dir:
+        paths, ignored = list_images(Path(args.images_dir))
+        notes = [f"{len(ignored)} entries of {args.images_dir} are not image files and were not captioned: "
+                 + ", ".join(p.name for p in ignored[:5]) + (" ..." if len(ignored) > 5 else "")] if ignored else []
+    else:
+        paths, notes = [Path(p) for p in args.image], []
+    image_ids = [image_id_from_name(p) for p in paths]
+    seen = {}
+    for path, image_id in zip(paths, image_ids):
+        if image_id in seen:
+            notes.append(f"{seen[image_id].name} and {path.name} both give image_id {image_id!r}")
+        seen.setdefault(image_id, path)
+    return [str(p) for p in paths], image_ids, notes
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"predict.py: error: --device {device}, but CUDA is not available here", file=sys.stderr)
+        return 2
+    try:
+        options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size, max_length=args.max_length,
+                                  top_p=args.top_p, temperature=args.temperature,
+                                  num_captions=args.num_captions, seed=args.seed)
+        inputs, image_ids, notes = collect_inputs(args)
+        captioner = Captioner.from_pretrained(args.checkpoint, device=device, dtype=args.dtype,
+                                              encoder_weights=args.encoder_weights)
+        results = captioner.predict(inputs, options, batch_size=args.batch_size, progress=len(inputs) > 1)
+    except (CheckpointError, FeaturesError, ValueError) as e:
+        print(f"predict.py: error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"predict.py: note: {note}", file=sys.stderr)
+    if args.out:
+        writer = write_json if Path(args.out).suffix.lower() == ".json" else write_csv
+        writer(args.out, results, image_ids, args.num_captions)
+        print(f"wrote {sum(r.error is None for r in results)} captioned images to {args.out}", file=sys.stderr)
+    else:
+        print_results(results, args.num_captions)
+    failed = [r for r in results if r.error is not None]
+    for result in failed:
+        print(f"predict.py: could not caption {result.error}", file=sys.stderr)
+    if failed:
+        print(f"predict.py: {len(failed)} of {len(results)} images could not be captioned", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""predict.py: the Captioner API on tiny exports (encoder inside, encoder from a file, features only), and the
+CLI's output formats and errors."""
+import csv
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from caption_data import ImageError, write_features
+from models import CaptionerConfig, CheckpointError, ClipCaptionModel, EncoderConfig, ImageEncoder
+from models.decoding import beam_search
+from predict import Captioner, DecodingOptions, image_id_from_name, main
+
+FAST = dict(max_length=10)  # tiny random models rarely stop early; short captions keep the tests fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
+    these tests several times slower; the setting is restored for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def tiny_captioner_model(tokenizer, encoder=None, encoder_dict=None) -> ClipCaptionModel:
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
+                                     initializer_range=0.2, bos_token_id=eos, eos_token_id=eos))
+    config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
+                             prefix_size=96, normalize_prefix=True, encoder=encoder_dict,
+                             eos_token_ids=[eos, tokenizer.convert_tokens_to_ids(".")])
+    return ClipCaptionModel(config, gpt=gpt, encoder=encoder)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    """Three exports of the same weights: encoder inside, encoder recorded as a weights file, no encoder."""
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    inside = tiny_captioner_model(tokenizer, encoder=encoder)
+    inside.save_pretrained(root / "inside", tokenizer)
+    weights = root / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(weights))
+    recorded = dataclasses.replace(encoder.config, weights=str(weights)).to_dict()
+    from_file = tiny_captioner_model(tokenizer, encoder_dict=recorded)
+    from_file.load_state_dict({k: v for k, v in inside.state_dict().items() if not k.startswith("encoder.")})
+    from_file.save_pretrained(root / "from_file", tokenizer)
+    tiny_captioner_model(tokenizer).save_pretrained(root / "features_only", tokenizer)
+    return dict(inside=root / "inside", from_file=root / "from_file", features_only=root / "features_only",
+                weights=weights, root=root)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An images folder: RGB JPEG and grayscale PNG with COCO-like numbers, an RGBA PNG without a number,
+    a broken JPEG and a text file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "COCO_val2014_000000000042.jpg")
+    Image.fromarray(rng.integers(0, 255, (36, 36), dtype=np.uint8)).save(folder / "000000000007.png")
+    Image.fromarray(rng.integers(0, 255, (30, 44, 4), dtype=np.uint8)).save(folder / "cat.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a picture")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captioner(exports):
+    return Captioner.from_pretrained(exports["inside"])
+
+
+def good_images(images):
+    return [images / "COCO_val2014_000000000042.jpg", images / "000000000007.png", images / "cat.png"]
+
+
+def test_paths_pil_arrays_and_features_give_the_same_captions(captioner, images):
+    png = images / "000000000007.png"
+    pil = Image.open(png)
+    expected = captioner.caption(str(png), **FAST)
+    assert isinstance(expected, str) and expected
+    assert captioner.caption(png, **FAST) == expected
+    assert captioner.caption(pil, **FAST) == expected
+    assert captioner.caption(np.asarray(pil), **FAST) == expected
+    assert captioner.caption(np.asarray(pil) / 255.0, **FAST) == expected  # float images in [0, 1]
+    with torch.no_grad():
+        features = captioner.encoder(captioner.encoder.preprocess(pil)[None])[0]
+    assert captioner.caption(features, **FAST) == expected
+    assert captioner.caption([features, str(png)], **FAST) == [expected, expected]
+
+
+def test_captions_follow_the_recorded_preprocessing_and_normalisation(captioner, images):
+    image = Image.open(images / "cat.png")
+    model = captioner.model
+    with torch.no_grad():
+        features = captioner.encoder(captioner.encoder.preprocess(image)[None])
+        assert abs(float(features.norm()) - 1.0) > 0.1  # so normalising does change the prefix
+        features = features / features.norm(dim=-1, keepdim=True)  # normalize_prefix=True in the config
+        prefix = model.clip_project(features).view(1, 4, -1)
+        decoded = beam_search(model.gpt, prefix, model.config.eos_token_ids, 5, 10)
+    expected = [s.strip() for s in captioner.tokenizer.batch_decode(decoded.sequences()[0], skip_special_tokens=True)]
+    result = captioner.predict([image], DecodingOptions(**FAST))[0]
+    assert result.captions == expected and len(result.captions) == 5
+    assert result.scores == pytest.approx(decoded.scores[0].tolist())
+    assert result.scores == sorted(result.scores, reverse=True)
+    assert captioner.caption(features[0] * 10, **FAST) == result.caption  # the scale of features is normalised away
+
+
+def test_batches_give_the_same_captions_as_one_image_at_a_time(captioner, images):
+    paths = good_images(images) * 2
+    for options in (DecodingOptions(beam_size=3, **FAST), DecodingOptions(decoding="greedy", **FAST),
+                    DecodingOptions(decoding="nucleus", num_captions=2, seed=5, **FAST)):
+        one = captioner.predict(paths, options, batch_size=1)
+        batched = captioner.predict(paths, options, batch_size=4)
+        assert [r.captions for r in batched] == [r.captions for r in one]
+        assert [r.scores for r in batched] == [pytest.approx(r.scores, abs=1e-5) for r in one]
+
+
+def test_nucleus_captions(captioner, images):
+    paths = good_images(images)
+    samples = captioner.caption(paths, decoding="nucleus", num_captions=3, seed=1, top_p=0.95, **FAST)
+    assert [len(s) for s in samples] == [3, 3, 3]
+    assert captioner.caption(paths, decoding="nucleus", num_captions=3, seed=1, top_p=0.95, **FAST) == samples
+    assert captioner.caption(paths, decoding="nucleus", num_captions=3, seed=2, top_p=0.95, **FAST) != samples
+    greedy = captioner.caption(paths, decoding="greedy", **FAST)
+    assert captioner.caption(paths, decoding="nucleus", top_p=1e-6, seed=0, **FAST) == greedy
+
+
+def test_an_unreadable_image_gets_its_error_and_the_batch_goes_on(captioner, images):
+    paths = [images / "cat.png", images / "broken.jpg", images / "missing.png", images / "000000000007.png"]
+    results = captioner.predict(paths, DecodingOptions(**FAST), batch_size=4)
+    assert [r.error is None for r in results] == [True, False, False, True]
+    assert str(images / "broken.jpg") in results[1].error and "unreadable" in results[1].error
+    assert "file not found" in results[2].error and results[2].captions == []
+    assert results[3].caption == captioner.caption(paths[3], **FAST)
+    with pytest.raises(ImageError, match="broken.jpg"):
+        captioner.caption(paths, **FAST)
+
+
+def test_encoder_weights_recorded_as_a_file(exports, captioner, images, tmp_path):
+    paths = good_images(images)
+    assert Captioner.from_pretrained(exports["from_file"]).caption(paths, **FAST) == captioner.caption(paths, **FAST)
+    moved_dir = tmp_path / "moved"
+    shutil.copytree(exports["from_file"], moved_dir)
+    config = json.loads((moved_dir / "config.json").read_text())
+    config["encoder"]["weights"] = str(tmp_path / "gone.safetensors")
+    (moved_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="gone.safetensors: no such checkpoint file.*--encoder_weights"):
+        Captioner.from_pretrained(moved_dir)
+    moved = Captioner.from_pretrained(moved_dir, encoder_weights=exports["weights"])
+    assert moved.caption(paths, **FAST) == captioner.caption(paths, **FAST)
+
+
+def test_a_checkpoint_without_encoder_takes_features_only(exports, images):
+    captioner = Captioner.from_pretrained(exports["features_only"])
+    assert captioner.encoder is None
+    assert len(captioner.caption(torch.randn(2, 96), **FAST)) == 2
+    with pytest.raises(ValueError, match=r"records no image encoder.*torch tensors of shape \(96,\)"):
+        captioner.caption(images / "cat.png")
+    with pytest.raises(ValueError, match=r"features of shape \(64,\), the model expects \(96,\)"):
+        captioner.caption([torch.randn(64)])
+    with pytest.raises(CheckpointError, match="records no image encoder"):
+        Captioner.from_pretrained(exports["features_only"], encoder_weights=exports["weights"])
+
+
+def test_an_unsaved_random_encoder_is_refused(exports, tmp_path):
+    shutil.copytree(exports["from_file"], tmp_path / "random")
+    config = json.loads((tmp_path / "random" / "config.json").read_text())
+    config["encoder"]["weights"] = "random"
+    (tmp_path / "random" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="randomly initialised test_resnet whose weights were not saved"):
+        Captioner.from_pretrained(tmp_path / "random")
+
+
+def test_bf16(exports, images):
+    captioner = Captioner.from_pretrained(exports["inside"], dtype="bf16")
+    assert captioner.model.gpt.lm_head.weight.dtype == torch.bfloat16
+    captions = captioner.caption(good_images(images), **FAST)
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+
+
+def test_decoding_options_are_checked():
+    with pytest.raises(ValueError, match="num_captions 6 exceeds beam_size 5"):
+        DecodingOptions(num_captions=6)
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        DecodingOptions(decoding="topk")
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        DecodingOptions(decoding="nucleus", top_p=0.0)
+
+
+def test_image_ids_come_from_file_name_numbers():
+    assert image_id_from_name("val2014/COCO_val2014_000000391895.jpg") == 391895
+    assert image_id_from_name("000000000007.png") == 7
+    assert image_id_from_name("cat.png") == "cat.png"
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+def test_cli_prints_captions(exports, images, captioner, capsys):
+    paths = [str(p) for p in good_images(images)[:2]]
+    assert main(["--checkpoint", str(exports["inside"]), "--image", *paths, "--max_length", "10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{p}\t{c}" for p, c in zip(paths, captioner.caption(paths, **FAST))]
+
+
+def test_cli_images_dir_to_json(exports, images, captioner, tmp_path, capsys):
+    out = tmp_path / "captions.json"
+    rc = main(["--checkpoint", str(exports["inside"]), "--images_dir", str(images), "--out", str(out),
+               "--max_length", "10", "--batch_size", "2"])
+    assert rc == 1  # one image could not be captioned; every other one is in the file
+    entries = json.loads(out.read_text())
+    expected = {str(p): c for p, c in zip(good_images(images), captioner.caption(good_images(images), **FAST))}
+    assert [e["image_id"] for e in entries] == [7, 42, "cat.png"]
+    assert {e["file_name"]: e["caption"] for e in entries} == expected
+    err = capsys.readouterr().err
+    assert "broken.jpg: unreadable" in err and "1 of 4 images could not be captioned" in err
+    assert "notes.txt" in err  # not an image: reported, not silently skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json"]  # no temp file left behind
+
+
+def test_cli_csv_with_several_captions(exports, images, tmp_path):
+    out = tmp_path / "captions.csv"
+    assert main(["--checkpoint", str(exports["inside"]), "--images_dir", str(images), "--out", str(out),
+                 "--num_captions", "2", "--max_length", "10"]) == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["image_id"], r["rank"]) for r in rows] == [("7", "1"), ("7", "2"), ("42", "1"), ("42", "2"),
+                                                          ("broken.jpg", ""), ("cat.png", "1"), ("cat.png", "2")]
+    assert "unreadable" in rows[4]["error"] and all(r["caption"] for i, r in enumerate(rows) if i != 4)
+    assert float(rows[0]["score"]) >= float(rows[1]["score"])
+
+
+def test_cli_nucleus_is_reproducible_across_batch_sizes(exports, images, tmp_path):
+    outputs = []
+    for batch_size in ("1", "3"):
+        out = tmp_path / f"nucleus{batch_size}.json"
+        main(["--checkpoint", str(exports["inside"]), "--images_dir", str(images), "--out", str(out),
+              "--decoding", "nucleus", "--num_captions", "3", "--seed", "4", "--batch_size", batch_size,
+              "--max_length", "10"])
+        outputs.append(json.loads(out.read_text()))
+    assert outputs[0] == outputs[1]
+    assert all(len(e["captions"]) == 3 and e["caption"] == e["captions"][0] for e in outputs[0])
+
+
+def test_cli_captions_a_features_pickle(exports, tmp_path):
+    features = torch.randn(2, 96)
+    write_features(tmp_path / "f.pkl", features, [{"image_id": 11, "caption": "a", "clip_embedding": 0},
+                                                  {"image_id": 11, "caption": "b", "clip_embedding": 0},
+                                                  {"image_id": 12, "caption": "c", "clip_embedding": 1}])
+    out = tmp_path / "f.json"
+    assert main(["--checkpoint", str(exports["features_only"]), "--features", str(tmp_path / "f.pkl"),
+                 "--out", str(out), "--max_length", "10"]) == 0
+    captions = Captioner.from_pretrained(exports["features_only"]).caption(features, **FAST)
+    assert [(e["image_id"], e["caption"]) for e in json.loads(out.read_text())] == list(zip([11, 12], captions))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "no such checkpoint directory"),
+    ("file", "is a file, but an export directory"),
+    ("wrong_kind", "not a captioner config"),
+    ("wrong_sizes", "has shape"),
+    ("no_weights", "model.safetensors is missing"),
+])
+def test_cli_bad_checkpoints_are_clear_errors(exports, images, tmp_path, capsys, damage, message):
+    checkpoint = tmp_path / "ckpt"
+    if damage == "file":
+        checkpoint.write_bytes(b"weights")
+    elif damage != "missing":
+        shutil.copytree(exports["inside"], checkpoint)
+        config = json.loads((checkpoint / "config.json").read_text())
+        if damage == "wrong_kind":
+            config["model_type"] = "gpt2"
+        elif damage == "wrong_sizes":
+            config["prefix_length"] = 6
+        else:
+            (checkpoint / "model.safetensors").unlink()
+        (checkpoint / "config.json").write_text(json.dumps(config))
+    assert main(["--checkpoint", str(checkpoint), "--image", str(images / "cat.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("predict.py: error:") and message in err
+
+
+def test_cli_refuses_an_unknown_output_format(exports, images):
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--out", "out.txt"])
+    assert e.value.code == 2
