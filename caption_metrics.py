@@ -41,6 +41,18 @@ def require_java() -> str:
     return java
 
 
+def require_toolkit(nltk: bool = False) -> None:
+    """Fail early (before any captioning) when the metrics cannot run: Java, pycocoevalcap, and NLTK if asked."""
+    packages = ["pycocoevalcap"] + (["nltk"] if nltk else [])
+    for package in packages:
+        try:
+            __import__(package)
+        except ImportError as e:
+            raise MetricsError(f"{package} is not installed: `pip install {package}` "
+                               f"(requirements.txt lists it)") from e
+    require_java()
+
+
 def _pycocoevalcap_dir() -> str:
     import pycocoevalcap
 
@@ -168,6 +180,7 @@ def score_captions(predictions: Mapping[Hashable, str], references: Mapping[Hash
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}")
     _check_inputs(predictions, references)
+    require_toolkit()
     ids = list(predictions)
     notes: List[str] = []
     todo = [m for m in ALL_METRICS if m in metrics]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence
 
 from caption_data import AnnotationError, read_annotations
-from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_java, score_captions
+from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -324,7 +324,7 @@ def run(args) -> Dict:
     for flag in ("beam_size", "max_length", "batch_size", "max_images"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    require_java()  # before any captioning: the PTB tokenizer needs it
+    require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
     source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
     records, references = load_references(args.annotations, args.split,
                                           args.images_root or ("./data/coco" if args.checkpoint else None))

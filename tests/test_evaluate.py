@@ -151,6 +151,9 @@ def test_other_user_errors(tmp_path, coco_file, karpathy_file, capsys, monkeypat
     assert "has no splits" in err
     err = run_error(capsys, ["--checkpoint", "ckpt", "--annotations", str(coco_file), "--beam_size", "0"])
     assert "--beam_size must be at least 1, got 0" in err
+    monkeypatch.setitem(__import__("sys").modules, "nltk", None)  # an import of it now fails
+    err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu"])
+    assert "nltk is not installed: `pip install nltk`" in err
     monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
     err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file)])
     assert "Java was not found on PATH" in err
@@ -224,9 +227,13 @@ def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file,
     assert again["metrics"] == report["metrics"]
 
 
-def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco_images, stub_predict, capsys):
+def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco_images, stub_predict, capsys,
+                                                   monkeypatch):
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--images_root", str(coco_images), "--annotations",
             str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "out"), *FAST]
+    with monkeypatch.context() as m:  # no captioning when the metrics could not run afterwards
+        m.setattr(caption_metrics.shutil, "which", lambda name: None)
+        assert "Java was not found" in run_error(capsys, argv)
     (coco_images / "val2014" / "COCO_val2014_000000000005.jpg").unlink()
     err = run_error(capsys, argv)
     assert "1 of 6 images are missing, e.g. " in err and "COCO_val2014_000000000005.jpg; check --images_root" in err
