@@ -110,10 +110,9 @@ def write_predictions(path, predictions: Sequence[Prediction]) -> None:
 
 # -------------------------------------------------------------------------------------------------- references
 
-def load_references(annotations, split: Optional[str], images_root=None):
+def load_references(annotations, split: Optional[str], images_root="./data/coco"):
     """Annotation records (any format caption_data reads) and {image_id: [reference, ...]} for those with captions."""
-    kwargs = {"images_root": images_root} if images_root is not None else {}
-    records = read_annotations(annotations, split=split, **kwargs)
+    records = read_annotations(annotations, split=split, images_root=images_root)
     if not any(r.captions for r in records):
         where = f"split {split!r} of " if split else ""
         raise EvaluationError(f"{where}{annotations} holds no reference captions")
@@ -170,6 +169,10 @@ def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int
     from predict import Captioner, DecodingOptions
 
     captioner = Captioner.from_pretrained(checkpoint, device=device, dtype=dtype)
+    if captioner.encoder is None:
+        raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features only: "
+                              f"caption the split's features with predict.py, then score that results file "
+                              f"with --predictions")
     options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size, max_length=max_length)
     predictions, failed = [], []
     batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
@@ -267,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or any format caption_data reads")
     p.add_argument("--split", default=None,
                    help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
-    p.add_argument("--images_root", default=None, help="--checkpoint: folder the annotation's file names are "
-                                                       "relative to (default ./data/coco)")
+    p.add_argument("--images_root", default="./data/coco",
+                   help="--checkpoint: folder the annotation's file names are relative to")
     p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
                                                    "default: <predictions>_eval or <checkpoint>_eval_<split>")
     p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
@@ -326,8 +329,7 @@ def run(args) -> Dict:
             raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
     source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
-    records, references = load_references(args.annotations, args.split,
-                                          args.images_root or ("./data/coco" if args.checkpoint else None))
+    records, references = load_references(args.annotations, args.split, args.images_root)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out_dir(args)
     if args.checkpoint:
         if args.max_images:
