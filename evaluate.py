@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None,
                    help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
     p.add_argument("--images_root", default="./data/coco",
-                   help="--checkpoint: folder the annotation's file names are relative to")
+                   help="--checkpoint: folder the annotation's file names are relative to (default ./data/coco)")
     p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
                                                    "default: <predictions>_eval or <checkpoint>_eval_<split>")
     p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
