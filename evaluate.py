@@ -1,0 +1,377 @@
+"""Score captions with the standard COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE).
+
+    python evaluate.py --predictions results.json --annotations captions_val2014.json
+    python evaluate.py --predictions results.json --annotations dataset_coco.json --split test
+    python evaluate.py --checkpoint DIR --images_root ./data/coco --annotations dataset_coco.json --split test
+
+A predictions file is a COCO results file, `[{"image_id": 391895, "caption": "...", "beams": [...]}]`, one entry
+per image (`beams`, every beam of a beam search, is optional and used only by --original_bleu; the `captions`
+list predict.py writes with --num_captions is read as the beams). With
+--checkpoint the split is captioned first (beam 5, every beam kept) and the predictions are written too.
+Outputs go to --out_dir: metrics.json (corpus scores, coverage, per-image CIDEr and BLEU-4), scores_hist.png,
+and predictions.json with --checkpoint.
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Hashable, List, Optional, Sequence
+
+from caption_data import AnnotationError, read_annotations
+from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
+from models.checkpoint_io import CheckpointError, atomic_write
+
+METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
+                 "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+ORIGINAL_BLEU_LABEL = ("original notebook BLEU-4 (NLTK sentence BLEU, smoothing 4, best beam, whitespace split, "
+                       "first 5 references)")
+NOT_COMPARABLE = "not comparable with published results"
+
+
+class EvaluationError(Exception):
+    """A user's mistake (bad file, ids that do not match, missing coverage): reported without a stack trace."""
+
+
+@dataclass
+class Prediction:
+    image_id: Hashable
+    caption: str
+    beams: List[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ predictions file
+
+def _normalise_id(value, where: str):
+    """Digit strings become ints, as the annotation reader does, so '391895' and 391895 are the same image."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return int(value) if value.strip().isdigit() else value
+    raise EvaluationError(f"{where}: image_id {value!r} is not usable; expected an integer or a string")
+
+
+def _parse_entry(entry, where: str, allow_empty: bool) -> Prediction:
+    if not isinstance(entry, dict):
+        raise EvaluationError(f"{where}: expected an object {{\"image_id\", \"caption\"}}, got "
+                              f"{type(entry).__name__}")
+    for key in ("image_id", "caption"):
+        if key not in entry:
+            raise EvaluationError(f"{where}: missing key {key!r}")
+    image_id = _normalise_id(entry["image_id"], where)
+    caption = entry["caption"]
+    if not isinstance(caption, str):
+        raise EvaluationError(f"{where} (image_id {image_id!r}): caption is {type(caption).__name__}; "
+                              f"expected a string")
+    if not caption.strip() and not allow_empty:
+        raise EvaluationError(f"{where} (image_id {image_id!r}): empty caption; every image needs a caption "
+                              f"(--allow_empty scores empty captions as 0)")
+    key = "beams" if "beams" in entry else "captions"  # predict.py writes every beam as "captions"
+    beams = entry.get(key, [])
+    if not isinstance(beams, list) or not all(isinstance(b, str) for b in beams):
+        raise EvaluationError(f"{where} (image_id {image_id!r}): {key!r} must be a list of strings")
+    return Prediction(image_id, caption, beams)
+
+
+def read_predictions(path, allow_empty: bool = False) -> List[Prediction]:
+    """A COCO results file -> predictions, refusing malformed entries, empty captions and duplicate ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: no such predictions file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not isinstance(data, list):
+        raise EvaluationError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects (the COCO "
+                              f"results format), got a JSON {type(data).__name__}")
+    if not data:
+        raise EvaluationError(f"{path}: the list of predictions is empty")
+    predictions = [_parse_entry(entry, f"{path}: entry {i}", allow_empty) for i, entry in enumerate(data)]
+    counts = Counter(p.image_id for p in predictions)
+    duplicates = [i for i, n in counts.items() if n > 1]
+    if duplicates:
+        first = duplicates[0]
+        where = [i for i, p in enumerate(predictions) if p.image_id == first]
+        raise EvaluationError(f"{path}: {len(duplicates)} image id(s) have several captions, e.g. image_id "
+                              f"{first!r} at entries {where}; expected one caption per image")
+    return predictions
+
+
+def write_predictions(path, predictions: Sequence[Prediction]) -> None:
+    entries = [{"image_id": p.image_id, "caption": p.caption, **({"beams": p.beams} if p.beams else {})}
+               for p in predictions]
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(entries, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------------------------- references
+
+def load_references(annotations, split: Optional[str], images_root="./data/coco"):
+    """Annotation records (any format caption_data reads) and {image_id: [reference, ...]} for those with captions."""
+    records = read_annotations(annotations, split=split, images_root=images_root)
+    if not any(r.captions for r in records):
+        where = f"split {split!r} of " if split else ""
+        raise EvaluationError(f"{where}{annotations} holds no reference captions")
+    return records, {r.image_id: list(r.captions) for r in records if r.captions}
+
+
+def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_partial: bool, source: str) -> Dict:
+    """Every prediction must have references; every reference image needs a prediction unless allow_partial."""
+    unknown = [p.image_id for p in predictions if p.image_id not in references]
+    if unknown:
+        hint = "check --annotations and --split"
+        if all(isinstance(i, str) for i in unknown) and all(isinstance(i, int) for i in references):
+            hint = "the predictions use string ids but the references use integer COCO ids"
+        raise EvaluationError(f"{len(unknown)} of {len(predictions)} predictions are for image ids not in the "
+                              f"references ({source}), e.g. {unknown[:5]}; {hint}")
+    covered = len(predictions)
+    coverage = {"predicted": covered, "reference_images": len(references),
+                "fraction": covered / len(references)}
+    print(f"coverage: predictions for {covered:,} of {len(references):,} reference images "
+          f"({100 * coverage['fraction']:.1f}%)")
+    if covered < len(references):
+        predicted = {p.image_id for p in predictions}
+        missing = [i for i in references if i not in predicted]
+        if not allow_partial:
+            raise EvaluationError(f"{len(missing):,} reference image(s) of {source} have no prediction, e.g. "
+                                  f"{missing[:5]}; scores on a subset are not comparable with full-split scores. "
+                                  f"Pass --allow_partial to score only the predicted images")
+        print(f"warning: scoring only the {covered:,} predicted images (--allow_partial); these scores are not "
+              f"comparable with scores on the full split")
+    return coverage
+
+
+# ------------------------------------------------------------------------------------------- --checkpoint mode
+
+def _load(record):
+    from caption_data import ImageError, load_image
+
+    try:
+        return load_image(record.path)
+    except ImageError as e:
+        return e
+
+
+def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int, max_length: int,
+                    batch_size: int):
+    """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
+
+    Returns the predictions and one message per image that could not be read.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from predict import Captioner, DecodingOptions
+
+    captioner = Captioner.from_pretrained(checkpoint, device=device, dtype=dtype)
+    if captioner.encoder is None:
+        raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features only: "
+                              f"caption the split's features with predict.py, then score that results file "
+                              f"with --predictions")
+    options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size, max_length=max_length)
+    predictions, failed = [], []
+    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+    # Images of the next batch decode in threads while the current batch is captioned.
+    with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(records), desc="captioning", unit="img") as bar:
+        pending = [pool.submit(_load, r) for r in batches[0]] if batches else []
+        for i, batch in enumerate(batches):
+            images = [f.result() for f in pending]
+            pending = [pool.submit(_load, r) for r in batches[i + 1]] if i + 1 < len(batches) else []
+            ok = [(r, im) for r, im in zip(batch, images) if not isinstance(im, Exception)]
+            failed += [str(im) for im in images if isinstance(im, Exception)]
+            if ok:
+                results = captioner.predict([im for _, im in ok], options, batch_size=len(ok), on_error="keep")
+                for (record, _), result in zip(ok, results):
+                    if result.error is not None:
+                        failed.append(f"{record.path}: {result.error}")
+                    else:
+                        predictions.append(Prediction(record.image_id, result.captions[0], list(result.captions)))
+            bar.update(len(batch))
+    return predictions, failed
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def format_table(metrics: Dict[str, float], num_images: int, requested: Sequence[str],
+                 original: Optional[float]) -> str:
+    lines = [f"COCO caption metrics (x100, PTB-tokenised) on {num_images:,} images"]
+    for key, label in METRIC_LABELS.items():
+        if key in metrics:
+            lines.append(f"  {label:<8} {metrics[key]:7.1f}")
+        elif key == "SPICE" and "SPICE" in requested:
+            lines.append(f"  {label:<8} skipped (see the note below)")
+    if original is not None:
+        lines.append(f"{NOT_COMPARABLE.capitalize()}:\n  {ORIGINAL_BLEU_LABEL}: {original:.1f}")
+    return "\n".join(lines)
+
+
+def plot_histograms(path, per_image: Dict[str, List[float]], corpus: Dict[str, float]) -> None:
+    """One histogram per per-image score (the original notebook drew one for BLEU-4). Corpus BLEU pools n-gram
+    counts over all images, so it differs from the mean of per-image BLEU; both are shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(per_image), figsize=(5 * len(per_image), 4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], per_image.items()):
+        mean = sum(values) / len(values)
+        ax.hist(values, bins=40, color="tab:blue", alpha=0.8)
+        ax.axvline(mean, color="tab:red", linestyle="--", label=f"per-image mean {mean:.1f}")
+        if name in corpus:
+            ax.axvline(corpus[name], color="tab:green", linestyle=":", label=f"corpus {corpus[name]:.1f}")
+        ax.set(title=f"per-image {name} ({len(values):,} images)", xlabel=f"{name} (x100)", ylabel="images")
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, result: Dict, predictions: Sequence[Prediction], original: Optional[Dict],
+                 info: Dict) -> Dict:
+    per_image = []
+    for p in predictions:
+        row = {"image_id": p.image_id, "caption": p.caption, **result["per_image"][p.image_id]}
+        if original is not None:
+            row["original_Bleu_4"] = original["per_image"][p.image_id]
+        per_image.append(row)
+    report = {"units": "x100, as papers report them", "metrics": result["metrics"], "num_images":
+              result["num_images"], **info, "notes": result["notes"], "per_image": per_image}
+    if original is not None:
+        report["original_bleu"] = {"Bleu_4": original["Bleu_4"],
+                                   "description": f"{ORIGINAL_BLEU_LABEL}: {NOT_COMPARABLE}"}
+    with atomic_write(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    histograms = {METRIC_LABELS[k]: [row[k] for row in per_image] for k in ("Bleu_4", "CIDEr") if k in
+                  result["metrics"]}
+    if original is not None:
+        histograms["original BLEU-4"] = [row["original_Bleu_4"] for row in per_image]
+    if histograms:
+        corpus = {METRIC_LABELS[k]: v for k, v in result["metrics"].items()}
+        plot_histograms(out_dir / "scores_hist.png", histograms, corpus)
+    return report
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score captions with the COCO caption metrics (pycocoevalcap).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help="COCO results file: [{\"image_id\", \"caption\", \"beams\"?}]")
+    source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
+    p.add_argument("--annotations", required=True,
+                   help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
+                        "or any format caption_data reads")
+    p.add_argument("--split", default=None,
+                   help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
+    p.add_argument("--images_root", default="./data/coco",
+                   help="--checkpoint: folder the annotation's file names are relative to (default ./data/coco)")
+    p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
+                                                   "default: <predictions>_eval or <checkpoint>_eval_<split>")
+    p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
+                   help="metrics to compute (default: all; SPICE is skipped with a note when not installed)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="score only the predicted images when some reference images have no prediction")
+    p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
+    p.add_argument("--original_bleu", action="store_true",
+                   help="also compute the original notebook's BLEU-4 (not comparable with papers)")
+    p.add_argument("--beam_size", type=int, default=5, help="--checkpoint: beam width; every beam is kept")
+    p.add_argument("--max_length", type=int, default=67, help="--checkpoint: most tokens per caption")
+    p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
+    p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
+    p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="--checkpoint: precision of the model while captioning")
+    return p
+
+
+def _default_out_dir(args) -> Path:
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        return checkpoint.parent / f"{checkpoint.name}_eval_{args.split or Path(args.annotations).stem}"
+    predictions = Path(args.predictions)
+    return predictions.parent / f"{predictions.stem}_eval"
+
+
+def _predict(args, records, out_dir: Path) -> List[Prediction]:
+    import torch
+
+    present, missing = [], []
+    for r in records:
+        (present if Path(r.path).is_file() else missing).append(r)
+    if missing and not args.allow_partial:
+        raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
+                              f"check --images_root (or pass --allow_partial to caption the others)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictions, failed = caption_records(present, args.checkpoint, device, args.dtype, args.beam_size,
+                                          args.max_length, args.batch_size)
+    path = out_dir / "predictions.json"
+    write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
+    print(f"wrote {path}")
+    failed = [f"{r.path}: file not found" for r in missing] + failed
+    if failed and not args.allow_partial:
+        raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; the other images' "
+                              f"captions are in {path}: score them with --predictions {path} --allow_partial")
+    if failed:
+        print(f"warning: {len(failed):,} image(s) could not be captioned, e.g. {failed[0]}", file=sys.stderr)
+    return predictions
+
+
+def run(args) -> Dict:
+    for flag in ("beam_size", "max_length", "batch_size", "max_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
+    source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
+    records, references = load_references(args.annotations, args.split, args.images_root)
+    out_dir = Path(args.out_dir) if args.out_dir else _default_out_dir(args)
+    if args.checkpoint:
+        if args.max_images:
+            records = records[:args.max_images]
+            references = {r.image_id: references[r.image_id] for r in records if r.image_id in references}
+        predictions = _predict(args, records, out_dir)
+    else:
+        predictions = read_predictions(args.predictions, allow_empty=args.allow_empty)
+    empty = sum(not p.caption.strip() for p in predictions)
+    if empty:
+        print(f"warning: {empty:,} empty caption(s) score 0", file=sys.stderr)
+    coverage = check_coverage(predictions, references, args.allow_partial, source)
+    result = score_captions({p.image_id: p.caption for p in predictions}, references, metrics=args.metrics,
+                            progress=True)
+    original = None
+    if args.original_bleu:
+        if not any(p.beams for p in predictions):
+            result["notes"].append("the predictions hold no 'beams': the original BLEU-4 scores the single "
+                                   "caption (the original took the best of 5 beams)")
+        original = original_bleu({p.image_id: p.beams or [p.caption] for p in predictions}, references,
+                                 progress=True)
+    info = {"annotations": str(args.annotations), "split": args.split, "coverage": coverage,
+            "predictions": str(out_dir / "predictions.json") if args.checkpoint else str(args.predictions),
+            "checkpoint": args.checkpoint, "tokenization": "PTB tokenizer of the COCO caption toolkit, lower-cased, "
+                                                          "punctuation removed"}
+    report = write_report(out_dir, result, predictions, original, info)
+    print(format_table(result["metrics"], result["num_images"], args.metrics,
+                       None if original is None else original["Bleu_4"]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'scores_hist.png'}")
+    return report
+
+
+def main(argv=None) -> Dict:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (EvaluationError, AnnotationError, MetricsError, CheckpointError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

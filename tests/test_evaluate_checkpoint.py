@@ -1,0 +1,61 @@
+"""evaluate.py --checkpoint with predict.py's real Captioner on a tiny export (random weights: the captions are
+nonsense, but they must be exactly what the Captioner gives for the same images)."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import evaluate
+from caption_data import load_image, read_annotations
+from caption_metrics import score_captions
+from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
+from tests.test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
+
+
+def tiny_model(tokenizer, encoder=None, prefix_size=16) -> ClipCaptionModel:
+    eos = tokenizer.eos_token_id
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
+                                     initializer_range=0.2, bos_token_id=eos, eos_token_id=eos))
+    config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
+                             prefix_size=encoder.feature_dim if encoder else prefix_size,
+                             eos_token_ids=[eos, tokenizer.convert_tokens_to_ids(".")])
+    return ClipCaptionModel(config, gpt=gpt, encoder=encoder)
+
+
+@pytest.fixture
+def export(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    path = tmp_path / "export"
+    tiny_model(tokenizer, encoder).save_pretrained(path, tokenizer)
+    return path
+
+
+def test_checkpoint_mode_matches_the_captioner(tmp_path, export, karpathy_file, coco_images):  # noqa: F811
+    from predict import Captioner, DecodingOptions
+
+    report = evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",
+                            str(karpathy_file), "--split", "test", "--beam_size", "3", "--max_length", "8",
+                            "--batch_size", "4", "--device", "cpu", *FAST])
+    saved = json.loads((tmp_path / "export_eval_test" / "predictions.json").read_text())
+    records = read_annotations(karpathy_file, split="test", images_root=coco_images)
+    direct = Captioner.from_pretrained(export).predict(
+        [load_image(r.path) for r in records], DecodingOptions(beam_size=3, num_captions=3, max_length=8))
+    assert [e["image_id"] for e in saved] == [r.image_id for r in records]
+    assert [e["beams"] for e in saved] == [d.captions for d in direct]
+    assert all(len(e["beams"]) == 3 and e["caption"] == e["beams"][0] for e in saved)
+    expected = score_captions({r.image_id: d.captions[0] for r, d in zip(records, direct)},
+                              {r.image_id: r.captions for r in records}, metrics=("BLEU", "CIDEr"))
+    assert report["metrics"] == pytest.approx(expected["metrics"])
+
+
+def test_checkpoint_without_an_image_encoder_is_a_clear_error(tmp_path, tokenizer, karpathy_file,  # noqa: F811
+                                                              coco_images, capsys):  # noqa: F811
+    path = tmp_path / "features_only"
+    tiny_model(tokenizer).save_pretrained(path, tokenizer)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(path), "--images_root", str(coco_images), "--annotations",
+                       str(karpathy_file), "--split", "test", *FAST])
+    err = capsys.readouterr().err
+    assert "records no image encoder, so it captions precomputed features only" in err and "Traceback" not in err
