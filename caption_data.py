@@ -1,0 +1,425 @@
+"""The captioner's data: annotation files -> `ImageRecord`s, image files -> RGB images, and the features pickle.
+
+Every script reads data through this module, so each file format is read in one place and written in one place.
+
+Annotation formats (`read_annotations(..., fmt=...)`, "auto" detects them):
+- "list": a JSON list of caption entries, such as the original `train_caption.json`
+  (`[{"image_id": 391895, "id": 770337, "caption": "..."}, ...]`) or a user's own list; an entry may name its
+  image with `file_name` (also `filename`, `image`, `path`) instead of, or besides, `image_id`.
+- "coco": an official COCO `captions_*.json` (`images[]` with `id` and `file_name`, `annotations[]`).
+- "karpathy": Karpathy's `dataset_coco.json` (`images[]` with `filepath`, `filename`, `cocoid`, `split`,
+  `sentences[].raw`); `split` picks "train", "val", "test", "restval" or a `+` joined set ("train+restval").
+- "csv": a CSV file with a file name column and a caption column (a header row is optional).
+
+An image's path is `images_root / file_name` when the annotation names the file; otherwise it follows COCO's
+naming: `train2014/COCO_train2014_{id:012d}.jpg`, then `val2014/COCO_val2014_...`, then the 2017 names
+`train2017/{id:012d}.jpg` and `val2017/{id:012d}.jpg`, the first that exists.
+
+The features pickle is the original ClipCap schema, readable by the original training code:
+`{"clip_embedding": Tensor (N, D) or (N, T, D), "captions": [{"image_id", "caption", "id"?, "clip_embedding":
+row}], "metadata": {...}}`, one row per distinct image. `read_features` never runs pickled code.
+"""
+import csv
+import io
+import json
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from PIL import Image, ImageOps
+
+from models.checkpoint_io import atomic_write
+from models.encoder import to_rgb
+
+ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+FILE_KEYS = ("file_name", "filename", "image", "path")
+CSV_CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")
+FEATURES_KEYS = ("clip_embedding", "captions", "metadata")
+
+
+class AnnotationError(ValueError):
+    """An annotation file that is missing, malformed, or holds an entry that cannot be used."""
+
+
+class FeaturesError(ValueError):
+    """A features pickle that is missing, unsafe to load, or does not follow the schema."""
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; `kind` is one of missing, unreadable, truncated, too_large."""
+
+    def __init__(self, path, kind: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.kind, self.reason = Path(path), kind, reason
+
+    def __reduce__(self):  # DataLoader workers send exceptions across processes
+        return ImageError, (self.path, self.kind, self.reason)
+
+
+@dataclass
+class ImageRecord:
+    image_id: Union[int, str]  # the source's id when it has one, else the file name
+    path: Path  # the image file
+    captions: List[str]
+    file_name: str  # relative to the images root, as in the annotation (or as found by COCO naming)
+    caption_ids: List[Optional[int]] = field(default_factory=list)  # per caption: the source's id, if any
+
+
+# ---------------------------------------------------------------------------------------------------- annotations
+
+def coco_image_candidates(image_id: int) -> List[str]:
+    """COCO's file names for an image id, in lookup order (2014 train, 2014 val, 2017 train, 2017 val)."""
+    return [f"train2014/COCO_train2014_{image_id:012d}.jpg", f"val2014/COCO_val2014_{image_id:012d}.jpg",
+            f"train2017/{image_id:012d}.jpg", f"val2017/{image_id:012d}.jpg"]
+
+
+class _Records:
+    """Groups captions by image, keeping the images in order of first appearance."""
+
+    def __init__(self, source: Path, images_root):
+        self.source, self.root = source, Path(images_root)
+        self.by_key: Dict = {}
+
+    def add(self, where: str, image_id, file_name, caption, caption_id=None) -> None:
+        if not isinstance(caption, str) or not caption.strip():
+            raise AnnotationError(f"{self.source}: {where}: empty or missing caption ({caption!r}); expected a "
+                                  f"non-empty string")
+        self.image(where, image_id, file_name).captions.append(caption)
+        self.by_key[self._key(image_id, file_name)].caption_ids.append(caption_id)
+
+    def image(self, where: str, image_id, file_name) -> ImageRecord:
+        key = self._key(image_id, file_name)
+        record = self.by_key.get(key)
+        if record is None:
+            record = self.by_key[key] = self._new(where, image_id, file_name)
+        elif file_name is not None and file_name != record.file_name:
+            raise AnnotationError(f"{self.source}: {where}: image {image_id!r} is named {file_name!r} here but "
+                                  f"{record.file_name!r} before; expected one file per image_id")
+        return record
+
+    @staticmethod
+    def _key(image_id, file_name):
+        return ("id", image_id) if image_id is not None else ("file", file_name)
+
+    def _new(self, where: str, image_id, file_name) -> ImageRecord:
+        if file_name is None:
+            if not isinstance(image_id, int):
+                raise AnnotationError(f"{self.source}: {where}: image_id {image_id!r} is not a number and the entry "
+                                      f"names no file; expected a numeric COCO image_id or a file_name")
+            candidates = coco_image_candidates(image_id)
+            file_name = next((c for c in candidates if (self.root / c).is_file()), candidates[0])
+        return ImageRecord(image_id if image_id is not None else file_name, self.root / file_name, [], file_name)
+
+
+def _image_id(value, where: str, source: Path):
+    """An int id (digit strings too), a non-empty str id, or None; anything else is an error."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip():
+        return int(value) if value.strip().isdigit() else value
+    raise AnnotationError(f"{source}: {where}: image_id {value!r} is not usable; expected an integer or a string")
+
+
+def _file_name(entry: Dict, where: str, source: Path) -> Optional[str]:
+    for key in FILE_KEYS:
+        if entry.get(key) is not None:
+            if not isinstance(entry[key], str) or not entry[key].strip():
+                raise AnnotationError(f"{source}: {where}: {key!r} is {entry[key]!r}; expected a file name")
+            return entry[key]
+    return None
+
+
+def _read_list(data: list, records: _Records) -> None:
+    for i, entry in enumerate(data):
+        where = f"entry {i}"
+        if not isinstance(entry, dict):
+            raise AnnotationError(f"{records.source}: {where}: expected an object with image_id and caption, "
+                                  f"got {type(entry).__name__}")
+        image_id, file_name = _image_id(entry.get("image_id"), where, records.source), \
+            _file_name(entry, where, records.source)
+        if image_id is None and file_name is None:
+            raise AnnotationError(f"{records.source}: {where}: missing 'image_id' (or a file name: "
+                                  f"{', '.join(FILE_KEYS)})")
+        if "caption" not in entry:
+            raise AnnotationError(f"{records.source}: {where}: missing 'caption'")
+        records.add(where, image_id, file_name, entry["caption"], entry.get("id"))
+
+
+def _read_coco(data: dict, records: _Records) -> None:
+    images = {}
+    for i, entry in enumerate(data["images"]):
+        where = f"images[{i}]"
+        image_id = _image_id(entry.get("id") if isinstance(entry, dict) else None, where, records.source)
+        if image_id is None:
+            raise AnnotationError(f"{records.source}: {where}: missing 'id'; expected a COCO image entry")
+        if image_id in images:
+            raise AnnotationError(f"{records.source}: {where}: image id {image_id!r} appears twice")
+        images[image_id] = records.image(where, image_id, _file_name(entry, where, records.source))
+    for i, entry in enumerate(data.get("annotations", [])):
+        where = f"annotations[{i}]"
+        image_id = _image_id(entry.get("image_id") if isinstance(entry, dict) else None, where, records.source)
+        if image_id is None:
+            raise AnnotationError(f"{records.source}: {where}: missing 'image_id'")
+        if image_id not in images:
+            raise AnnotationError(f"{records.source}: {where}: image_id {image_id!r} is not in images[]")
+        records.add(where, image_id, images[image_id].file_name, entry.get("caption"), entry.get("id"))
+
+
+def parse_split(split: str) -> List[str]:
+    """'train+restval' -> ['train', 'restval'], checking each name."""
+    parts = [s.strip() for s in str(split).split("+")]
+    unknown = [s for s in parts if s not in KARPATHY_SPLITS]
+    if unknown:
+        raise AnnotationError(f"unknown split {unknown[0]!r} in {split!r}; expected one of {KARPATHY_SPLITS} "
+                              f"or several joined by '+', e.g. 'train+restval'")
+    return parts
+
+
+def _read_karpathy(data: dict, records: _Records, split: Optional[str]) -> None:
+    try:
+        wanted = set(parse_split(split)) if split is not None else None
+    except AnnotationError as e:
+        raise AnnotationError(f"{records.source}: {e}") from None
+    for i, entry in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(entry, dict) or "filename" not in entry or "sentences" not in entry:
+            raise AnnotationError(f"{records.source}: {where}: expected a Karpathy image entry with 'filename' "
+                                  f"and 'sentences'")
+        if entry.get("split") not in KARPATHY_SPLITS:
+            raise AnnotationError(f"{records.source}: {where}: split is {entry.get('split')!r}; expected one "
+                                  f"of {KARPATHY_SPLITS}")
+        if wanted is not None and entry["split"] not in wanted:
+            continue
+        file_name = f"{entry['filepath']}/{entry['filename']}" if entry.get("filepath") else entry["filename"]
+        image_id = _image_id(entry.get("cocoid"), where, records.source)
+        records.image(where, image_id, file_name)
+        for j, sentence in enumerate(entry["sentences"]):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            records.add(f"{where}.sentences[{j}]", image_id, file_name, raw,
+                        sentence.get("sentid") if isinstance(sentence, dict) else None)
+
+
+def _read_csv(path: Path, records: _Records) -> None:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        rows = [(reader.line_num, row) for row in reader if row]
+    if not rows:
+        raise AnnotationError(f"{path}: empty CSV file; expected rows of file name, caption")
+    header = [c.strip().lower() for c in rows[0][1]]
+    if any(c in CSV_CAPTION_COLUMNS for c in header):
+        file_col = next((header.index(k) for k in FILE_KEYS if k in header), None)
+        id_col = header.index("image_id") if "image_id" in header else None
+        caption_col = next(header.index(k) for k in CSV_CAPTION_COLUMNS if k in header)
+        if file_col is None and id_col is None:
+            raise AnnotationError(f"{path}: line {rows[0][0]}: header {rows[0][1]} has no file name column; "
+                                  f"expected one of {FILE_KEYS} (or image_id)")
+        rows = rows[1:]
+    else:
+        file_col, id_col, caption_col = 0, None, 1
+    for line, row in rows:
+        where = f"line {line}"
+        if len(row) <= max(c for c in (file_col, id_col, caption_col) if c is not None):
+            raise AnnotationError(f"{path}: {where}: {len(row)} column(s); expected file name, caption")
+        file_name = row[file_col].strip() if file_col is not None and row[file_col].strip() else None
+        image_id = _image_id(row[id_col] if id_col is not None and row[id_col].strip() else None, where, path)
+        if file_name is None and image_id is None:
+            raise AnnotationError(f"{path}: {where}: empty file name; expected the image's file name")
+        records.add(where, image_id, file_name, row[caption_col])
+
+
+def _load_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file") from e
+
+
+def _detect_format(path: Path, data) -> str:
+    if isinstance(data, list):
+        return "list"
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        first = data["images"][0] if data["images"] else {}
+        if isinstance(first, dict) and "sentences" in first:
+            return "karpathy"
+        return "coco"
+    raise AnnotationError(f"{path}: unrecognised annotation file; expected a JSON list of caption entries, a COCO "
+                          f"captions file (images, annotations) or Karpathy's dataset_coco.json (images[].sentences)")
+
+
+def read_annotations(path, split: Optional[str] = None, images_root="./data/coco",
+                     fmt: str = "auto") -> List[ImageRecord]:
+    """Read an annotation file into one `ImageRecord` per image, in order of first appearance.
+
+    `split` selects Karpathy splits ("train", "val", "test", "restval", "train+restval"); it is an error for
+    the other formats, which have no splits. Relative file names are resolved against `images_root`.
+    """
+    path = Path(path)
+    if fmt not in ANNOTATION_FORMATS:
+        raise AnnotationError(f"unknown annotation format {fmt!r}; expected one of {ANNOTATION_FORMATS}")
+    if not path.is_file():
+        raise AnnotationError(f"{path}: no such annotation file")
+    if fmt == "auto" and path.suffix.lower() == ".csv":
+        fmt = "csv"
+    records = _Records(path, images_root)
+    data = None if fmt == "csv" else _load_json(path)
+    if fmt == "auto":
+        fmt = _detect_format(path, data)
+    if split is not None and fmt != "karpathy":
+        raise AnnotationError(f"{path}: split={split!r} given, but this {fmt!r} file has no splits; splits "
+                              f"apply to Karpathy's dataset_coco.json")
+    if fmt == "csv":
+        _read_csv(path, records)
+        return list(records.by_key.values())
+    expected = list if fmt == "list" else dict
+    if not isinstance(data, expected) or (expected is dict and not isinstance(data.get("images"), list)):
+        raise AnnotationError(f"{path}: does not look like a {fmt!r} annotation file")
+    if fmt == "karpathy":
+        _read_karpathy(data, records, split)
+    elif fmt == "coco":
+        _read_coco(data, records)
+    else:
+        _read_list(data, records)
+    return list(records.by_key.values())
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+
+def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
+    """An image file as 8-bit RGB, EXIF orientation applied; raises `ImageError` naming the file and reason.
+
+    Grayscale, CMYK, RGBA, palette and 16-bit images are converted. Images larger than `max_pixels`
+    (default: PIL's `Image.MAX_IMAGE_PIXELS`) are refused before decoding, as are truncated files.
+    """
+    path = Path(path)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if not path.is_file():
+        raise ImageError(path, "missing", "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses
+            with Image.open(path) as image:
+                width, height = image.size
+                if limit and width * height > limit:
+                    raise ImageError(path, "too_large", f"decompression bomb: {width}x{height} = "
+                                     f"{width * height:,} pixels exceeds the limit of {limit:,}")
+                image.load()
+                if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation, as phone photos carry it
+                    image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, "too_large", f"decompression bomb: {e}") from e
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ... for broken files
+        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        raise ImageError(path, kind, f"{kind}: {e.__class__.__name__}: {e}") from e
+
+
+# -------------------------------------------------------------------------------------------------- features pickle
+
+def _load_storage_from_bytes(b: bytes):
+    # Plain `pickle.dump` of a tensor stores its storage as `torch.save` bytes, rebuilt by
+    # `torch.storage._load_from_bytes`, which calls `torch.load` without weights_only; this is the same with it.
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *args):
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)) or backward_hooks or \
+            any(a for a in args):
+        raise pickle.UnpicklingError("a tensor with hooks or metadata, or built from something other than a storage")
+    from torch._utils import _rebuild_tensor_v2
+    return _rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
+
+
+class _SchemaUnpickler(pickle.Unpickler):
+    """Unpickles only what the features schema holds: dicts, lists, strings, numbers and plain CPU tensors."""
+
+    ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+               ("collections", "OrderedDict"): dict}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the features schema holds only "
+                                         f"tensors, lists, dicts, strings and numbers")
+        return self.ALLOWED[(module, name)]
+
+
+def validate_features(data, source="features") -> Dict:
+    """Check the schema; returns `data` with an empty metadata dict added where the file had none."""
+    if not isinstance(data, dict):
+        raise FeaturesError(f"{source}: expected a dict with {FEATURES_KEYS[:2]}, got {type(data).__name__}")
+    missing = [k for k in FEATURES_KEYS[:2] if k not in data]
+    unknown = [k for k in data if k not in FEATURES_KEYS]
+    if missing or unknown:
+        raise FeaturesError(f"{source}: " + (f"missing key(s) {missing}" if missing else f"unknown key(s) {unknown}")
+                            + f"; expected {FEATURES_KEYS}")
+    features, captions = data["clip_embedding"], data["captions"]
+    if not isinstance(features, torch.Tensor) or features.ndim not in (2, 3) or not features.is_floating_point():
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise FeaturesError(f"{source}: 'clip_embedding' is {shape}; expected a float tensor (N, D) or (N, T, D)")
+    if features.shape[0] == 0 or features.shape[-1] == 0:
+        raise FeaturesError(f"{source}: 'clip_embedding' has shape {tuple(features.shape)}; expected N, D > 0")
+    if not isinstance(captions, list) or not captions:
+        raise FeaturesError(f"{source}: 'captions' is empty or not a list; expected a list of caption dicts")
+    rows = features.shape[0]
+    for i, c in enumerate(captions):
+        if not isinstance(c, dict) or not isinstance(c.get("caption"), str) or "image_id" not in c:
+            raise FeaturesError(f"{source}: captions[{i}]: expected a dict with 'image_id', 'caption' (str) and "
+                                f"'clip_embedding' (row index)")
+        row = c.get("clip_embedding")
+        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < rows:
+            raise FeaturesError(f"{source}: captions[{i}]: 'clip_embedding' is {row!r}; expected a row index "
+                                f"in [0, {rows})")
+    metadata = data.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise FeaturesError(f"{source}: 'metadata' is {type(metadata).__name__}; expected a dict")
+    return {"clip_embedding": features, "captions": captions, "metadata": metadata}
+
+
+def read_features(path) -> Dict:
+    """Load a features pickle without running pickled code: `{"clip_embedding", "captions", "metadata"}`.
+
+    Reads this project's files, the original ClipCap pickles (plain `pickle.dump` of CPU tensors) and
+    `torch.save` files of the same schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeaturesError(f"{path}: no such features file")
+    try:
+        if zipfile.is_zipfile(path):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with open(path, "rb") as f:
+                data = _SchemaUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise FeaturesError(f"{path}: unsafe or corrupt features file: {e}") from e
+    except (EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise FeaturesError(f"{path}: not a readable features pickle (corrupt or truncated?): "
+                            f"{e.__class__.__name__}: {e}") from e
+    return validate_features(data, path)
+
+
+def write_features(path, features: torch.Tensor, captions: List[Dict], metadata: Optional[Dict] = None) -> None:
+    """Write the features pickle atomically (temp file + rename), after checking it against the schema."""
+    # A clone: pickling a view would store its whole base storage.
+    features = features.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+    data = validate_features({"clip_embedding": features, "captions": captions, "metadata": metadata or {}}, path)
+    try:
+        json.dumps(data["metadata"])
+    except TypeError as e:
+        raise FeaturesError(f"{path}: metadata must be plain JSON-like data (the reader accepts nothing else): "
+                            f"{e}") from e
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f, protocol=4)
