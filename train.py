@@ -17,23 +17,31 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from caption_data import ANNOTATION_FORMATS
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_state import Distributed, TrainingError, seed_everything
 from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
-from training_inputs import build_image_inputs, build_feature_inputs
+from training_inputs import build_feature_inputs, build_image_inputs
+
+DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--data", default="./data/coco/oscar_split_tinyvit_train.pkl",
-      help="features pickle from parse_coco.py; with --train_encoder, an annotation file (COCO captions JSON, "
-           "Karpathy dataset_coco.json, a caption list JSON or a CSV)")
+    add_original_flags(p.add_argument_group("the original flags, same names and meanings").add_argument)
+    add_training_flags(p.add_argument_group("optimisation, data, devices and checkpoints").add_argument)
+    add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
+    return p
+
+
+def add_original_flags(a) -> None:
+    a("--data", default=None,
+      help="features pickle from parse_coco.py (default: ./data/coco/oscar_split_tinyvit_train.pkl)")
     a("--out_dir", default="./checkpoints", help="where exports, the resume checkpoint and logs go")
     a("--prefix", default="coco_prefix", help="name prefix of the saved exports and checkpoint")
-    a("--epochs", type=int, default=10)
+    a("--epochs", type=int, default=10, help="passes over the training captions")
     a("--save_every", type=int, default=1, help="write the export <prefix>-<epoch> every N epochs (and the last)")
     a("--prefix_length", type=int, default=10, help="GPT-2 prefix embeddings produced by the mapping network")
     a("--prefix_length_clip", type=int, default=10,
@@ -47,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="ignored: the feature size and type now come from the features pickle (kept for old commands)")
     a("--normalize_prefix", dest="normalize_prefix", action="store_true",
       help="L2-normalise image features before the mapper; saved in the config, so inference does the same")
+
+
+def add_training_flags(a) -> None:
     a("--gpt2", default="distilgpt2", help="GPT-2 decoder and tokenizer: hub name or local directory")
     a("--lr", type=float, default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
     a("--warmup_steps", type=int, default=5000, help="optimizer steps of linear learning-rate warmup")
@@ -59,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
     a("--amp", choices=["none", "bf16", "fp16"], default="none",
       help="autocast mixed precision: bf16 (GPU or CPU) or fp16 (GPU, with loss scaling)")
-    a("--val_data", default=None, help="validation data, same kind as --data; loss reported per epoch")
+    a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
     a("--val_fraction", type=float, default=None,
       help="hold out this fraction of the training images (all their captions) for validation instead")
     a("--resume", default=None,
@@ -68,31 +79,43 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log_every", type=int, default=10, help="optimizer steps between train_log.jsonl records")
     a("--save_every_steps", type=int, default=10000,
       help="also checkpoint (resume file + <prefix>_latest export) every N steps within an epoch (0: off)")
-    e = p.add_argument_group("end-to-end training from images (--train_encoder)")
-    e.add_argument("--train_encoder", action="store_true",
-                   help="train the image encoder too, from images listed in --data; the export holds the encoder")
-    e.add_argument("--images_root", default="./data/coco", help="image paths in the annotations are relative to it")
-    e.add_argument("--annotation_format", choices=["auto", "list", "coco", "karpathy", "csv"], default="auto")
-    e.add_argument("--split", default=None, help="Karpathy split(s) of --data, e.g. train+restval")
-    e.add_argument("--val_split", default=None, help="Karpathy split(s) of --val_data, e.g. val")
-    e.add_argument("--encoder", default="tiny_vit_21m_224", help="any timm model name")
-    e.add_argument("--encoder_weights", default="pretrained", help="pretrained, random, or a weights file")
-    e.add_argument("--encoder_kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
-    e.add_argument("--image_size", type=int, default=None, help="input resolution (default: the model's)")
-    e.add_argument("--feature_type", choices=["pooled", "grid"], default="pooled",
-                   help="pooled vector per image, or the last feature map as tokens (transformer mapper)")
-    e.add_argument("--freeze_stages", type=int, default=None,
-                   help="freeze the stem and first N stages (default: 1 with pretrained or file weights, as the "
-                        "original; 0 with random weights)")
-    e.add_argument("--encoder_lr", type=float, default=None, help="learning rate of the encoder (default: --lr)")
-    e.add_argument("--augment", action="store_true", help="light augmentation: random resized crop (no flips, "
-                                                          "captions say left and right)")
-    e.add_argument("--cache_images", action="store_true",
-                   help="preprocess every image once and keep it in memory (small datasets)")
-    return p
+
+
+def add_encoder_flags(e) -> None:
+    e("--train_encoder", action="store_true",
+      help="train the image encoder too, on the images of --annotations; the export holds the encoder")
+    e("--annotations", default="./data/coco/annotations/train_caption.json",
+      help="annotation file, as parse_coco.py reads it: a caption list JSON (train_caption.json), a "
+           "COCO captions_*.json, Karpathy's dataset_coco.json or a CSV of file names and captions")
+    e("--annotation_format", choices=ANNOTATION_FORMATS, default="auto")
+    e("--split", default=None, help="Karpathy split(s) of --annotations, e.g. train+restval")
+    e("--images_root", default="./data/coco", help="image paths in the annotations are relative to it")
+    e("--val_annotations", default=None, help="validation annotation file (same images root)")
+    e("--val_split", default=None, help="Karpathy split(s) of --val_annotations, e.g. val")
+    e("--encoder", default="tiny_vit_21m_224", help="any timm model name")
+    e("--encoder_weights", default="pretrained", help="pretrained, random, or a weights file")
+    e("--encoder_kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
+    e("--image_size", type=int, default=None, help="input resolution (default: the model's)")
+    e("--feature_type", choices=["pooled", "grid"], default="pooled",
+      help="pooled vector per image, or the last feature map as tokens (transformer mapper)")
+    e("--freeze_stages", type=int, default=None,
+      help="freeze the stem and first N stages (default: 1 with pretrained or file weights, as the "
+           "original; 0 with random weights)")
+    e("--encoder_lr", type=float, default=None, help="learning rate of the encoder (default: --lr)")
+    e("--augment", action="store_true",
+      help="light augmentation: a random resized crop (no flips: captions say left and right)")
+    e("--cache_images", action="store_true",
+      help="preprocess every image once and keep it in memory (small datasets)")
 
 
 def check_args(args) -> None:
+    if args.train_encoder and (args.data or args.val_data):
+        raise ValueError("with --train_encoder the data are images: give --annotations (and --images_root, "
+                         "--val_annotations), not --data/--val_data features pickles")
+    if not args.train_encoder and args.val_annotations:
+        raise ValueError("--val_annotations needs --train_encoder; validate features with --val_data")
+    if not args.train_encoder:
+        args.data = args.data or DEFAULT_DATA
     positive = ["epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "num_layers", "grad_accum",
                 "log_every"]
     bad = [f"--{k} {getattr(args, k)}" for k in positive if getattr(args, k) < 1]
@@ -102,8 +125,8 @@ def check_args(args) -> None:
         bad.append(f"--max_steps {args.max_steps}")
     if bad:
         raise ValueError(f"invalid arguments: {', '.join(bad)} (expected positive values)")
-    if args.val_data and args.val_fraction is not None:
-        raise ValueError("give --val_data or --val_fraction, not both")
+    if (args.val_data or args.val_annotations) and args.val_fraction is not None:
+        raise ValueError("give validation data or --val_fraction, not both")
     if (args.augment or args.cache_images) and not args.train_encoder:
         raise ValueError("--augment and --cache_images apply to images: add --train_encoder")
     if args.augment and args.cache_images:

@@ -141,8 +141,8 @@ def load_state(path: Path) -> Dict:
     if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: resume checkpoint version {state.get('version')!r}, this code reads "
                               f"{STATE_VERSION}")
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_samples", "rng", "config",
-                           "data") if k not in state]
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_samples", "data_order", "rng",
+                           "config", "data") if k not in state]
     if missing:
         raise CheckpointError(f"{path}: resume checkpoint lacks {missing}")
     return state

@@ -288,6 +288,8 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
             "scheduler": self.stepper.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": self.pos.step, "epoch": self.pos.epoch, "epoch_samples": self.pos.epoch_samples,
+            "data_order": {"seed": self.sampler.seed, "num_samples": len(self.sampler.dataset),
+                           "global_batch": self.global_batch},
             "rng": rng, **self.run_info})
         self.last_checkpoint = self.options.resume_path
 
@@ -309,6 +311,7 @@ class Trainer:
             raise CheckpointError(f"{path}: optimizer state does not match this run's trainable parameters "
                                   f"(was --only_prefix or --train_encoder different?): {e}") from e
         self.pos = Position(state["step"], state["epoch"], state["epoch_samples"])
+        self.sampler.seed = state["data_order"]["seed"]  # each epoch's order is drawn from (seed, epoch)
         changed = config_differences(state.get("args", {}), self.run_info.get("args", {}))
         if changed:
             self.dist.print("note: resuming with changed arguments (the run will not match an uninterrupted "

@@ -93,12 +93,16 @@ def tokenize_captions(captions: Sequence[str], tokenizer, chunk: int = 8192, pro
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no end-of-text (eos) token")
-    sequences: List[List[int]] = []
+    flats, lengths = [], []
     for start in tqdm(range(0, len(captions), chunk), desc="tokenizing captions", unit="chunk",
                       disable=not progress or len(captions) <= chunk):
-        ids = tokenizer(list(captions[start:start + chunk]), add_special_tokens=False)["input_ids"]
-        sequences.extend(s + [eos] for s in ids)
-    return CaptionTokens.from_sequences(sequences)
+        part = CaptionTokens.from_sequences([s + [eos] for s in tokenizer(
+            list(captions[start:start + chunk]), add_special_tokens=False)["input_ids"]])
+        flats.append(part.flat)  # chunk by chunk into arrays: Python lists of ints cost ~10x more memory
+        lengths.append(part.lengths)
+    offsets = np.zeros(len(captions) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+    return CaptionTokens(np.concatenate(flats) if flats else np.zeros(0, np.int32), offsets)
 
 
 def token_cache_key(captions: Sequence[str], tokenizer) -> str:

@@ -169,9 +169,9 @@ def preprocess_all(paths: List[str], transform, workers: int, show: bool) -> tor
 def build_image_inputs(args, tokenizer, dist) -> TrainingInputs:
     if args.feature_type == "grid" and args.mapping_type != "transformer":
         raise ValueError("--feature_type grid needs --mapping_type transformer")
-    table, paths = load_annotations(args.data, args.split, args)
-    tokens = cached_tokens(table.captions, tokenizer, [Path(args.data).parent, Path(args.out_dir)],
-                           Path(args.data).name + (f".{args.split}" if args.split else ""), dist.print)
+    table, paths = load_annotations(args.annotations, args.split, args)
+    tokens = cached_tokens(table.captions, tokenizer, [Path(args.annotations).parent, Path(args.out_dir)],
+                           Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
     encoder = build_encoder(args)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if args.augment else None
@@ -183,10 +183,11 @@ def build_image_inputs(args, tokenizer, dist) -> TrainingInputs:
                                    seed=args.seed)
 
     train_ids, val = np.arange(len(table)), None
-    if args.val_data:
-        v_table, v_paths = load_annotations(args.val_data, args.val_split, args)
-        v_tokens = cached_tokens(v_table.captions, tokenizer, [Path(args.val_data).parent, Path(args.out_dir)],
-                                 Path(args.val_data).name + (f".{args.val_split}" if args.val_split else ""),
+    if args.val_annotations:
+        v_table, v_paths = load_annotations(args.val_annotations, args.val_split, args)
+        v_tokens = cached_tokens(v_table.captions, tokenizer, [Path(args.val_annotations).parent,
+                                                               Path(args.out_dir)],
+                                 Path(args.val_annotations).name + (f".{args.val_split}" if args.val_split else ""),
                                  dist.print)
         val = dataset(v_table, v_tokens, np.arange(len(v_table)), v_paths)
         val.augment = None

@@ -75,7 +75,7 @@ def gpt2_nodrop_dir(tmp_path_factory, tokenizer):
 
 
 def args_for(data, out_dir, gpt2, *extra):
-    return ["--data", str(data), "--out_dir", str(out_dir), "--gpt2", str(gpt2), "--bs", "4",
+    return (["--data", str(data)] if data else []) + ["--out_dir", str(out_dir), "--gpt2", str(gpt2), "--bs", "4",
             "--mapping_type", "transformer", "--num_layers", "1", "--prefix_length", "4", "--prefix_length_clip",
             "4", "--warmup_steps", "0", "--lr", "1e-3", "--log_every", "1", "--device", "cpu", *map(str, extra)]
 
@@ -258,11 +258,12 @@ def make_images(root, n=6, size=40):
 
 def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     annotations = make_images(tmp_path)
-    extra = ["--train_encoder", "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random",
+    extra = ["--train_encoder", "--annotations", annotations, "--images_root", tmp_path, "--encoder", "test_resnet",
+             "--encoder_weights", "random",
              "--image_size", 32, "--feature_type", "grid", "--encoder_lr", 1e-2, "--num_workers", 0]
     runs = {}
     for name, flags in (("untrained", ["--lr", 0, "--encoder_lr", 0]), ("plain", []), ("cached", ["--cache_images"])):
-        train.main(args_for(annotations, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
+        train.main(args_for(None, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
         runs[name] = weights(tmp_path / name / "coco_prefix_latest")
     model = ClipCaptionModel.from_pretrained(tmp_path / "plain" / "coco_prefix_latest")
     assert model.config.encoder_in_checkpoint and model.config.encoder["name"] == "test_resnet"
@@ -272,7 +273,7 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     assert params and all(not torch.equal(runs["plain"][n], runs["untrained"][n]) for n in params)
     assert all(torch.equal(runs["plain"][k], runs["cached"][k]) for k in runs["plain"])  # same pixels either way
     flags = ["--augment", "--num_workers", 1, "--val_fraction", 0.34]
-    train.main(args_for(annotations, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
+    train.main(args_for(None, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
     assert [r for r in log_records(tmp_path / "augmented") if "val_loss" in r]
 
 
