@@ -184,7 +184,7 @@ class ImageCaptionDataset(FeatureCaptionDataset):
 
     Images come either from `cache` (a (num_images, 3, H, W) tensor preprocessed once) or are loaded and
     transformed on the fly. With `augment`, each sample's random crop is drawn from a generator seeded by
-    (seed, epoch, index), so a resumed run sees the same augmented images an uninterrupted run sees.
+    (seed, epoch, caption), so a resumed run sees the same augmented images an uninterrupted run sees.
     """
 
     def __init__(self, paths: Sequence[str], table: CaptionTable, tokens: CaptionTokens, caption_ids: np.ndarray,
@@ -201,10 +201,10 @@ class ImageCaptionDataset(FeatureCaptionDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def image(self, row: int) -> torch.Tensor:
-        if self.augment is not None:
+    def image(self, row: int, caption: int) -> torch.Tensor:
+        if self.augment is not None:  # each caption of an image gets its own crop
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, row)) & 0x7FFF_FFFF_FFFF_FFFF)
+                torch.manual_seed(hash((self.seed, self.epoch, caption)) & 0x7FFF_FFFF_FFFF_FFFF)
                 return self.augment(self.load_image(self.paths[row]))
         if self.features is not None:
             return self.features[row].float()
@@ -212,7 +212,7 @@ class ImageCaptionDataset(FeatureCaptionDataset):
 
     def __getitem__(self, i: int):
         c = self.caption_ids[i]
-        return self.tokens.get(c, self.max_tokens), self.image(int(self.image_index[c]))
+        return self.tokens.get(c, self.max_tokens), self.image(int(self.image_index[c]), int(c))
 
 
 class CaptionCollator:

@@ -146,3 +146,23 @@ def test_frozen_decoder_gets_no_gradients(tiny_model, tokenizer):
     _, grads = gradients(tiny_model, [[dataset[i] for i in range(3)]], pad_id=0)
     assert grads and all(name.startswith("clip_project.") for name in grads)
     assert all(p.grad is None for p in tiny_model.gpt.parameters())
+
+
+def test_augmentation_depends_on_seed_epoch_and_caption_only(tmp_path):
+    from PIL import Image
+    from caption_data import load_image
+    from training_data import ImageCaptionDataset
+    from training_inputs import augmentation
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    config = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    tokens = CaptionTokens.from_sequences([[1, 0], [2, 0]])
+    table = CaptionTable(["a", "b"], np.array([0, 0]))
+    dataset = ImageCaptionDataset([str(tmp_path / "a.png")], table, tokens, np.arange(2), transform=None,
+                                  load_image=load_image, augment=augmentation(config), seed=5)
+    first = dataset[0][1]
+    torch.rand(10)  # the global RNG does not matter
+    assert first.shape == (3, 32, 32) and torch.equal(dataset[0][1], first)
+    assert not torch.equal(dataset[1][1], first)  # the image's other caption: another crop
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][1], first)
