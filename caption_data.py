@@ -19,6 +19,7 @@ The features pickle is the original ClipCap schema, readable by the original tra
 `{"clip_embedding": Tensor (N, D) or (N, T, D), "captions": [{"image_id", "caption", "id"?, "clip_embedding":
 row}], "metadata": {...}}`, one row per distinct image. `read_features` never runs pickled code.
 """
+import contextlib
 import csv
 import io
 import json
@@ -81,9 +82,19 @@ def coco_image_candidates(image_id: int) -> List[str]:
 class _Records:
     """Groups captions by image, keeping the images in order of first appearance."""
 
-    def __init__(self, source: Path, images_root):
-        self.source, self.root = source, Path(images_root)
+    def __init__(self, source: Path, images_root, errors: Optional[list] = None):
+        self.source, self.root, self.errors = source, Path(images_root), errors
         self.by_key: Dict = {}
+
+    @contextlib.contextmanager
+    def entry(self):
+        """Around one entry: its error is raised, or collected (the entry skipped) when errors is a list."""
+        try:
+            yield
+        except AnnotationError as e:
+            if self.errors is None:
+                raise
+            self.errors.append(e)
 
     def add(self, where: str, image_id, file_name, caption, caption_id=None) -> None:
         if not isinstance(caption, str) or not caption.strip():
@@ -138,38 +149,41 @@ def _file_name(entry: Dict, where: str, source: Path) -> Optional[str]:
 
 def _read_list(data: list, records: _Records) -> None:
     for i, entry in enumerate(data):
-        where = f"entry {i}"
-        if not isinstance(entry, dict):
-            raise AnnotationError(f"{records.source}: {where}: expected an object with image_id and caption, "
-                                  f"got {type(entry).__name__}")
-        image_id, file_name = _image_id(entry.get("image_id"), where, records.source), \
-            _file_name(entry, where, records.source)
-        if image_id is None and file_name is None:
-            raise AnnotationError(f"{records.source}: {where}: missing 'image_id' (or a file name: "
-                                  f"{', '.join(FILE_KEYS)})")
-        if "caption" not in entry:
-            raise AnnotationError(f"{records.source}: {where}: missing 'caption'")
-        records.add(where, image_id, file_name, entry["caption"], entry.get("id"))
+        with records.entry():
+            where = f"entry {i}"
+            if not isinstance(entry, dict):
+                raise AnnotationError(f"{records.source}: {where}: expected an object with image_id and caption, "
+                                      f"got {type(entry).__name__}")
+            image_id, file_name = _image_id(entry.get("image_id"), where, records.source), \
+                _file_name(entry, where, records.source)
+            if image_id is None and file_name is None:
+                raise AnnotationError(f"{records.source}: {where}: missing 'image_id' (or a file name: "
+                                      f"{', '.join(FILE_KEYS)})")
+            if "caption" not in entry:
+                raise AnnotationError(f"{records.source}: {where}: missing 'caption'")
+            records.add(where, image_id, file_name, entry["caption"], entry.get("id"))
 
 
 def _read_coco(data: dict, records: _Records) -> None:
     images = {}
     for i, entry in enumerate(data["images"]):
-        where = f"images[{i}]"
-        image_id = _image_id(entry.get("id") if isinstance(entry, dict) else None, where, records.source)
-        if image_id is None:
-            raise AnnotationError(f"{records.source}: {where}: missing 'id'; expected a COCO image entry")
-        if image_id in images:
-            raise AnnotationError(f"{records.source}: {where}: image id {image_id!r} appears twice")
-        images[image_id] = records.image(where, image_id, _file_name(entry, where, records.source))
+        with records.entry():
+            where = f"images[{i}]"
+            image_id = _image_id(entry.get("id") if isinstance(entry, dict) else None, where, records.source)
+            if image_id is None:
+                raise AnnotationError(f"{records.source}: {where}: missing 'id'; expected a COCO image entry")
+            if image_id in images:
+                raise AnnotationError(f"{records.source}: {where}: image id {image_id!r} appears twice")
+            images[image_id] = records.image(where, image_id, _file_name(entry, where, records.source))
     for i, entry in enumerate(data.get("annotations", [])):
-        where = f"annotations[{i}]"
-        image_id = _image_id(entry.get("image_id") if isinstance(entry, dict) else None, where, records.source)
-        if image_id is None:
-            raise AnnotationError(f"{records.source}: {where}: missing 'image_id'")
-        if image_id not in images:
-            raise AnnotationError(f"{records.source}: {where}: image_id {image_id!r} is not in images[]")
-        records.add(where, image_id, images[image_id].file_name, entry.get("caption"), entry.get("id"))
+        with records.entry():
+            where = f"annotations[{i}]"
+            image_id = _image_id(entry.get("image_id") if isinstance(entry, dict) else None, where, records.source)
+            if image_id is None:
+                raise AnnotationError(f"{records.source}: {where}: missing 'image_id'")
+            if image_id not in images:
+                raise AnnotationError(f"{records.source}: {where}: image_id {image_id!r} is not in images[]")
+            records.add(where, image_id, images[image_id].file_name, entry.get("caption"), entry.get("id"))
 
 
 def parse_split(split: str) -> List[str]:
@@ -188,19 +202,24 @@ def _read_karpathy(data: dict, records: _Records, split: Optional[str]) -> None:
     except AnnotationError as e:
         raise AnnotationError(f"{records.source}: {e}") from None
     for i, entry in enumerate(data["images"]):
-        where = f"images[{i}]"
-        if not isinstance(entry, dict) or "filename" not in entry or "sentences" not in entry:
-            raise AnnotationError(f"{records.source}: {where}: expected a Karpathy image entry with 'filename' "
-                                  f"and 'sentences'")
-        if entry.get("split") not in KARPATHY_SPLITS:
-            raise AnnotationError(f"{records.source}: {where}: split is {entry.get('split')!r}; expected one "
-                                  f"of {KARPATHY_SPLITS}")
-        if wanted is not None and entry["split"] not in wanted:
-            continue
-        file_name = f"{entry['filepath']}/{entry['filename']}" if entry.get("filepath") else entry["filename"]
-        image_id = _image_id(entry.get("cocoid"), where, records.source)
-        records.image(where, image_id, file_name)
-        for j, sentence in enumerate(entry["sentences"]):
+        with records.entry():
+            _karpathy_image(records, f"images[{i}]", entry, wanted)
+
+
+def _karpathy_image(records: _Records, where: str, entry, wanted: Optional[set]) -> None:
+    if not isinstance(entry, dict) or "filename" not in entry or "sentences" not in entry:
+        raise AnnotationError(f"{records.source}: {where}: expected a Karpathy image entry with 'filename' "
+                              f"and 'sentences'")
+    if entry.get("split") not in KARPATHY_SPLITS:
+        raise AnnotationError(f"{records.source}: {where}: split is {entry.get('split')!r}; expected one "
+                              f"of {KARPATHY_SPLITS}")
+    if wanted is not None and entry["split"] not in wanted:
+        return
+    file_name = f"{entry['filepath']}/{entry['filename']}" if entry.get("filepath") else entry["filename"]
+    image_id = _image_id(entry.get("cocoid"), where, records.source)
+    records.image(where, image_id, file_name)
+    for j, sentence in enumerate(entry["sentences"]):
+        with records.entry():
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
             records.add(f"{where}.sentences[{j}]", image_id, file_name, raw,
                         sentence.get("sentid") if isinstance(sentence, dict) else None)
@@ -224,14 +243,15 @@ def _read_csv(path: Path, records: _Records) -> None:
     else:
         file_col, id_col, caption_col = 0, None, 1
     for line, row in rows:
-        where = f"line {line}"
-        if len(row) <= max(c for c in (file_col, id_col, caption_col) if c is not None):
-            raise AnnotationError(f"{path}: {where}: {len(row)} column(s); expected file name, caption")
-        file_name = row[file_col].strip() if file_col is not None and row[file_col].strip() else None
-        image_id = _image_id(row[id_col] if id_col is not None and row[id_col].strip() else None, where, path)
-        if file_name is None and image_id is None:
-            raise AnnotationError(f"{path}: {where}: empty file name; expected the image's file name")
-        records.add(where, image_id, file_name, row[caption_col])
+        with records.entry():
+            where = f"line {line}"
+            if len(row) <= max(c for c in (file_col, id_col, caption_col) if c is not None):
+                raise AnnotationError(f"{path}: {where}: {len(row)} column(s); expected file name, caption")
+            file_name = row[file_col].strip() if file_col is not None and row[file_col].strip() else None
+            image_id = _image_id(row[id_col] if id_col is not None and row[id_col].strip() else None, where, path)
+            if file_name is None and image_id is None:
+                raise AnnotationError(f"{path}: {where}: empty file name; expected the image's file name")
+            records.add(where, image_id, file_name, row[caption_col])
 
 
 def _load_json(path: Path):
@@ -256,12 +276,14 @@ def _detect_format(path: Path, data) -> str:
                           f"captions file (images, annotations) or Karpathy's dataset_coco.json (images[].sentences)")
 
 
-def read_annotations(path, split: Optional[str] = None, images_root="./data/coco",
-                     fmt: str = "auto") -> List[ImageRecord]:
+def read_annotations(path, split: Optional[str] = None, images_root="./data/coco", fmt: str = "auto",
+                     errors: Optional[list] = None) -> List[ImageRecord]:
     """Read an annotation file into one `ImageRecord` per image, in order of first appearance.
 
     `split` selects Karpathy splits ("train", "val", "test", "restval", "train+restval"); it is an error for
     the other formats, which have no splits. Relative file names are resolved against `images_root`.
+    A bad entry (no image_id, an empty caption, ...) raises `AnnotationError`; when `errors` is a list, the
+    entry is skipped instead and its error appended. Problems with the file as a whole always raise.
     """
     path = Path(path)
     if fmt not in ANNOTATION_FORMATS:
@@ -270,7 +292,7 @@ def read_annotations(path, split: Optional[str] = None, images_root="./data/coco
         raise AnnotationError(f"{path}: no such annotation file")
     if fmt == "auto" and path.suffix.lower() == ".csv":
         fmt = "csv"
-    records = _Records(path, images_root)
+    records = _Records(path, images_root, errors)
     data = None if fmt == "csv" else _load_json(path)
     if fmt == "auto":
         fmt = _detect_format(path, data)

@@ -97,7 +97,8 @@ def test_csv_with_and_without_header(tmp_path):
     assert [(r.image_id, r.captions) for r in records] == [("a.jpg", ["one, with a comma", "three"]),
                                                            ("b.jpg", ["two"])]
     plain = read_annotations(tmp_path / "plain.csv", images_root=tmp_path / "img")
-    assert [(r.path, r.captions) for r in plain] == [(tmp_path / "img/a.jpg", ["one"]), (tmp_path / "img/b.jpg", ["two"])]
+    assert [(r.path, r.captions) for r in plain] == [(tmp_path / "img/a.jpg", ["one"]),
+                                                     (tmp_path / "img/b.jpg", ["two"])]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -120,10 +121,27 @@ def test_bad_annotations_name_the_entry(tmp_path, content, message):
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
 
 
+def test_bad_entries_can_be_collected_and_skipped(tmp_path, coco_root):
+    entries = [{"image_id": 1, "caption": "kept"}, {"caption": "no id"}, {"image_id": 2, "caption": ""},
+               {"image_id": 2, "caption": "also kept"}]
+    errors = []
+    records = read_annotations(write_json(tmp_path / "a.json", entries), images_root=coco_root, errors=errors)
+    assert [(r.image_id, r.captions) for r in records] == [(1, ["kept"]), (2, ["also kept"])]
+    assert [str(e).split(": ", 1)[1] for e in errors] == [
+        "entry 1: missing 'image_id' (or a file name: file_name, filename, image, path)",
+        "entry 2: empty or missing caption (''); expected a non-empty string"]
+    (tmp_path / "b.csv").write_text("file_name,caption\na.jpg,one\nb.jpg\n,three\n")
+    errors = []
+    assert [r.captions for r in read_annotations(tmp_path / "b.csv", errors=errors)] == [["one"]]
+    assert [str(e).split(": ", 1)[1] for e in errors] == [
+        "line 3: 1 column(s); expected file name, caption",
+        "line 4: empty file name; expected the image's file name"]
+
+
 def test_malformed_json_unknown_split_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"image_id": 1,\n  "caption": "x"')
-    with pytest.raises(AnnotationError, match=r"bad.json: malformed JSON at line 2, column 17: Expecting .,. delimiter"):
+    with pytest.raises(AnnotationError, match=r"bad.json: malformed JSON at line 2, column 17: Expecting .,."):
         read_annotations(bad)
     with pytest.raises(AnnotationError, match=r"dataset_coco.json: unknown split 'training' in 'training'"):
         read_annotations(karpathy(tmp_path), split="training")
