@@ -1,0 +1,320 @@
+"""train.py end to end through `main([...])`, on generated pickles and images with a tiny GPT-2."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+import trainer
+from caption_data import write_features
+from conftest import COLOURS, PLACES, THINGS
+from models.captioner import ClipCaptionModel
+from models.checkpoint_io import CheckpointError
+from models.encoder import EncoderConfig
+from train_state import TrainingError, load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+ENCODER_META = EncoderConfig(name="tiny_vit_21m_224", weights="pretrained",
+                             data_config={"input_size": [3, 224, 224]}).to_dict()
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; several spin-wait against each other on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def captions_for(n_images, per_image=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_images):
+        colour, thing = COLOURS[i % len(COLOURS)], THINGS[(i * 5) % len(THINGS)]
+        for _ in range(per_image):
+            out.append((i, f"A {colour} {thing} {PLACES[rng.integers(len(PLACES))]}."))
+    return out
+
+
+def make_pickle(path, n_images=8, per_image=3, dim=16, grid_tokens=None, seed=0, metadata=True):
+    torch.manual_seed(seed)
+    shape = (n_images, grid_tokens, dim) if grid_tokens else (n_images, dim)
+    entries = [{"image_id": i, "caption": c, "clip_embedding": i} for i, c in captions_for(n_images, per_image, seed)]
+    meta = {"encoder": dict(ENCODER_META, feature_type="grid" if grid_tokens else "pooled")} if metadata else {}
+    write_features(path, torch.randn(*shape), entries, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    return make_pickle(tmp_path_factory.mktemp("data") / "train.pkl")
+
+
+@pytest.fixture(scope="module")
+def gpt2_nodrop_dir(tmp_path_factory, tokenizer):
+    """The tiny GPT-2 without dropout, for runs that must agree across process counts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tokenizer),
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    path = tmp_path_factory.mktemp("gpt2_nodrop")
+    GPT2LMHeadModel(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def args_for(data, out_dir, gpt2, *extra):
+    return (["--data", str(data)] if data else []) + ["--out_dir", str(out_dir), "--gpt2", str(gpt2), "--bs", "4",
+            "--mapping_type", "transformer", "--num_layers", "1", "--prefix_length", "4", "--prefix_length_clip",
+            "4", "--warmup_steps", "0", "--lr", "1e-3", "--log_every", "1", "--device", "cpu", *map(str, extra)]
+
+
+def weights(export_dir):
+    return load_file(str(Path(export_dir) / "model.safetensors"))
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_step_run_writes_exports_logs_and_checkpoint(tmp_path, features, gpt2_dir, tokenizer):
+    out = tmp_path / "run"
+    summary = train.main(args_for(features, out, gpt2_dir, "--max_steps", 2, "--normalize_prefix", "--is_rn"))
+    assert summary["step"] == 2
+    model = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest")
+    c = model.config
+    assert (c.normalize_prefix, c.prefix_length, c.prefix_length_clip, c.mapping_type) == (True, 4, 4, "transformer")
+    assert (c.prefix_size, c.feature_type, c.eos_token_ids) == (16, "pooled", [tokenizer.eos_token_id])
+    assert c.encoder["name"] == "tiny_vit_21m_224" and not c.encoder_in_checkpoint
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(out / "coco_prefix_latest")).eos_token_id == tokenizer.eos_token_id
+    records = log_records(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    assert [r["lr"] for r in records] == [5e-4, 0.0]  # linear decay over the 2 steps, no warmup
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = load_state(out / "coco_prefix_resume.pt")
+    assert (state["step"], state["epoch"], state["epoch_samples"]) == (2, 0, 8)
+    assert json.loads((out / "train_args.json").read_text())["normalize_prefix"] is True
+    with pytest.raises(CheckpointError, match="--resume latest"):  # never overwrites a run by accident
+        train.main(args_for(features, out, gpt2_dir, "--max_steps", 2))
+
+
+def test_epochs_write_numbered_exports_and_validation_loss(tmp_path, features, gpt2_dir):
+    out = tmp_path / "run"
+    train.main(args_for(features, out, gpt2_dir, "--epochs", 2, "--bs", 8, "--val_fraction", 0.25))
+    assert (out / "coco_prefix-000").is_dir() and (out / "coco_prefix-001").is_dir()
+    assert weights(out / "coco_prefix-001").keys() == weights(out / "coco_prefix_latest").keys()
+    val = [r for r in log_records(out) if "val_loss" in r]
+    assert [(r["epoch"], r["step"]) for r in val] == [(0, 2), (1, 4)]  # 18 training captions, batch 8
+    assert val[1]["val_loss"] < val[0]["val_loss"]
+
+
+def test_loss_decreases_on_a_memorisation_set(tmp_path, gpt2_nodrop_dir):
+    data = make_pickle(tmp_path / "small.pkl", n_images=4, per_image=1)
+    out = tmp_path / "run"
+    train.main(args_for(data, out, gpt2_nodrop_dir, "--max_steps", 60, "--epochs", 100, "--bs", 1, "--lr", 1e-2))
+    losses = [r["loss"] for r in log_records(out) if "loss" in r]
+    assert len(losses) == 60 and np.mean(losses[-4:]) < 0.25 * np.mean(losses[:4])  # last epoch vs first
+
+
+def test_only_prefix_changes_only_the_mapper(tmp_path, features, gpt2_dir):
+    before = tmp_path / "before"
+    after = tmp_path / "after"
+    train.main(args_for(features, before, gpt2_dir, "--max_steps", 1, "--lr", 0, "--only_prefix"))
+    train.main(args_for(features, after, gpt2_dir, "--max_steps", 2, "--lr", 1e-2, "--only_prefix"))
+    w0, w1 = weights(before / "coco_prefix_latest"), weights(after / "coco_prefix_latest")
+    from transformers import GPT2LMHeadModel
+    gpt = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).state_dict()
+    decoder = [k for k in w1 if k.startswith("gpt.")]
+    assert decoder and all(torch.equal(w1[k], gpt[k[len("gpt."):]]) for k in decoder)
+    mapper = [k for k in w1 if k.startswith("clip_project.")]
+    assert mapper and all(not torch.equal(w0[k], w1[k]) for k in mapper)
+    assert ClipCaptionModel.from_pretrained(after / "coco_prefix_latest").config.only_prefix
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gpt2_dir, monkeypatch):
+    # full fine-tuning with dropout on: the RNG states must come back too
+    common = ["--epochs", 3, "--bs", 2, "--grad_accum", 2, "--save_every_steps", 2]  # 6 steps per epoch
+    train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
+
+    real_step = trainer.Stepper.__call__
+    calls = []
+
+    def crashing(self, micro):
+        calls.append(1)
+        if len(calls) == 9:  # step 9, after the checkpoint of step 8 (epoch 1, 2 steps in)
+            raise Crash()
+        return real_step(self, micro)
+
+    monkeypatch.setattr(trainer.Stepper, "__call__", crashing)
+    with pytest.raises(Crash):
+        train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common))
+    monkeypatch.setattr(trainer.Stepper, "__call__", real_step)
+    assert load_state(tmp_path / "crashed" / "coco_prefix_resume.pt")["step"] == 8
+    summary = train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
+    assert summary["step"] == 18
+    for name in ("coco_prefix_latest", "coco_prefix-001", "coco_prefix-002"):
+        a, b = weights(tmp_path / "whole" / name), weights(tmp_path / "crashed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    whole, resumed = log_records(tmp_path / "whole"), log_records(tmp_path / "crashed")
+    assert [r["loss"] for r in whole if "loss" in r] == [r["loss"] for r in resumed if "loss" in r]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, features, gpt2_dir, monkeypatch):
+    real_forward = trainer.CaptionLoss.forward
+    calls = []
+
+    def poisoned(self, *args):
+        calls.append(1)
+        loss = real_forward(self, *args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer.CaptionLoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"became nan at step 3 \(epoch 0\).*coco_prefix_resume.pt"):
+        train.main(args_for(features, out, gpt2_dir, "--max_steps", 5, "--save_every_steps", 2))
+    state = load_state(out / "coco_prefix_resume.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in weights(out / "coco_prefix_latest").values())
+
+
+def test_grid_features_and_a_separate_validation_pickle(tmp_path, gpt2_dir):
+    data = make_pickle(tmp_path / "grid.pkl", grid_tokens=5)
+    val = make_pickle(tmp_path / "grid_val.pkl", n_images=3, grid_tokens=5, seed=1)
+    out = tmp_path / "run"
+    train.main(args_for(data, out, gpt2_dir, "--max_steps", 2, "--val_data", val))
+    config = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").config
+    assert (config.feature_type, config.num_grid_tokens, config.encoder["feature_type"]) == ("grid", 5, "grid")
+    assert [r for r in log_records(out) if "val_loss" in r]
+    with pytest.raises(ValueError, match="need --mapping_type transformer"):
+        train.main(args_for(data, tmp_path / "mlp", gpt2_dir, "--mapping_type", "mlp"))
+
+
+def test_a_changed_pickle_is_retokenized(tmp_path, gpt2_dir, tokenizer):
+    data = make_pickle(tmp_path / "train.pkl")
+    train.main(args_for(data, tmp_path / "a", gpt2_dir, "--max_steps", 1))
+    entries = [{"image_id": 0, "caption": "A woman at the beach.", "clip_embedding": 0}] * 4
+    write_features(data, torch.randn(1, 16), entries, {})
+    train.main(args_for(data, tmp_path / "b", gpt2_dir, "--max_steps", 1))
+    caches = sorted(tmp_path.glob("train.pkl.tokens-*.npz"), key=os.path.getmtime)
+    assert len(caches) == 2
+    with np.load(caches[-1]) as z:
+        assert tokenizer.decode(z["flat"][: z["offsets"][1]]) == "A woman at the beach.<|endoftext|>"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"clip_embedding": torch.zeros(2, 4)}, r"missing key\(s\) \['captions'\]"),
+    ({"clip_embedding": torch.zeros(2, 4), "captions": [{"image_id": 1, "caption": "A cat.", "clip_embedding": 2}]},
+     r"captions\[0\]: 'clip_embedding' is 2; expected a row index in \[0, 2\)"),
+    ({"clip_embedding": torch.zeros(2, 4), "captions": []}, "'captions' is empty"),
+    ({"clip_embedding": torch.zeros(1, 4), "captions": [{"image_id": 1, "caption": "  ", "clip_embedding": 0}]},
+     r"captions\[0\]\['caption'\] is empty"),
+])
+def test_bad_pickles_give_clear_errors(tmp_path, gpt2_dir, content, message):
+    path = tmp_path / "bad.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(ValueError, match=message) as error:
+        train.main(args_for(path, tmp_path / "out", gpt2_dir))
+    assert str(path) in str(error.value)
+
+
+def test_resume_refuses_another_model(tmp_path, features, gpt2_dir):
+    out = tmp_path / "run"
+    train.main(args_for(features, out, gpt2_dir, "--max_steps", 1))
+    with pytest.raises(CheckpointError, match=r"another model: num_layers: 1 in the checkpoint, 2 now"):
+        train.main(args_for(features, out, gpt2_dir, "--num_layers", 2, "--resume", "latest"))
+
+
+def make_images(root, n=6, size=40):
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(n):
+        pixels = np.full((size, size, 3), 255 * np.eye(3)[i % 3], dtype=np.uint8)
+        pixels[rng.integers(0, size // 2):, : size // 2] = 0
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        images.append({"id": i, "file_name": f"img{i}.png"})
+        annotations += [{"id": 10 * i + k, "image_id": i, "caption": c} for k, (_, c) in
+                        enumerate(captions_for(1, 2, seed=i))]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root / "captions.json"
+
+
+def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
+    annotations = make_images(tmp_path)
+    extra = ["--train_encoder", "--annotations", annotations, "--images_root", tmp_path, "--encoder", "test_resnet",
+             "--encoder_weights", "random",
+             "--image_size", 32, "--feature_type", "grid", "--encoder_lr", 1e-2, "--num_workers", 0]
+    runs = {}
+    for name, flags in (("untrained", ["--lr", 0, "--encoder_lr", 0]), ("plain", []), ("cached", ["--cache_images"])):
+        train.main(args_for(None, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
+        runs[name] = weights(tmp_path / name / "coco_prefix_latest")
+    model = ClipCaptionModel.from_pretrained(tmp_path / "plain" / "coco_prefix_latest")
+    assert model.config.encoder_in_checkpoint and model.config.encoder["name"] == "test_resnet"
+    assert model.config.feature_type == "grid" and model.config.num_grid_tokens == model.encoder.num_tokens
+    assert model.encoder.preprocess(Image.open(tmp_path / "img0.png")).shape == (3, 32, 32)
+    params = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
+    assert params and all(not torch.equal(runs["plain"][n], runs["untrained"][n]) for n in params)
+    assert all(torch.equal(runs["plain"][k], runs["cached"][k]) for k in runs["plain"])  # same pixels either way
+    flags = ["--augment", "--num_workers", 1, "--val_fraction", 0.34]
+    train.main(args_for(None, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
+    assert [r for r in log_records(tmp_path / "augmented") if "val_loss" in r]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, gpt2_nodrop_dir):
+    common = ["--max_steps", 3, "--save_every_steps", 0, "--val_fraction", 0.25]
+    one = args_for(features, tmp_path / "one", gpt2_nodrop_dir, *common, "--bs", 4)
+    two = args_for(features, tmp_path / "two", gpt2_nodrop_dir, *common, "--bs", 2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *two], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("parameters on 2 x cpu") == 1  # only rank 0 prints
+    train.main(one)
+    a, b = weights(tmp_path / "one" / "coco_prefix_latest"), weights(tmp_path / "two" / "coco_prefix_latest")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    val = [[r["val_loss"] for r in log_records(tmp_path / d) if "val_loss" in r] for d in ("one", "two")]
+    assert val[0] == pytest.approx(val[1], rel=1e-5)
+    losses = [[r["loss"] for r in log_records(tmp_path / d) if "loss" in r] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_the_original_readme_command_runs(tmp_path, gpt2_dir):
+    data = make_pickle(tmp_path / "data" / "coco" / "oscar_split_tinyvit_train.pkl", n_images=16)
+    out = tmp_path / "coco_train_transformer_4"
+    (out / ".coco_prefix_latest.x1.tmp").mkdir(parents=True)  # left by a write that a kill interrupted
+    (out / ".coco_prefix_resume.pt.x2.tmp").write_bytes(b"partial")
+    train.main(["--data", str(data), "--out_dir", f"{out}/", "--mapping_type", "transformer", "--num_layers", "8",
+                "--prefix_length", "40", "--prefix_length_clip", "40", "--gpt2", str(gpt2_dir), "--max_steps", "1"])
+    assert ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").config.prefix_length == 40
+    assert not list(out.glob(".*"))
+
+
+def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, gpt2_dir):
+    with pytest.raises(ValueError, match="with --train_encoder the data are images: give --annotations"):
+        train.main(args_for(features, tmp_path / "a", gpt2_dir, "--train_encoder"))
+    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16"):
+        train.main(args_for(features, tmp_path / "b", gpt2_dir, "--amp", "fp16"))
+    with pytest.raises(ValueError, match=r"invalid arguments: --bs 0, --grad_accum 0"):
+        train.main(args_for(features, tmp_path / "c", gpt2_dir, "--bs", 0, "--grad_accum", 0))
+    annotations = make_images(tmp_path)
+    (tmp_path / "img3.png").unlink()
+    with pytest.raises(ValueError, match=r"1 of 6 images are missing under --images_root .*img3.png"):
+        train.main(args_for(None, tmp_path / "d", gpt2_dir, "--train_encoder", "--annotations", annotations,
+                            "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random"))

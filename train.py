@@ -1,0 +1,252 @@
+"""Train the captioner: a features pickle (or, with --train_encoder, images and captions) -> export directories.
+
+    python train.py --data ./data/coco/oscar_split_tinyvit_train.pkl --out_dir ./coco_train_transformer_4/ \\
+        --mapping_type transformer --num_layers 8 --prefix_length 40 --prefix_length_clip 40
+    torchrun --nproc_per_node=2 train.py ...    # DistributedDataParallel: nccl on GPUs, gloo on CPUs
+
+--out_dir receives `<prefix>-<epoch>/` every --save_every epochs and `<prefix>_latest/` (export directories that
+predict.py loads), `<prefix>_resume.pt` (for --resume), `train_log.jsonl`, `loss_curve.png` and `train_args.json`.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from caption_data import ANNOTATION_FORMATS, ImageError
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError, atomic_write
+from train_state import Distributed, TrainingError, seed_everything
+from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
+from training_inputs import build_feature_inputs, build_image_inputs
+
+DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_original_flags(p.add_argument_group("the original flags, same names and meanings").add_argument)
+    add_training_flags(p.add_argument_group("optimisation, data, devices and checkpoints").add_argument)
+    add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
+    return p
+
+
+def add_original_flags(a) -> None:
+    a("--data", default=None,
+      help="features pickle from parse_coco.py (default: ./data/coco/oscar_split_tinyvit_train.pkl)")
+    a("--out_dir", default="./checkpoints", help="where exports, the resume checkpoint and logs go")
+    a("--prefix", default="coco_prefix", help="name prefix of the saved exports and checkpoint")
+    a("--epochs", type=int, default=10, help="passes over the training captions")
+    a("--save_every", type=int, default=1, help="write the export <prefix>-<epoch> every N epochs (and the last)")
+    a("--prefix_length", type=int, default=10, help="GPT-2 prefix embeddings produced by the mapping network")
+    a("--prefix_length_clip", type=int, default=10,
+      help="transformer mapper: tokens projected from a pooled image feature")
+    a("--bs", type=int, default=40, help="batch size per process")
+    a("--only_prefix", dest="only_prefix", action="store_true",
+      help="train only the mapping network (and encoder); the GPT-2 decoder stays frozen")
+    a("--mapping_type", choices=["mlp", "transformer"], default="mlp", help="mapping network type")
+    a("--num_layers", type=int, default=8, help="transformer mapper depth")
+    a("--is_rn", dest="is_rn", action="store_true",
+      help="ignored: the feature size and type now come from the features pickle (kept for old commands)")
+    a("--normalize_prefix", dest="normalize_prefix", action="store_true",
+      help="L2-normalise image features before the mapper; saved in the config, so inference does the same")
+
+
+def add_training_flags(a) -> None:
+    a("--gpt2", default="distilgpt2", help="GPT-2 decoder and tokenizer: hub name or local directory")
+    a("--lr", type=float, default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
+    a("--warmup_steps", type=int, default=5000, help="optimizer steps of linear learning-rate warmup")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay on weight matrices (not biases, norms)")
+    a("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
+    a("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    a("--seed", type=int, default=0, help="seed of initialisation, data order, dropout and augmentation")
+    a("--num_workers", type=int, default=None,
+      help="DataLoader workers per process (default: 0 for features, which sit in memory; a few for images)")
+    a("--device", default=None, help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
+    a("--amp", choices=["none", "bf16", "fp16"], default="none",
+      help="autocast mixed precision: bf16 (GPU or CPU) or fp16 (GPU, with loss scaling)")
+    a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
+    a("--val_fraction", type=float, default=None,
+      help="hold out this fraction of the training images (all their captions) for validation instead")
+    a("--resume", default=None,
+      help="a resume checkpoint (<prefix>_resume.pt) or 'latest' (the one in --out_dir; a fresh start if none)")
+    a("--max_steps", type=int, default=None, help="stop after this many optimizer steps (quick runs)")
+    a("--log_every", type=int, default=10, help="optimizer steps between train_log.jsonl records")
+    a("--save_every_steps", type=int, default=10000,
+      help="also checkpoint (resume file + <prefix>_latest export) every N steps within an epoch (0: off)")
+
+
+def add_encoder_flags(e) -> None:
+    e("--train_encoder", action="store_true",
+      help="train the image encoder too, on the images of --annotations; the export holds the encoder")
+    e("--annotations", default="./data/coco/annotations/train_caption.json",
+      help="annotation file, as parse_coco.py reads it: a caption list JSON (train_caption.json), a "
+           "COCO captions_*.json, Karpathy's dataset_coco.json or a CSV of file names and captions")
+    e("--annotation_format", choices=ANNOTATION_FORMATS, default="auto")
+    e("--split", default=None, help="Karpathy split(s) of --annotations, e.g. train+restval")
+    e("--images_root", default="./data/coco", help="image paths in the annotations are relative to it")
+    e("--val_annotations", default=None, help="validation annotation file (same images root)")
+    e("--val_split", default=None, help="Karpathy split(s) of --val_annotations, e.g. val")
+    e("--encoder", default="tiny_vit_21m_224", help="any timm model name")
+    e("--encoder_weights", default="pretrained", help="pretrained, random, or a weights file")
+    e("--encoder_kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
+    e("--image_size", type=int, default=None, help="input resolution (default: the model's)")
+    e("--feature_type", choices=["pooled", "grid"], default="pooled",
+      help="pooled vector per image, or the last feature map as tokens (transformer mapper)")
+    e("--freeze_stages", type=int, default=None,
+      help="freeze the stem and first N stages (default: 1 with pretrained or file weights, as the "
+           "original; 0 with random weights)")
+    e("--encoder_lr", type=float, default=None, help="learning rate of the encoder (default: --lr)")
+    e("--augment", action="store_true",
+      help="light augmentation: a random resized crop (no flips: captions say left and right)")
+    e("--cache_images", action="store_true",
+      help="preprocess every image once and keep it in memory (small datasets)")
+
+
+def check_args(args) -> None:
+    if args.train_encoder and (args.data or args.val_data):
+        raise ValueError("with --train_encoder the data are images: give --annotations (and --images_root, "
+                         "--val_annotations), not --data/--val_data features pickles")
+    if not args.train_encoder and args.val_annotations:
+        raise ValueError("--val_annotations needs --train_encoder; validate features with --val_data")
+    if not args.train_encoder:
+        args.data = args.data or DEFAULT_DATA
+    positive = ["epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "num_layers", "grad_accum",
+                "log_every"]
+    bad = [f"--{k} {getattr(args, k)}" for k in positive if getattr(args, k) < 1]
+    bad += [f"--{k} {getattr(args, k)}" for k in ["warmup_steps", "save_every_steps", "grad_clip", "weight_decay"]
+            if getattr(args, k) < 0]
+    if args.max_steps is not None and args.max_steps < 1:
+        bad.append(f"--max_steps {args.max_steps}")
+    if bad:
+        raise ValueError(f"invalid arguments: {', '.join(bad)} (expected positive values)")
+    if (args.val_data or args.val_annotations) and args.val_fraction is not None:
+        raise ValueError("give validation data or --val_fraction, not both")
+    if (args.augment or args.cache_images) and not args.train_encoder:
+        raise ValueError("--augment and --cache_images apply to images: add --train_encoder")
+    if args.augment and args.cache_images:
+        raise ValueError("--cache_images keeps one fixed view per image, which --augment would not vary")
+
+
+def build_optimizer(model, args, device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only; the encoder at --encoder_lr. The fused kernel (CUDA and CPU) does
+    the whole update in one pass over memory: on the CPU about 5x faster than the default multi-tensor one."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            lr = args.encoder_lr if name.startswith("encoder.") and args.encoder_lr is not None else args.lr
+            groups.setdefault((lr, args.weight_decay if param.ndim >= 2 else 0.0), []).append(param)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+                             lr=args.lr, fused=device.type in ("cuda", "cpu"))
+
+
+def make_loaders(args, inputs, dist: Distributed, pad_id: int):
+    workers = args.num_workers
+    if workers is None:
+        workers = 0 if not args.train_encoder or args.cache_images else 2
+    common = dict(batch_size=args.bs, num_workers=workers, collate_fn=CaptionCollator(pad_id),
+                  pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    sampler = ResumableDistributedSampler(inputs.train, dist.world_size, dist.rank, seed=args.seed)
+    train_loader = DataLoader(inputs.train, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
+    val_loader = None
+    if inputs.val is not None:
+        shard = validation_shard(inputs.val.token_lengths(), dist.rank, dist.world_size)
+        val_loader = DataLoader(Subset(inputs.val, shard), shuffle=False, **common)
+    return train_loader, sampler, val_loader
+
+
+def resume_path(args, options: TrainOptions, dist: Distributed):
+    if args.resume is None:
+        if options.resume_path.exists():
+            raise CheckpointError(f"{options.resume_path} exists: continue that run with --resume latest, or "
+                                  f"choose another --out_dir (nothing was overwritten)")
+        return None
+    if args.resume == "latest":
+        if options.resume_path.is_file():
+            return options.resume_path
+        dist.print(f"note: --resume latest: no {options.resume_path} yet, starting from scratch")
+        return None
+    return Path(args.resume)
+
+
+def run(args, dist: Distributed) -> dict:
+    check_args(args)
+    if args.amp == "fp16" and dist.device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16")
+    if args.is_rn:
+        dist.print("note: --is_rn is ignored: the feature size and type come from the features pickle")
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matrix products: fp32 training, much faster
+        torch.backends.cudnn.allow_tf32 = True
+    options = TrainOptions(out_dir=Path(args.out_dir), prefix=args.prefix, epochs=args.epochs, batch_size=args.bs,
+                           grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every,
+                           save_every_steps=args.save_every_steps, log_every=args.log_every, seed=args.seed)
+    resume = resume_path(args, options, dist)
+    seed_everything(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.gpt2)
+    build = build_image_inputs if args.train_encoder else build_feature_inputs
+    inputs = None
+    for turn in (True, False):  # rank 0 first, so that it alone writes the token cache
+        if dist.is_main == turn:
+            inputs = build(args, tokenizer, dist)
+        dist.barrier()
+    config = CaptionerConfig(
+        mapping_type=args.mapping_type, prefix_length=args.prefix_length, prefix_length_clip=args.prefix_length_clip,
+        num_layers=args.num_layers, prefix_size=inputs.prefix_size, feature_type=inputs.feature_type,
+        num_grid_tokens=inputs.num_grid_tokens, normalize_prefix=args.normalize_prefix, only_prefix=args.only_prefix,
+        gpt2=args.gpt2, eos_token_ids=[tokenizer.eos_token_id], encoder=inputs.encoder_config)
+    model = ClipCaptionModel.create(config, encoder=inputs.encoder)
+    inputs.fit_decoder(model.gpt.config, args.prefix_length, dist)
+    model.to(dist.device)
+    torch.manual_seed(args.seed + dist.rank)  # dropout differs across processes; initialisation did not
+    train_loader, sampler, val_loader = make_loaders(args, inputs, dist, tokenizer.eos_token_id)
+    optimizer = build_optimizer(model, args, dist.device)
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps,
+                                                count_steps(len(train_loader), options)[1])
+    loss_module = CaptionLoss(model, images=args.train_encoder)
+    if dist.enabled:
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=args.train_encoder)  # timm models may hold layers the features skip
+    stepper = Stepper(loss_module, optimizer, scheduler, dist, amp=args.amp, grad_clip=args.grad_clip)
+    run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": vars(args)}
+    if dist.is_main:
+        with atomic_write(options.out_dir / "train_args.json") as tmp:
+            tmp.write_text(json.dumps(vars(args), indent=2))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dist.print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on "
+               f"{dist.world_size} x {dist.device}; {len(inputs.train)} training captions")
+    trainer = Trainer(model, tokenizer, stepper, train_loader, sampler, options, dist, run_info,
+                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(args))
+    summary = trainer.fit(resume)
+    dist.print(f"done: step {summary['step']}; latest export {summary['latest_export']}")
+    return summary
+
+
+def epoch_end_hooks(args) -> list:
+    """Functions called on every process after each epoch's export, as hook(trainer, epoch, export_dir); a
+    dict they return is added to train_log.jsonl. Evaluation with caption metrics plugs in here."""
+    return []
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    dist = Distributed.setup(args.device)
+    try:
+        return run(args, dist)
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, CheckpointError, TrainingError, ImageError, OSError) as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the last checkpoint is intact; continue with the same command and --resume latest")

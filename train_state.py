@@ -1,0 +1,225 @@
+"""What a training run keeps besides the model: processes, RNG states, resume checkpoints, the training log.
+
+A resume checkpoint holds everything an uninterrupted run still has in memory (model, optimizer, scheduler,
+gradient scaler, step, epoch, position in the epoch's data order, every process's RNG states, config), so
+`--resume` continues exactly where the run stopped. It is written by rank 0 through a temporary file and a
+rename and read back without executing pickled code.
+"""
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.checkpoint_io import CheckpointError, atomic_write
+
+STATE_FORMAT = "tinytiny-train-state"
+STATE_VERSION = 1
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (for example the loss became NaN); the last checkpoint stays intact."""
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Distributed:
+    """One process (rank 0 of 1) or one of torchrun's processes; `is_main` gates every print and write."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device: Optional[str]) -> "Distributed":
+        """Join torchrun's process group when it set RANK (nccl on GPUs, gloo on CPUs); else one process."""
+        if "RANK" not in os.environ:
+            return cls(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+        if kind == "cuda":
+            torch.cuda.set_device(local_rank)
+        target = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
+                                    device_id=target if kind == "cuda" else None)
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather_object(self, obj) -> List:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+# ---- RNG states --------------------------------------------------------------------------------------------
+
+def capture_rng(device: torch.device) -> Dict:
+    """This process's RNG states, as tensors and plain values a weights-only load accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- resume checkpoints ------------------------------------------------------------------------------------
+
+def save_state(path: Path, state: Dict) -> None:
+    state = dict(state, format=STATE_FORMAT, version=STATE_VERSION)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> Dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such resume checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable resume checkpoint (corrupt or truncated?): "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a resume checkpoint written by train.py (export directories and "
+                              f"weight files cannot be resumed from)")
+    if state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: resume checkpoint version {state.get('version')!r}, this code reads "
+                              f"{STATE_VERSION}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_samples", "data_order", "rng",
+                           "config", "data") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: resume checkpoint lacks {missing}")
+    return state
+
+
+def remove_stale_temporaries(out_dir: Path, names: List[str]) -> List[Path]:
+    """Remove temporary files and directories that a killed run left (atomic writes of files whose names
+    start with one of `names`)."""
+    stale = [p for name in names for p in Path(out_dir).glob(f".{name}*") if p.name.endswith((".tmp", ".old"))]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return stale
+
+
+def config_differences(saved: Dict, current: Dict) -> List[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in keys
+            if saved.get(k) != current.get(k)]
+
+
+# ---- the training log --------------------------------------------------------------------------------------
+
+class TrainLog:
+    """`train_log.jsonl` (one JSON object per line: step, loss, lr, throughput; validation loss per epoch)
+    and `loss_curve.png`, written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = Path(out_dir) / "train_log.jsonl"
+        self.plot_path = Path(out_dir) / "loss_curve.png"
+        self.enabled = enabled
+
+    def start(self, resume_step: Optional[int]) -> None:
+        """A fresh run starts an empty log; a resumed one keeps only the records up to its checkpoint's step
+        (a record cut short by a kill is dropped)."""
+        if not self.enabled:
+            return
+        keep = []
+        if resume_step is not None and self.path.is_file():
+            keep = [r for r in self.records() if r.get("step", 0) <= resume_step]
+        with atomic_write(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def records(self) -> List[Dict]:
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # only the last line can be partial, after a kill mid-write
+        return out
+
+    def append(self, record: Dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        """The loss curve (training loss per logged interval, validation loss per epoch) as a PNG."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        records = self.records()
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy per caption token")
+        ax.grid(alpha=0.3)
+        if train or val:
+            ax.legend()
+        with atomic_write(self.plot_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)

@@ -1,0 +1,203 @@
+"""What train.py feeds the model: datasets built from a features pickle or from images and their annotations.
+
+Files are read through `caption_data` (one reader per format); this module turns them into training and
+validation datasets, records where the features came from (the encoder config the export must carry) and
+fingerprints the data so a resume checkpoint is never continued on other data.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from timm.data.transforms import str_to_interp_mode
+from tqdm import tqdm
+
+from caption_data import load_image, read_annotations, read_features
+from models.checkpoint_io import CheckpointError
+from models.encoder import EncoderConfig, ImageEncoder
+from training_data import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
+                           caption_table_from_features, captions_fingerprint, split_by_image)
+
+
+@dataclass
+class TrainingInputs:
+    train: FeatureCaptionDataset
+    val: Optional[FeatureCaptionDataset]
+    prefix_size: int  # feature dimension D
+    feature_type: str  # "pooled" or "grid"
+    num_grid_tokens: Optional[int]
+    fingerprint: Dict  # stored in resume checkpoints
+    encoder_config: Optional[Dict] = None  # how the features were made (features mode)
+    encoder: Optional[ImageEncoder] = None  # the encoder to train (end-to-end mode)
+
+    def fit_decoder(self, gpt_config, prefix_length: int, dist) -> None:
+        """Check the token ids against the decoder's vocabulary and cut captions that would run past its
+        positions (prefix + caption <= n_positions); a cut caption keeps no end token, as it did not end."""
+        max_tokens = gpt_config.n_positions - prefix_length
+        if max_tokens < 2:
+            raise ValueError(f"--prefix_length {prefix_length} leaves no room for captions in the decoder's "
+                             f"{gpt_config.n_positions} positions")
+        for name, dataset in (("training", self.train), ("validation", self.val)):
+            if dataset is None:
+                continue
+            top = int(dataset.tokens.flat.max())
+            if top >= gpt_config.vocab_size:
+                raise ValueError(f"the tokenizer produced id {top} but the decoder's vocabulary has "
+                                 f"{gpt_config.vocab_size} entries: --gpt2 must name a matching tokenizer and model")
+            dataset.max_tokens = max_tokens
+            cut = int((dataset.tokens.lengths[dataset.caption_ids] > max_tokens).sum())
+            if cut:
+                dist.print(f"note: {cut} {name} caption(s) longer than {max_tokens} tokens are cut to fit the "
+                           f"decoder's {gpt_config.n_positions} positions")
+
+
+# ---- features pickle ---------------------------------------------------------------------------------------
+
+def encoder_config_from_metadata(metadata: Dict, features: torch.Tensor, source) -> Optional[Dict]:
+    """The pickle's `metadata["encoder"]` (an EncoderConfig dict), checked against the features it made."""
+    raw = metadata.get("encoder")
+    if raw is None:
+        return None
+    try:
+        config = EncoderConfig.from_dict(raw)
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: metadata['encoder'] is not an encoder config: {e}") from e
+    kind = "grid" if features.ndim == 3 else "pooled"
+    if config.feature_type != kind:
+        raise ValueError(f"{source}: metadata says feature_type {config.feature_type!r} but 'clip_embedding' has "
+                         f"shape {tuple(features.shape)} ({kind} features)")
+    return config.to_dict()
+
+
+def load_features(path, tokenizer, cache_dirs: List[Path], log):
+    data = read_features(path)
+    table = caption_table_from_features(data, path)
+    features, metadata = data["clip_embedding"], data["metadata"]
+    del data  # the caption dicts: about half the memory of a COCO pickle
+    tokens = cached_tokens(table.captions, tokenizer, [Path(path).parent, *cache_dirs], Path(path).name, log)
+    return features, metadata, table, tokens
+
+
+def build_feature_inputs(args, tokenizer, dist) -> TrainingInputs:
+    out_dir = [Path(args.out_dir)]
+    features, metadata, table, tokens = load_features(args.data, tokenizer, out_dir, dist.print)
+    train_ids, val = np.arange(len(table)), None
+    if args.val_data:
+        v_features, v_metadata, v_table, v_tokens = load_features(args.val_data, tokenizer, out_dir, dist.print)
+        if v_features.shape[1:] != features.shape[1:]:
+            raise ValueError(f"{args.val_data}: features of shape {tuple(v_features.shape[1:])} per image, but "
+                             f"{args.data} has {tuple(features.shape[1:])}")
+        if v_metadata.get("encoder") != metadata.get("encoder"):
+            raise ValueError(f"{args.val_data} was made by another encoder than {args.data} (metadata['encoder'])")
+        val = FeatureCaptionDataset(v_features, v_table, v_tokens, np.arange(len(v_table)))
+    elif args.val_fraction is not None:
+        train_ids, val_ids = split_by_image(table, args.val_fraction, args.seed)
+        val = FeatureCaptionDataset(features, table, tokens, val_ids)
+    grid = features.ndim == 3
+    if grid and args.mapping_type != "transformer":
+        raise ValueError(f"{args.data} holds grid features {tuple(features.shape)}; they need --mapping_type "
+                         f"transformer")
+    return TrainingInputs(
+        train=FeatureCaptionDataset(features, table, tokens, train_ids), val=val, prefix_size=features.shape[-1],
+        feature_type="grid" if grid else "pooled", num_grid_tokens=features.shape[1] if grid else None,
+        fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
+                     "features": list(features.shape)},
+        encoder_config=encoder_config_from_metadata(metadata, features, args.data))
+
+
+# ---- images, end to end ------------------------------------------------------------------------------------
+
+def load_annotations(path, split, args) -> Tuple[CaptionTable, List[str]]:
+    records = read_annotations(path, split=split, images_root=args.images_root, fmt=args.annotation_format)
+    if not records:
+        raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
+    missing = [str(r.path) for r in records if not os.path.isfile(r.path)]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of {len(records)} images are missing under --images_root "
+                         f"{args.images_root}, e.g. {missing[:3]}")
+    captions = [c.strip() for r in records for c in r.captions]
+    index = np.fromiter((j for j, r in enumerate(records) for _ in r.captions), dtype=np.int64, count=len(captions))
+    return CaptionTable(captions, index), [str(r.path) for r in records]
+
+
+def build_encoder(args) -> ImageEncoder:
+    try:
+        kwargs = json.loads(args.encoder_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--encoder_kwargs is not valid JSON: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--encoder_kwargs must be a JSON object, got {args.encoder_kwargs!r}")
+    encoder = ImageEncoder(EncoderConfig(name=args.encoder, feature_type=args.feature_type,
+                                         weights=args.encoder_weights, image_size=args.image_size,
+                                         model_kwargs=kwargs))
+    frozen = args.freeze_stages if args.freeze_stages is not None else int(args.encoder_weights != "random")
+    encoder.freeze_stages(frozen)
+    return encoder
+
+
+def augmentation(data_config: Dict):
+    """A light random resized crop; no flips, since captions name left and right."""
+    size = tuple(data_config["input_size"][1:])
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1),
+                                          interpolation=str_to_interp_mode(data_config["interpolation"])),
+                      T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])])
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.paths[i]))
+
+
+def preprocess_all(paths: List[str], transform, workers: int, show: bool) -> torch.Tensor:
+    loader = DataLoader(_ImageFiles(paths, transform), batch_size=64, num_workers=workers,
+                        generator=torch.Generator())  # leaves the global RNG, hence initialisation, as it was
+    return torch.cat([b for b in tqdm(loader, desc="preprocessing images", unit="batch", disable=not show)])
+
+
+def build_image_inputs(args, tokenizer, dist) -> TrainingInputs:
+    if args.feature_type == "grid" and args.mapping_type != "transformer":
+        raise ValueError("--feature_type grid needs --mapping_type transformer")
+    table, paths = load_annotations(args.annotations, args.split, args)
+    tokens = cached_tokens(table.captions, tokenizer, [Path(args.annotations).parent, Path(args.out_dir)],
+                           Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
+    encoder = build_encoder(args)
+    transform = encoder.transform
+    augment = augmentation(encoder.config.data_config) if args.augment else None
+    workers = args.num_workers if args.num_workers is not None else 2
+
+    def dataset(tab, tok, ids, image_paths):
+        cache = preprocess_all(image_paths, transform, workers, dist.is_main) if args.cache_images else None
+        return ImageCaptionDataset(image_paths, tab, tok, ids, transform, load_image, cache=cache, augment=augment,
+                                   seed=args.seed)
+
+    train_ids, val = np.arange(len(table)), None
+    if args.val_annotations:
+        v_table, v_paths = load_annotations(args.val_annotations, args.val_split, args)
+        v_tokens = cached_tokens(v_table.captions, tokenizer, [Path(args.val_annotations).parent,
+                                                               Path(args.out_dir)],
+                                 Path(args.val_annotations).name + (f".{args.val_split}" if args.val_split else ""),
+                                 dist.print)
+        val = dataset(v_table, v_tokens, np.arange(len(v_table)), v_paths)
+        val.augment = None
+    train = dataset(table, tokens, train_ids, paths)
+    if args.val_fraction is not None:
+        train.caption_ids, val_ids = split_by_image(table, args.val_fraction, args.seed)
+        val = ImageCaptionDataset(paths, table, tokens, val_ids, transform, load_image, cache=train.features)
+    grid = args.feature_type == "grid"
+    return TrainingInputs(
+        train=train, val=val, prefix_size=encoder.feature_dim, feature_type=args.feature_type,
+        num_grid_tokens=encoder.num_tokens if grid else None, encoder=encoder,
+        fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
+                     "images": hashlib.sha256("\n".join(paths).encode()).hexdigest()})
