@@ -1,10 +1,10 @@
-# `make test` is the contract: it builds .venv from requirements.txt when missing or stale, then runs pytest.
+# `make test` and `make demo` build .venv from requirements.txt when it is missing or stale, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: test install clean
+.PHONY: test demo install clean
 
 install: $(STAMP)
 
@@ -16,6 +16,11 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The whole pipeline on the synthetic shapes dataset; `make demo DATA=path` runs the recipe on another dataset
+# in COCO format (images/, captions_train.json, captions_test.json).
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) demo.py $(if $(DATA),--data $(DATA))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -116,6 +116,7 @@ def parse_args(argv=None):
                         "optional); default: generate the shapes dataset into <out_dir>/shapes")
     p.add_argument("--out_dir", default="./runs/demo", help="dataset, decoder, checkpoints, predictions, metrics")
     p.add_argument("--num_train", type=int, default=2000)
+    p.add_argument("--num_val", type=int, default=100)
     p.add_argument("--num_test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=6)
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
                 raise FileNotFoundError(f"{data}: {needed} is missing (expected images/, captions_train.json, "
                                         f"captions_test.json in official COCO format)")
     else:
-        data = shapes_data.generate(out / "shapes", num_train=args.num_train, num_val=100,
+        data = shapes_data.generate(out / "shapes", num_train=args.num_train, num_val=args.num_val,
                                     num_test=args.num_test, seed=args.seed, size=IMAGE_SIZE)
     stage("data")
     train_records = read_annotations(data / "captions_train.json", images_root=data)
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
     stage("train")
 
     captioner = Captioner.from_pretrained(out / "run" / "demo_latest", device=args.device)
-    results = captioner.predict([r.path for r in test_records], DecodingOptions(beam_size=args.beam_size),
+    results = captioner.predict([r.path for r in test_records], DecodingOptions(beam_size=args.beam_size, max_length=40),
                                 batch_size=64, progress=True)
     failed = [r for r in results if r.error]
     if failed:
