@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=2 train.py ...    # DistributedDataParallel: nccl on GPUs, gloo on CPUs
 
 --out_dir receives `<prefix>-<epoch>/` every --save_every epochs and `<prefix>_latest/` (export directories that
-predict.py loads), `<prefix>_resume.pt` (for --resume), `train_log.jsonl`, `loss_curve.png` and `train_args.json`.
+predict.py loads), `<prefix>_resume.pt` (for --resume), `train_log.jsonl`, `loss_curve.png` and `train_args.json`; with
+--eval_every also `best/`, the export with the best validation CIDEr so far (its scores in best/eval.json).
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from caption_data import ANNOTATION_FORMATS, ImageError
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
+from train_eval import build_caption_evaluation
 from train_state import Distributed, TrainingError, seed_everything
 from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
@@ -79,6 +81,11 @@ def add_training_flags(a) -> None:
     a("--log_every", type=int, default=10, help="optimizer steps between train_log.jsonl records")
     a("--save_every_steps", type=int, default=10000,
       help="also checkpoint (resume file + <prefix>_latest export) every N steps within an epoch (0: off)")
+    a("--eval_every", type=int, default=0,
+      help="every N epochs (and the last), caption --eval_images validation images with the new export, log "
+           "CIDEr and BLEU-4 to train_log.jsonl and keep the best export by CIDEr as <out_dir>/best/ (0: off)")
+    a("--eval_images", type=int, default=500,
+      help="with --eval_every: the first N distinct validation images, scored against all their captions")
 
 
 def add_encoder_flags(e) -> None:
@@ -117,16 +124,19 @@ def check_args(args) -> None:
     if not args.train_encoder:
         args.data = args.data or DEFAULT_DATA
     positive = ["epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "num_layers", "grad_accum",
-                "log_every"]
+                "log_every", "eval_images"]
     bad = [f"--{k} {getattr(args, k)}" for k in positive if getattr(args, k) < 1]
-    bad += [f"--{k} {getattr(args, k)}" for k in ["warmup_steps", "save_every_steps", "grad_clip", "weight_decay"]
-            if getattr(args, k) < 0]
+    bad += [f"--{k} {getattr(args, k)}" for k in ["warmup_steps", "save_every_steps", "grad_clip", "weight_decay",
+                                                    "eval_every"] if getattr(args, k) < 0]
     if args.max_steps is not None and args.max_steps < 1:
         bad.append(f"--max_steps {args.max_steps}")
     if bad:
         raise ValueError(f"invalid arguments: {', '.join(bad)} (expected positive values)")
     if (args.val_data or args.val_annotations) and args.val_fraction is not None:
         raise ValueError("give validation data or --val_fraction, not both")
+    if args.eval_every and not (args.val_data or args.val_annotations or args.val_fraction is not None):
+        raise ValueError("--eval_every needs validation data: give --val_data or --val_fraction (with "
+                         "--train_encoder: --val_annotations or --val_fraction)")
     if (args.augment or args.cache_images) and not args.train_encoder:
         raise ValueError("--augment and --cache_images apply to images: add --train_encoder")
     if args.augment and args.cache_images:
@@ -222,16 +232,16 @@ def run(args, dist: Distributed) -> dict:
     dist.print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on "
                f"{dist.world_size} x {dist.device}; {len(inputs.train)} training captions")
     trainer = Trainer(model, tokenizer, stepper, train_loader, sampler, options, dist, run_info,
-                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(args))
+                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(args, inputs))
     summary = trainer.fit(resume)
     dist.print(f"done: step {summary['step']}; latest export {summary['latest_export']}")
     return summary
 
 
-def epoch_end_hooks(args) -> list:
+def epoch_end_hooks(args, inputs) -> list:
     """Functions called on every process after each epoch's export, as hook(trainer, epoch, export_dir); a
-    dict they return is added to train_log.jsonl. Evaluation with caption metrics plugs in here."""
-    return []
+    dict they return is added to train_log.jsonl."""
+    return [build_caption_evaluation(args, inputs.val)] if args.eval_every else []
 
 
 def main(argv=None) -> dict:

@@ -163,6 +163,7 @@ class FeatureCaptionDataset(Dataset):
                  caption_ids: np.ndarray, max_tokens: Optional[int] = None):
         self.features = features
         self.image_index = table.image_index
+        self.captions = table.captions  # reference texts for caption metrics (a reference, not a copy)
         self.tokens = tokens
         self.caption_ids = np.asarray(caption_ids, dtype=np.int64)
         self.max_tokens = max_tokens
