@@ -51,7 +51,10 @@ def test_parse_caption_scores_wrong_captions():
         "colour": True, "shape": True, "position": True}
     assert same_scene_facts(parse_caption("a red square below a blue circle"), truth) == {
         "colour": True, "shape": True, "position": False}
-    assert same_scene_facts(parse_caption("a red triangle above a blue circle"), truth)["shape"] is False
+    # a wrong shape name is a shape error; the relation between the red and the blue object is still right
+    assert same_scene_facts(parse_caption("a red triangle above a blue circle"), truth) == {
+        "colour": True, "shape": False, "position": True}
+    assert same_scene_facts(parse_caption("a green triangle above a yellow circle"), truth)["position"] is False
     assert same_scene_facts(parse_caption("a green square above a blue circle"), truth)["colour"] is False
     assert same_scene_facts(parse_caption("a red square"), truth) == {"colour": False, "shape": False,
                                                                       "position": False}
