@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--num_val", type=int, default=100)
     p.add_argument("--num_test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=14)
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--amp", choices=["none", "bf16"], default="bf16", help="bf16 autocast (CPU AMX units help)")

@@ -64,3 +64,16 @@ def gpt2_dir(tmp_path_factory, tokenizer):
     GPT2LMHeadModel(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
+    them several times slower; modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`, and the
+    setting is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,14 +12,7 @@ VOCAB = 300
 STOPS = [31, 110, 149]  # frequent with this model: some captions stop early, some run to max_length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
-    these tests several times slower; the setting is restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

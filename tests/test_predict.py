@@ -20,14 +20,7 @@ from predict import Captioner, DecodingOptions, image_id_from_name, main
 FAST = dict(max_length=10)  # tiny random models rarely stop early; short captions keep the tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
-    these tests several times slower; the setting is restored for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

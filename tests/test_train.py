@@ -27,13 +27,7 @@ ENCODER_META = EncoderConfig(name="tiny_vit_21m_224", weights="pretrained",
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several spin-wait against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captions_for(n_images, per_image=3, seed=0):

@@ -16,12 +16,7 @@ from training_data import FeatureCaptionDataset, caption_table_from_features
 from test_train import ROOT, args_for, make_pickle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

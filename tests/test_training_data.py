@@ -14,13 +14,7 @@ CAPTIONS = ["A red dog on a street.", "A cat.", "There is a bus in a field , and
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several spin-wait against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tokens_end_with_eos_and_round_trip(tokenizer):
