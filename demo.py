@@ -60,7 +60,7 @@ def train_args(data: Path, gpt2_dir: Path, run_dir: Path, args) -> list:
     return ["--train_encoder", "--annotations", str(data / "captions_train.json"), "--images_root", str(data),
             *(["--val_annotations", str(val)] if val.exists() else []),
             "--encoder", ENCODER, "--encoder_weights", "random", "--encoder_kwargs", json.dumps(ENCODER_KWARGS),
-            "--image_size", str(IMAGE_SIZE), "--feature_type", "grid", "--cache_images",
+            "--image_size", str(IMAGE_SIZE), "--feature_type", "grid", "--cache_images", "--channels_last",
             "--mapping_type", "transformer", "--num_layers", "2", "--prefix_length", "4",
             "--prefix_length_clip", "4", "--gpt2", str(gpt2_dir), "--out_dir", str(run_dir), "--prefix", "demo",
             "--epochs", str(args.epochs), "--bs", str(args.bs), "--lr", str(args.lr),

@@ -111,6 +111,9 @@ def add_encoder_flags(e) -> None:
     e("--encoder_lr", type=float, default=None, help="learning rate of the encoder (default: --lr)")
     e("--augment", action="store_true",
       help="light augmentation: a random resized crop (no flips: captions say left and right)")
+    e("--channels_last", default=None, action=argparse.BooleanOptionalAction,
+      help="run the encoder in channels-last memory format (default: on CUDA); faster for convolutions, "
+           "measured 2x for test_resnet under bf16 on an AMX CPU")
     e("--cache_images", action="store_true",
       help="preprocess every image once and keep it in memory (small datasets)")
 
@@ -218,7 +221,11 @@ def run(args, dist: Distributed) -> dict:
     optimizer = build_optimizer(model, args, dist.device)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps,
                                                 count_steps(len(train_loader), options)[1])
-    loss_module = CaptionLoss(model, images=args.train_encoder)
+    channels_last = args.train_encoder and (dist.device.type == "cuda" if args.channels_last is None
+                                            else args.channels_last)
+    if channels_last:
+        model.encoder.to(memory_format=torch.channels_last)
+    loss_module = CaptionLoss(model, images=args.train_encoder, channels_last=channels_last)
     if dist.enabled:
         loss_module = DistributedDataParallel(
             loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,

@@ -256,7 +256,8 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
              "--encoder_weights", "random",
              "--image_size", 32, "--feature_type", "grid", "--encoder_lr", 1e-2, "--num_workers", 0]
     runs = {}
-    for name, flags in (("untrained", ["--lr", 0, "--encoder_lr", 0]), ("plain", []), ("cached", ["--cache_images"])):
+    for name, flags in (("untrained", ["--lr", 0, "--encoder_lr", 0]), ("plain", []), ("cached", ["--cache_images"]),
+                        ("channels_last", ["--channels_last"])):
         train.main(args_for(None, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
         runs[name] = weights(tmp_path / name / "coco_prefix_latest")
     model = ClipCaptionModel.from_pretrained(tmp_path / "plain" / "coco_prefix_latest")
@@ -266,9 +267,25 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     params = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
     assert params and all(not torch.equal(runs["plain"][n], runs["untrained"][n]) for n in params)
     assert all(torch.equal(runs["plain"][k], runs["cached"][k]) for k in runs["plain"])  # same pixels either way
+    # the memory format changes the convolution kernels, not the loss (Adam's first steps amplify rounding
+    # differences in near-zero gradients, so weights are not compared); the export is contiguous again
+    losses = {name: [r["loss"] for r in log_records(tmp_path / name) if "loss" in r] for name in runs}
+    assert losses["channels_last"] == pytest.approx(losses["plain"], rel=1e-4) and len(losses["plain"]) == 2
+    assert all(t.is_contiguous() for t in runs["channels_last"].values())
     flags = ["--augment", "--num_workers", 1, "--val_fraction", 0.34]
     train.main(args_for(None, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
     assert [r for r in log_records(tmp_path / "augmented") if "val_loss" in r]
+
+
+def test_bf16_on_the_cpu_uses_the_math_attention_kernel():
+    dist = type("Dist", (), {"device": torch.device("cpu")})()
+    model = torch.nn.Linear(2, 2)
+    for amp, math_only in (("bf16", True), ("none", False)):
+        stepper = trainer.Stepper(model, torch.optim.SGD(model.parameters(), 0.1), None, dist, amp=amp)
+        with stepper.autocast():
+            assert torch.is_autocast_enabled("cpu") == (amp == "bf16")
+            assert torch.backends.cuda.flash_sdp_enabled() != math_only
+    assert torch.backends.cuda.flash_sdp_enabled()
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, gpt2_nodrop_dir):
