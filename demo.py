@@ -31,11 +31,14 @@ from shapes_data import parse_caption, same_scene_facts, scene_from_dict
 
 # The recipe. Measured on 2 CPU cores: frozen random-TinyViT features carry colour but not shape or position, and
 # TinyViT-5M end to end is too slow there; timm's test_resnet (0.37M parameters) at 64x64 with output stride 16
-# (a 4x4 grid of tokens) learns all three within minutes. TinyViT stays the default for COCO.
+# (a 4x4 grid of tokens) learns all three within minutes. TinyViT stays the default for COCO. The decoder is what
+# limits relations ("A above B" needs the decoder to look up where A is): with 2 layers and prefix 4 the two-shape
+# relations stayed near 64-70% after 3,000 steps; 3 layers, a prefix of 8 and no dropout reach 90% and more.
 ENCODER = "test_resnet"
 ENCODER_KWARGS = {"output_stride": 16}
 IMAGE_SIZE = 64
-GPT2_SIZES = dict(n_layer=2, n_embd=128, n_head=4, n_positions=64)
+GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
 TOKENIZER_VOCAB = 400
 
 
@@ -55,38 +58,47 @@ def build_decoder(captions, directory: Path, seed: int) -> Path:
     return directory
 
 
-def train_args(data: Path, gpt2_dir: Path, run_dir: Path, args) -> list:
+def epochs_for(num_captions: int, args) -> int:
+    """--epochs, or as many passes as --steps optimizer steps take: the recipe is a step budget, so a larger
+    dataset takes about as long as the default one and a smaller one is not under-trained."""
+    if args.epochs is not None:
+        return args.epochs
+    return max(1, round(args.steps / max(1, num_captions // args.bs)))
+
+
+def train_args(data: Path, gpt2_dir: Path, run_dir: Path, epochs: int, args) -> list:
     val = data / "captions_val.json"
     return ["--train_encoder", "--annotations", str(data / "captions_train.json"), "--images_root", str(data),
             *(["--val_annotations", str(val)] if val.exists() else []),
             "--encoder", ENCODER, "--encoder_weights", "random", "--encoder_kwargs", json.dumps(ENCODER_KWARGS),
             "--image_size", str(IMAGE_SIZE), "--feature_type", "grid", "--cache_images", "--channels_last",
-            "--mapping_type", "transformer", "--num_layers", "2", "--prefix_length", "4",
+            "--mapping_type", "transformer", "--num_layers", "2", "--prefix_length", "8",
             "--prefix_length_clip", "4", "--gpt2", str(gpt2_dir), "--out_dir", str(run_dir), "--prefix", "demo",
-            "--epochs", str(args.epochs), "--bs", str(args.bs), "--lr", str(args.lr),
+            "--epochs", str(epochs), "--bs", str(args.bs), "--lr", str(args.lr),
             "--warmup_steps", "100", "--amp", args.amp, "--seed", str(args.seed), "--device", args.device]
 
 
 def ground_truth(data: Path, records):
     """The scene of each test image: the generator's `scene` when the annotation file has it, else the scene its
-    reference captions describe (for datasets of the same grammar made elsewhere)."""
+    reference captions describe (datasets made elsewhere; the first reference that parses). Images whose scene
+    is unknown are left out of the accuracy, and the caller says how many."""
     raw = json.loads((data / "captions_test.json").read_text())
     scenes = {im["id"]: scene_from_dict(im["scene"]) for im in raw["images"] if "scene" in im}
     for record in records:
         if record.image_id not in scenes:
-            parsed = [s for s in map(parse_caption, record.captions) if s is not None]
-            if not parsed:
-                raise ValueError(f"{data / 'captions_test.json'}: image {record.image_id} has no 'scene' and none "
-                                 f"of its captions follows the shapes grammar")
-            scenes[record.image_id] = parsed[0]
+            parsed = next((s for s in map(parse_caption, record.captions) if s is not None), None)
+            if parsed is not None:
+                scenes[record.image_id] = parsed
     return scenes
 
 
 def accuracy(predictions, scenes):
-    totals = collections.Counter()
-    for image_id, caption in predictions.items():
-        totals.update({k: int(v) for k, v in same_scene_facts(parse_caption(caption), scenes[image_id]).items()})
-    return {k: 100.0 * totals[k] / len(predictions) for k in ("colour", "shape", "position")}
+    """Percent of captions right on each fact, over the images with a known scene (None when there are none)."""
+    totals, known = collections.Counter(), [i for i in predictions if i in scenes]
+    for image_id in known:
+        facts = same_scene_facts(parse_caption(predictions[image_id]), scenes[image_id])
+        totals.update({k: int(v) for k, v in facts.items()})
+    return {k: 100.0 * totals[k] / len(known) if known else None for k in ("colour", "shape", "position")}
 
 
 def write_grid(path: Path, records, predictions, count: int = 12) -> None:
@@ -119,7 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--num_val", type=int, default=100)
     p.add_argument("--num_test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=14)
+    p.add_argument("--steps", type=int, default=3000,
+                   help="optimizer steps to train for, rounded to whole epochs (about 5 minutes on 2 CPU cores)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--amp", choices=["none", "bf16"], default="bf16", help="bf16 autocast (CPU AMX units help)")
@@ -153,7 +167,7 @@ def main(argv=None) -> dict:
     gpt2_dir = build_decoder(train_captions, out / "decoder", args.seed)
     stage("tokenizer")
 
-    train.main(train_args(data, gpt2_dir, out / "run", args))
+    train.main(train_args(data, gpt2_dir, out / "run", epochs_for(len(train_captions), args), args))
     stage("train")
 
     captioner = Captioner.from_pretrained(out / "run" / "demo_latest", device=args.device)
@@ -174,22 +188,35 @@ def main(argv=None) -> dict:
     references = {r.image_id: r.captions for r in test_records}
     baseline = score_captions({i: most_frequent for i in references}, references, metrics=("CIDEr",))
     baseline_cider = baseline["metrics"]["CIDEr"]
-    acc = accuracy(predictions, ground_truth(data, test_records))
+    scenes = ground_truth(data, test_records)
+    acc = accuracy(predictions, scenes)
     write_grid(out / "test_captions.png", test_records, predictions)
     stage("evaluate")
 
     print(f"\nCIDEr {cider:.1f}, against {baseline_cider:.1f} for always answering the most frequent training "
           f"caption ({most_frequent!r})")
-    print(f"caption accuracy on {len(predictions)} test images: colour {acc['colour']:.1f}%, "
-          f"shape {acc['shape']:.1f}%, position/relation {acc['position']:.1f}%")
+    unknown = sum(1 for i in predictions if i not in scenes)
+    if unknown:
+        print(f"note: {unknown} of {len(predictions)} test images have no 'scene' and no reference caption in the "
+              f"shapes grammar; they are left out of the caption accuracy")
+    if unknown < len(predictions):
+        print(f"caption accuracy on {len(predictions) - unknown} test images: colour {acc['colour']:.1f}%, "
+              f"shape {acc['shape']:.1f}%, position/relation {acc['position']:.1f}%")
     for record in test_records[:5]:
         print(f"  {record.file_name}: {predictions[record.image_id]!r} (reference: {record.captions[0]!r})")
     print(f"stages (s): {stage_seconds}; grid of test images with captions: {out / 'test_captions.png'}")
     seconds = round(time.time() - start, 1)
-    print(f"RESULT colour_acc={acc['colour']:.1f} shape_acc={acc['shape']:.1f} position_acc={acc['position']:.1f} "
-          f"cider={cider:.1f} baseline_cider={baseline_cider:.1f} seconds={seconds}")
-    return {"accuracy": acc, "cider": cider, "baseline_cider": baseline_cider, "seconds": seconds,
-            "stages": stage_seconds}
+    result = {"accuracy": acc, "cider": cider, "baseline_cider": baseline_cider, "seconds": seconds,
+              "stages": stage_seconds}
+    print(result_line(result))
+    return result
+
+
+def result_line(result: dict, extra: str = "") -> str:
+    """The figures as one line a script can read; an accuracy that could not be measured is `nan`."""
+    figures = " ".join(f"{k}_acc={'nan' if v is None else f'{v:.1f}'}" for k, v in result["accuracy"].items())
+    return (f"RESULT {figures} cider={result['cider']:.1f} baseline_cider={result['baseline_cider']:.1f} "
+            f"seconds={result['seconds']}{extra}")
 
 
 if __name__ == "__main__":

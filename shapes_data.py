@@ -116,30 +116,55 @@ def draw_scene(scene: Scene, rng: random.Random, size: int = 64) -> Image.Image:
     return img
 
 
-THING_RE = re.compile(r"a (?:(?P<c1>\w+) (?P<s1>circle|square|triangle)|(?P<s2>circle|square|triangle) in (?P<c2>\w+))")
+# The parser reads the generator's grammar and the usual variations of other shape datasets: any article,
+# one adjective before the colour ("a small red circle"), more colour and shape names, "is", and synonyms of
+# the positions and relations. Ground truth parsed from such a dataset's references is read the same way.
+COLOUR_WORDS = (*COLOURS, "orange", "purple", "pink", "brown", "black", "white", "grey", "gray", "cyan", "magenta")
+SHAPE_WORDS = (*SHAPES, "rectangle", "star", "ellipse", "oval", "diamond", "hexagon", "pentagon", "cross", "heart")
+_COLOUR, _SHAPE = "|".join(COLOUR_WORDS), "|".join(SHAPE_WORDS)
+THING_RE = re.compile(rf"\b(?:a|an|the|one) (?:\w+ )?(?:(?P<c1>{_COLOUR}) (?P<s1>{_SHAPE})"
+                      rf"|(?P<s2>{_SHAPE}) (?:in|of colou?r) (?P<c2>{_COLOUR}))\b")
+RELATION_WORDS = {"to the left of": "to the left of", "on the left of": "to the left of", "left of": "to the left of",
+                  "to the right of": "to the right of", "on the right of": "to the right of",
+                  "right of": "to the right of", "on top of": "above", "above": "above", "over": "above",
+                  "below": "below", "underneath": "below", "beneath": "below", "under": "below"}
+POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom",
+                  "lower": "bottom", "centre": "centre", "center": "centre", "middle": "centre"}
+
+
+def find_relation(text: str) -> Optional[str]:
+    """The relation a piece of caption states (longest phrase first: "to the left of" before "left of")."""
+    for phrase in sorted(RELATION_WORDS, key=len, reverse=True):
+        if re.search(rf"\b{phrase}\b", text):
+            return RELATION_WORDS[phrase]
+    return None
 
 
 def parse_caption(caption: str) -> Optional[Scene]:
-    """The scene a caption describes, or None when it does not follow the grammar."""
-    text = " ".join(caption.lower().replace(".", " ").split())
-    things = [Thing(m["c1"] or m["c2"], m["s1"] or m["s2"]) for m in THING_RE.finditer(text)]
-    if any(t.colour not in COLOURS for t in things) or not things:
-        return None
+    """The scene a caption describes, or None when it names no shape, more than two, or no position/relation.
+
+    One shape: its position from the words around it ("top left" for both). Two shapes: the relation between
+    their mentions ("A is above B"), or after the second ("B with A above it": A above B).
+    """
+    text = " ".join(re.sub(r"[^a-z ]", " ", caption.lower()).split())
+    matches = list(THING_RE.finditer(text))
+    things = [Thing(m["c1"] or m["c2"], m["s1"] or m["s2"]) for m in matches]
     if len(things) == 1:
-        if text.endswith(" it"):
+        rest = text[:matches[0].start()] + " " + text[matches[0].end():]
+        if re.search(r"\b(it|its)\b", rest):
             return None
-        for position, phrases in POSITION_PHRASES.items():
-            if any(p in text for p in phrases):
-                return Scene(things, position=position)
-        return None
+        positions = sorted({POSITION_WORDS[w] for w in rest.split() if w in POSITION_WORDS})
+        return Scene(things, position=" ".join(positions)) if positions else None
     if len(things) != 2:
         return None
-    relation = next((r for r in sorted(RELATIONS, key=len, reverse=True) if f" {r} " in f" {text} "), None)
-    if relation is None:
-        return None
-    if text.endswith(f"{relation} it"):  # "a B with a A REL it": A REL B
-        return Scene([things[1], things[0]], relation=relation)
-    return Scene(things, relation=relation)
+    relation = find_relation(text[matches[0].end():matches[1].start()])
+    if relation is not None:
+        return Scene(things, relation=relation)
+    after = text[matches[1].end():]
+    relation = find_relation(after)
+    if relation is not None and re.search(r"\b(it|them)$", after):
+        return Scene(things[::-1], relation=relation)
+    return None
 
 
 def same_scene_facts(predicted: Optional[Scene], truth: Scene) -> Dict[str, bool]:

@@ -17,11 +17,8 @@ def main(argv=None) -> None:
     if "--out_dir" not in argv:
         argv += ["--out_dir", "./runs/bench_demo"]
     result = demo.main(argv)
-    acc = result["accuracy"]
-    stages = " ".join(f"{name}_s={seconds}" for name, seconds in result["stages"].items())
-    print(f"RESULT colour_acc={acc['colour']:.1f} shape_acc={acc['shape']:.1f} position_acc={acc['position']:.1f} "
-          f"cider={result['cider']:.1f} baseline_cider={result['baseline_cider']:.1f} "
-          f"seconds={result['seconds']} {stages}")
+    stages = "".join(f" {name}_s={seconds}" for name, seconds in result["stages"].items())
+    print(demo.result_line(result, stages))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
+import argparse
 import json
 
+import pytest
+
 import demo
+import shapes_data
+from shapes_data import same_scene_facts, scene_from_dict
 
 
 def test_demo_runs_the_whole_pipeline_on_a_tiny_dataset(tmp_path, capsys):
@@ -17,9 +22,60 @@ def test_demo_runs_the_whole_pipeline_on_a_tiny_dataset(tmp_path, capsys):
     assert (out / "eval" / "metrics.json").exists() and (out / "run" / "demo_latest" / "config.json").exists()
 
 
-def test_demo_rejects_a_folder_without_the_coco_files(tmp_path):
-    import pytest
+def strip_scenes(data, unreadable_image=None):
+    """The test split as another shapes dataset would write it: no `scene`, optionally one image whose
+    captions follow no grammar the parser knows."""
+    path = data / "captions_test.json"
+    raw = json.loads(path.read_text())
+    scenes = {im["id"]: scene_from_dict(im.pop("scene")) for im in raw["images"]}
+    for ann in raw["annotations"]:
+        if ann["image_id"] == unreadable_image:
+            ann["caption"] = "some shapes somewhere"
+    path.write_text(json.dumps(raw))
+    return scenes
 
+
+def test_ground_truth_comes_from_the_references_without_a_scene(tmp_path):
+    data = shapes_data.generate(tmp_path, num_train=0, num_val=0, num_test=30, seed=3)
+    first = json.loads((data / "captions_test.json").read_text())["images"][0]["id"]
+    truth = strip_scenes(data, unreadable_image=first)
+    records = demo.read_annotations(data / "captions_test.json", images_root=data)
+    assert records[0].image_id == first
+    scenes = demo.ground_truth(data, records)
+    assert set(scenes) == {r.image_id for r in records[1:]}
+    assert all(all(same_scene_facts(scenes[i], truth[i]).values()) for i in scenes)
+    predictions = {r.image_id: r.captions[0] for r in records}
+    predictions[records[1].image_id] = "a plaid blob"
+    assert demo.accuracy(predictions, scenes) == {k: pytest.approx(100 * 28 / 29) for k in
+                                                  ("colour", "shape", "position")}
+    assert demo.accuracy(predictions, {}) == {"colour": None, "shape": None, "position": None}
+
+
+def test_the_recipe_is_a_step_budget():
+    args = argparse.Namespace(steps=3000, bs=64, epochs=None)
+    assert demo.epochs_for(10000, args) == 19  # 156 steps an epoch
+    assert demo.epochs_for(20000, args) == 10 and demo.epochs_for(100, args) == 3000
+    assert demo.epochs_for(10000, argparse.Namespace(steps=3000, bs=64, epochs=2)) == 2
+
+
+def test_demo_on_another_dataset_without_scenes(tmp_path, capsys):
+    data = shapes_data.generate(tmp_path / "other", num_train=20, num_val=2, num_test=4, seed=5)
+    strip_scenes(data)
+    result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out"), "--epochs", "1", "--bs", "16",
+                        "--beam_size", "1"])
+    assert all(0.0 <= v <= 100.0 for v in result["accuracy"].values())
+    (data / "captions_test.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "images/test_000023.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "some shapes somewhere"}]}))
+    result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out2"), "--epochs", "1", "--bs", "16",
+                        "--beam_size", "1"])
+    printed = capsys.readouterr().out
+    assert "note: 1 of 1 test images have no 'scene'" in printed
+    assert printed.strip().splitlines()[-1].startswith("RESULT colour_acc=nan shape_acc=nan position_acc=nan cider=")
+    assert result["accuracy"] == {"colour": None, "shape": None, "position": None}
+
+
+def test_demo_rejects_a_folder_without_the_coco_files(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="captions_train.json is missing"):
         demo.main(["--data", str(tmp_path), "--out_dir", str(tmp_path / "out")])

@@ -58,8 +58,27 @@ def test_parse_caption_scores_wrong_captions():
     assert same_scene_facts(parse_caption("a green square above a blue circle"), truth)["colour"] is False
     assert same_scene_facts(parse_caption("a red square"), truth) == {"colour": False, "shape": False,
                                                                       "position": False}
-    assert parse_caption("a purple square on the left") is None
+    assert same_scene_facts(parse_caption("a purple square on the left"), Scene([Thing("red", "square")], "left")
+                            ) == {"colour": False, "shape": True, "position": True}
+    assert parse_caption("a plaid square on the left") is None  # not a colour
     assert parse_caption("a red square") is None  # no position
+    assert parse_caption("a red square above a blue circle and a green triangle") is None  # three shapes
+
+
+def test_parse_caption_reads_variations_of_other_shape_datasets():
+    red_above_blue = Scene([Thing("red", "square"), Thing("blue", "circle")], relation="above")
+    for caption in ("The red square is above the blue circle.", "a small red square on top of a large blue circle",
+                    "A blue circle is underneath a red square", "one square of colour red over an circle in blue",
+                    "a blue circle with a red square above it"):
+        assert same_scene_facts(parse_caption(caption), red_above_blue) == {
+            "colour": True, "shape": True, "position": True}, caption
+    assert parse_caption("An orange star left of a pink hexagon") == Scene(
+        [Thing("orange", "star"), Thing("pink", "hexagon")], relation="to the left of")
+    assert parse_caption("The purple diamond is in the upper left corner.") == Scene(
+        [Thing("purple", "diamond")], position="left top")
+    assert parse_caption("A grey oval in the middle") == Scene([Thing("grey", "oval")], position="centre")
+    assert parse_caption("a red circle next to it") is None  # a single shape said relative to nothing
+    assert parse_caption("a red circle and a blue square") is None  # no relation
 
 
 def test_captions_for_covers_all_grammar_forms():
