@@ -24,9 +24,10 @@ from models.checkpoint_io import atomic_write
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")  # where a lone shape sits
-RELATIONS = ("to the left of", "to the right of", "above", "below")  # first shape relative to the second
+RELATIONS = ("to the left of", "above")  # of a scene: the first shape (left or top) relative to the second
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
            "below": "above"}
+SYNONYMS = {"to the left of": "left of", "above": "on top of"}
 POSITION_PHRASES = {"left": ["on the left", "in the left part of the image"],
                     "right": ["on the right", "in the right part of the image"],
                     "top": ["at the top", "in the upper part of the image"],
@@ -57,7 +58,10 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def captions_for(scene: Scene, rng: random.Random, count: int = 5) -> List[str]:
-    """Paraphrases of the scene from the grammar, distinct where the grammar allows."""
+    """Paraphrases of the scene from the grammar, distinct where the grammar allows.
+
+    Two shapes are named in reading order, the left (or top) one first, as people describe a scene; the
+    paraphrases vary the wording and state the relation both ways ("A above B", "A with B below it")."""
     a = scene.things[0]
     if scene.position:
         templates = [f"a {a.colour} {a.shape} {p}" for p in POSITION_PHRASES[scene.position]]
@@ -66,10 +70,10 @@ def captions_for(scene: Scene, rng: random.Random, count: int = 5) -> List[str]:
     else:
         b, rel = scene.things[1], scene.relation
         templates = [f"a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
-                     f"a {b.colour} {b.shape} {INVERSE[rel]} a {a.colour} {a.shape}",
+                     f"a {a.colour} {a.shape} {SYNONYMS[rel]} a {b.colour} {b.shape}",
                      f"there is a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
                      f"a {a.shape} in {a.colour} {rel} a {b.shape} in {b.colour}",
-                     f"a {b.colour} {b.shape} with a {a.colour} {a.shape} {rel} it"]
+                     f"a {a.colour} {a.shape} with a {b.colour} {b.shape} {INVERSE[rel]} it"]
     rng.shuffle(templates)
     return templates[:count]
 

@@ -67,9 +67,10 @@ def test_demo_on_another_dataset_without_scenes(tmp_path, capsys):
     (data / "captions_test.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "images/test_000023.png"}],
         "annotations": [{"id": 1, "image_id": 1, "caption": "some shapes somewhere"}]}))
-    result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out2"), "--epochs", "1", "--bs", "16",
-                        "--beam_size", "1"])
+    result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out"), "--epochs", "1", "--bs", "16",
+                        "--beam_size", "1"])  # the same --out_dir again: the demo's previous run is replaced
     printed = capsys.readouterr().out
+    assert f"note: replacing the previous demo run in {tmp_path / 'out' / 'run'}" in printed
     assert "note: 1 of 1 test images have no 'scene'" in printed
     assert printed.strip().splitlines()[-1].startswith("RESULT colour_acc=nan shape_acc=nan position_acc=nan cider=")
     assert result["accuracy"] == {"colour": None, "shape": None, "position": None}

@@ -35,14 +35,22 @@ def test_coco_format_and_captions_parse_back_to_the_scene(tmp_path):
     assert {len(scene_from_dict(im["scene"]).things) for im in data["images"]} == {1, 2}
 
 
-def test_images_show_the_scene(tmp_path):
+def test_images_show_the_scene_with_the_first_shape_left_or_on_top(tmp_path):
     rng = random.Random(0)
-    scene = Scene([Thing("red", "square"), Thing("blue", "circle")], relation="to the left of")
-    pixels = np.asarray(shapes_data.draw_scene(scene, rng, 64)).astype(int)
-    def centre_of(colour):
-        ys, xs = np.nonzero((np.abs(pixels - np.array(COLOURS[colour])).sum(-1)) < 10)
-        return xs.mean(), ys.mean()
-    assert centre_of("red")[0] < 32 < centre_of("blue")[0]
+    checked = 0
+    while checked < 20:
+        scene = shapes_data.random_scene(rng)
+        pixels = np.asarray(shapes_data.draw_scene(scene, rng, 64)).astype(int)
+        if scene.position or scene.things[0].colour == scene.things[1].colour:
+            continue
+
+        def centre_of(colour):
+            ys, xs = np.nonzero((np.abs(pixels - np.array(COLOURS[colour])).sum(-1)) < 10)
+            return xs.mean(), ys.mean()
+        (x0, y0), (x1, y1) = centre_of(scene.things[0].colour), centre_of(scene.things[1].colour)
+        assert scene.relation in ("to the left of", "above")
+        assert (x0 + 20 < x1) if scene.relation == "to the left of" else (y0 + 20 < y1), scene
+        checked += 1
 
 
 def test_parse_caption_scores_wrong_captions():
