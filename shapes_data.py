@@ -136,12 +136,14 @@ POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top"
                   "lower": "bottom", "centre": "centre", "center": "centre", "middle": "centre"}
 
 
+# Longest phrase first, so that "underneath" is not read as "under".
+RELATION_RE = re.compile(rf"\b(?:{'|'.join(sorted(RELATION_WORDS, key=len, reverse=True))})\b")
+
+
 def find_relation(text: str) -> Optional[str]:
-    """The relation a piece of caption states (longest phrase first: "to the left of" before "left of")."""
-    for phrase in sorted(RELATION_WORDS, key=len, reverse=True):
-        if re.search(rf"\b{phrase}\b", text):
-            return RELATION_WORDS[phrase]
-    return None
+    """The relation the first relation phrase in a piece of caption states, or None."""
+    match = RELATION_RE.search(text)
+    return RELATION_WORDS[match.group()] if match else None
 
 
 def parse_caption(caption: str) -> Optional[Scene]:
