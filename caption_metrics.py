@@ -28,7 +28,7 @@ class MetricsError(RuntimeError):
 
 
 class JavaNotFoundError(MetricsError):
-    pass
+    """No `java` on the PATH: BLEU, METEOR, ROUGE-L and CIDEr need its PTB tokenizer."""
 
 
 def require_java() -> str:

@@ -166,8 +166,8 @@ def assert_same_file(path, reference):
     assert data["captions"] == ref["captions"] and data["metadata"] == ref["metadata"]
 
 
-def interrupt_after(monkeypatch, batches: int):
-    """Ctrl-C while the batch after `batches` finished ones is in flight."""
+def interrupted_run(tree, out, monkeypatch, batches: int) -> None:
+    """A run (batches of 4) stopped by Ctrl-C while the batch after `batches` finished ones is in flight."""
     original, calls = feature_extraction.LogWriter.append, []
 
     def append(self, indices, features):
@@ -176,14 +176,14 @@ def interrupt_after(monkeypatch, batches: int):
             raise KeyboardInterrupt
         original(self, indices, features)
     monkeypatch.setattr(feature_extraction.LogWriter, "append", append)
+    with pytest.raises(KeyboardInterrupt):
+        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    monkeypatch.undo()
 
 
 def test_resume_after_interrupt_and_torn_write(tree, reference, tmp_path, monkeypatch):
     out = tmp_path / "f.pkl"
-    interrupt_after(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
-    monkeypatch.undo()
+    interrupted_run(tree, out, monkeypatch, 2)
     logs = list(Path(f"{out}.partial").glob("*.log"))
     assert not out.exists() and len(logs) == 1
     with open(logs[0], "ab") as f:  # power loss in the middle of writing the third record
@@ -195,10 +195,7 @@ def test_resume_after_interrupt_and_torn_write(tree, reference, tmp_path, monkey
 
 def test_resume_refuses_other_settings_unless_fresh(tree, reference, tmp_path, monkeypatch):
     out = tmp_path / "f.pkl"
-    interrupt_after(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
-    monkeypatch.undo()
+    interrupted_run(tree, out, monkeypatch, 1)
     with pytest.raises(ExtractionError, match=r"partial results of a run with other inputs or settings "
                                               r"\(differing: dtype\); rerun that command"):
         parse_coco.main(args_for(tree, out, "--batch_size", "4", "--dtype", "float16"))

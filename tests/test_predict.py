@@ -166,23 +166,18 @@ def test_a_checkpoint_without_encoder_takes_features_only(exports, images):
         Captioner.from_pretrained(exports["features_only"], encoder_weights=exports["weights"])
 
 
-def test_an_unsaved_random_encoder_is_refused(exports, tmp_path):
-    shutil.copytree(exports["from_file"], tmp_path / "random")
-    config = json.loads((tmp_path / "random" / "config.json").read_text())
-    config["encoder"]["weights"] = "random"
-    (tmp_path / "random" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="randomly initialised test_resnet whose weights were not saved"):
-        Captioner.from_pretrained(tmp_path / "random")
-
-
-def test_pretrained_encoder_weights_unavailable_offline_is_a_clear_error(exports, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights, message", [
+    ("random", "randomly initialised test_resnet whose weights were not saved"),
+    ("pretrained", "cannot load the pretrained weights of image encoder 'test_resnet'"),  # offline: no hub
+])
+def test_encoder_weights_that_cannot_be_had_are_a_clear_error(exports, tmp_path, monkeypatch, weights, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    shutil.copytree(exports["from_file"], tmp_path / "hub")
-    config = json.loads((tmp_path / "hub" / "config.json").read_text())
-    config["encoder"]["weights"] = "pretrained"
-    (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="cannot load the pretrained weights of image encoder 'test_resnet'"):
-        Captioner.from_pretrained(tmp_path / "hub")
+    shutil.copytree(exports["from_file"], tmp_path / weights)
+    config = json.loads((tmp_path / weights / "config.json").read_text())
+    config["encoder"]["weights"] = weights
+    (tmp_path / weights / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        Captioner.from_pretrained(tmp_path / weights)
 
 
 def test_grid_features(tokenizer, images, tmp_path):

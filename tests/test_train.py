@@ -139,7 +139,7 @@ def test_only_prefix_changes_only_the_mapper(tmp_path, features, gpt2_dir):
 
 
 class Crash(Exception):
-    pass
+    """Raised inside a training step to stand for a process killed mid-run."""
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gpt2_dir, monkeypatch):
