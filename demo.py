@@ -25,6 +25,8 @@ import evaluate
 import shapes_data
 import train
 from caption_data import read_annotations
+from captioning import runtime
+from captioning.cli import add_precision_argument, add_thread_arguments
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
 from predict import Captioner, write_json
@@ -78,7 +80,8 @@ def train_args(data: Path, gpt2_dir: Path, run_dir: Path, epochs: int, args) -> 
             "--mapping_type", "transformer", "--num_layers", "2", "--prefix_length", "8",
             "--prefix_length_clip", "4", "--gpt2", str(gpt2_dir), "--out_dir", str(run_dir), "--prefix", "demo",
             "--epochs", str(epochs), "--bs", str(args.bs), "--lr", str(args.lr),
-            "--warmup_steps", "100", "--amp", args.amp, "--seed", str(args.seed), "--device", args.device]
+            "--warmup_steps", "100", "--precision", args.precision, "--seed", str(args.seed), "--device", args.device,
+            *(["--threads", str(args.threads)] if args.threads else [])]
 
 
 def ground_truth(data: Path, records):
@@ -139,7 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--amp", choices=["none", "bf16"], default="bf16", help="bf16 autocast (CPU AMX units help)")
+    add_precision_argument(p, aliases=["--amp"], what="precision of training and captioning")
+    add_thread_arguments(p, workers=False)
     p.add_argument("--beam_size", type=int, default=3)
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
@@ -177,9 +181,11 @@ def main(argv=None) -> dict:
     train.main(train_args(data, gpt2_dir, run_dir, epochs_for(len(train_captions), args), args))
     stage("train")
 
-    captioner = Captioner.from_pretrained(run_dir / "demo_latest", device=args.device)
-    results = captioner.predict([r.path for r in test_records], DecodingOptions(beam_size=args.beam_size, max_length=40),
-                                batch_size=64, progress=True)
+    captioner = Captioner.from_pretrained(run_dir / "demo_latest", device=args.device, precision=args.precision)
+    with runtime.thread_budget(runtime.plan_threads(args.device, loads_images=False, threads=args.threads)):
+        results = captioner.predict([r.path for r in test_records],
+                                    DecodingOptions(beam_size=args.beam_size, max_length=40), batch_size=64,
+                                    progress=True)
     failed = [r for r in results if r.error]
     if failed:
         raise RuntimeError(f"{len(failed)} test images could not be captioned, e.g. {failed[0].error}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence
 
 from caption_data import AnnotationError, read_annotations
+from captioning.cli import add_precision_argument, add_thread_arguments
 from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
 
@@ -156,8 +157,8 @@ def _load(record):
         return e
 
 
-def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int, max_length: int,
-                    batch_size: int):
+def caption_records(records, checkpoint, device: str, precision: str, beam_size: int, max_length: int,
+                    batch_size: int, threads: Optional[int] = None):
     """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
 
     Returns the predictions and one message per image that could not be read.
@@ -166,32 +167,45 @@ def caption_records(records, checkpoint, device: str, dtype: str, beam_size: int
 
     from tqdm import tqdm
 
+    from captioning import runtime
     from predict import Captioner, DecodingOptions
 
-    captioner = Captioner.from_pretrained(checkpoint, device=device, dtype=dtype)
-    if captioner.encoder is None:
-        raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features only: "
-                              f"caption the split's features with predict.py, then score that results file "
-                              f"with --predictions")
-    options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size, max_length=max_length)
-    predictions, failed = [], []
-    batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-    # Images of the next batch decode in threads while the current batch is captioned.
-    with ThreadPoolExecutor(max_workers=4) as pool, tqdm(total=len(records), desc="captioning", unit="img") as bar:
-        pending = [pool.submit(_load, r) for r in batches[0]] if batches else []
-        for i, batch in enumerate(batches):
-            images = [f.result() for f in pending]
-            pending = [pool.submit(_load, r) for r in batches[i + 1]] if i + 1 < len(batches) else []
-            ok = [(r, im) for r, im in zip(batch, images) if not isinstance(im, Exception)]
-            failed += [str(im) for im in images if isinstance(im, Exception)]
-            if ok:
-                results = captioner.predict([im for _, im in ok], options, batch_size=len(ok), on_error="keep")
-                for (record, _), result in zip(ok, results):
-                    if result.error is not None:
-                        failed.append(f"{record.path}: {result.error}")
-                    else:
-                        predictions.append(Prediction(record.image_id, result.captions[0], list(result.captions)))
-            bar.update(len(batch))
+    budget = runtime.plan_threads(device, loads_images=True, threads=threads)
+    with runtime.thread_budget(budget):
+        captioner = Captioner.from_pretrained(checkpoint, device=device, precision=precision)
+        runtime.announce(captioner.precision)
+        print(budget.describe(), file=sys.stderr)
+        if captioner.encoder is None:
+            raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features "
+                                  f"only: caption the split's features with predict.py, then score that results "
+                                  f"file with --predictions")
+        options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size,
+                                  max_length=max_length)
+        predictions, failed = [], []
+        batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+        # With spare cores (a GPU run) the next batch's images decode in threads while this one is captioned;
+        # on a CPU, whose cores the model needs, they decode between batches, on every core.
+        prefetch = budget.workers > 0
+        with ThreadPoolExecutor(budget.workers if prefetch else budget.cores) as pool, \
+                tqdm(total=len(records), desc="captioning", unit="img") as bar:
+            pending = [pool.submit(_load, r) for r in batches[0]] if batches else []
+            for i, batch in enumerate(batches):
+                images = [f.result() for f in pending]
+                following = batches[i + 1] if i + 1 < len(batches) else []
+                pending = [pool.submit(_load, r) for r in following] if prefetch else []
+                ok = [(r, im) for r, im in zip(batch, images) if not isinstance(im, Exception)]
+                failed += [str(im) for im in images if isinstance(im, Exception)]
+                if ok:
+                    results = captioner.predict([im for _, im in ok], options, batch_size=len(ok), on_error="keep")
+                    for (record, _), result in zip(ok, results):
+                        if result.error is not None:
+                            failed.append(f"{record.path}: {result.error}")
+                        else:
+                            predictions.append(Prediction(record.image_id, result.captions[0],
+                                                          list(result.captions)))
+                if not prefetch:
+                    pending = [pool.submit(_load, r) for r in following]
+                bar.update(len(batch))
     return predictions, failed
 
 
@@ -286,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
     p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="--checkpoint: precision of the model while captioning")
+    add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
+    add_thread_arguments(p, workers=False)
     return p
 
 
@@ -309,8 +323,8 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
         raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
                               f"check --images_root (or pass --allow_partial to caption the others)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictions, failed = caption_records(present, args.checkpoint, device, args.dtype, args.beam_size,
-                                          args.max_length, args.batch_size)
+    predictions, failed = caption_records(present, args.checkpoint, device, args.precision, args.beam_size,
+                                          args.max_length, args.batch_size, args.threads)
     path = out_dir / "predictions.json"
     write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
     print(f"wrote {path}")
@@ -324,7 +338,7 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
 
 
 def run(args) -> Dict:
-    for flag in ("beam_size", "max_length", "batch_size", "max_images"):
+    for flag in ("beam_size", "max_length", "batch_size", "max_images", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours

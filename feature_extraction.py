@@ -28,6 +28,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from caption_data import ImageError, ImageRecord, load_image
+from captioning.runtime import Precision
 from models.checkpoint_io import atomic_write
 
 MANIFEST = "manifest.json"
@@ -238,19 +239,15 @@ def plan_batches(num_images: int, batch_size: int, done: set, rank: int = 0, wor
     return [b for b in batches if b][rank::world_size]
 
 
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: List[List[int]], *,
-            device: torch.device, precision: str = "fp32", dtype: str = "float32", num_workers: int = 0,
+            device: torch.device, precision: Optional[Precision] = None, dtype: str = "float32",
+            num_workers: int = 0,
             channels_last: bool = False, on_error: str = "skip", max_pixels: Optional[int] = None,
             rank: int = 0, show_progress: bool = True) -> List[Failure]:
     """Encode `batches` (lists of indices into `records`), appending finished batches to this process's log.
 
-    Returns the images that could not be read; with `on_error="fail"` the first one raises instead.
+    `precision` is the encoder's autocast (None: fp32). Returns the images that could not be read; with
+    `on_error="fail"` the first one raises instead.
     """
     set_pil_pixel_limit(max_pixels)
     transform, normalization = split_transform(encoder.transform)
@@ -263,7 +260,8 @@ def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: L
     bar = tqdm(total=total, unit="img", desc=f"encoding (rank {rank})" if rank else "encoding",
                disable=not show_progress, dynamic_ncols=True)
     try:
-        with torch.inference_mode(), autocast_context(device, precision):
+        autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
             for indices, images, errors in loader:
                 for index, kind, reason in errors:
                     failure = Failure(index, str(records[index].path), kind, reason)

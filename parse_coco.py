@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from captioning import runtime
+from captioning.cli import add_precision_argument, add_thread_arguments
 from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
 from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
                                 plan_batches, prepare_partial)
@@ -43,6 +45,11 @@ def json_object(text: str) -> dict:
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # flags without a fixed default say what they default to in words
         return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def feature_dtype(text: str) -> str:
+    """float32 or float16, also as fp32 / fp16 (the names --precision uses)."""
+    return {"fp32": "float32", "fp16": "float16"}.get(text.lower(), text.lower())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,15 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per encoder call; default 128 on CUDA, 8 on CPU (where bigger batches gain nothing)")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader processes decoding and preprocessing images; default: CPU cores - 1 (at most 8)")
+    add_thread_arguments(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="encoder compute precision (autocast); auto: bf16 on CUDA where supported, else fp16 on "
-                        "CUDA, fp32 on CPU")
-    p.add_argument("--dtype", default="float32", choices=sorted(STORAGE_DTYPES), help="stored feature dtype")
+    add_precision_argument(p, what="encoder compute precision (autocast)")
+    p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
+                   choices=sorted(STORAGE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
     p.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-                   help="channels-last memory format; default: on for CUDA")
+                   help="channels-last memory format (default: on; TinyViT-21M on a CPU measured 26-36%% faster)")
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
                    help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
     p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")
@@ -86,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
     args = p.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    for flag, minimum in (("batch_size", 1), ("threads", 1), ("num_workers", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < minimum:
+            p.error(f"--{flag} must be at least {minimum}, got {value}")
     tag = (args.encoder or args.clip_model_type).replace("/", "_")
     args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
     args.error_log = Path(args.error_log or args.out_path.with_suffix(".errors.log"))
@@ -143,7 +150,7 @@ def run_manifest(args, records, encoder, precision) -> dict:
     return {"format_version": FORMAT_VERSION, "images_sha256": images, "num_images": len(records),
             "images_root": str(Path(args.images_root).resolve()), "encoder": encoder.config.to_dict(),
             "weights_sha256": sha256_file(Path(weights)) if Path(weights).is_file() else None,
-            "dtype": args.dtype, "precision": precision}
+            "dtype": args.dtype, "precision": precision.name}
 
 
 def features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, num_captions) -> dict:
@@ -154,7 +161,7 @@ def features_metadata(args, encoder, precision, records, kept, failures, skipped
         "clip_model_type": None if args.encoder else args.clip_model_type,
         "preprocessing": config.data_config, "feature_type": config.feature_type,
         "feature_dim": encoder.feature_dim, "num_tokens": encoder.num_tokens if config.feature_type == "grid" else None,
-        "dtype": args.dtype, "precision": precision,
+        "dtype": args.dtype, **precision.record(),
         "num_images": len(kept), "num_captions": num_captions, "num_failed_images": len(failures),
         "num_skipped_captions": sum(len(records[f.index].captions) for f in failures),
         "num_skipped_annotation_entries": len(skipped_entries),
@@ -221,14 +228,6 @@ def finish(args, records, encoder, precision, partial: Path, failures, skipped_e
             "images_read": encoded, "extraction_seconds": seconds}
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict]:
     main_process, distributed = rank == 0, dist.is_initialized()
     entry_errors = [] if args.on_error == "skip" else None
@@ -243,8 +242,9 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
             write_error_log(args.error_log, args.annotations, records, [], skipped_entries)
         raise AnnotationError(f"{args.annotations}: no usable images" +
                               (f" in split {args.split!r}" if args.split else ""))
-    precision = resolve_precision(args.precision, device)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    precision = runtime.resolve_precision(args.precision, device, training=False)
+    budget = runtime.plan_threads(device, loads_images=True, workers=args.num_workers, threads=args.threads)
+    channels_last = True if args.channels_last is None else args.channels_last
     encoder = build_encoder(args).to(device)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -261,16 +261,17 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
         dist.barrier()  # everyone has planned from the same logs before anyone appends to them
     if main_process:
         print(f"{args.annotations}: {len(records)} images, {sum(len(r.captions) for r in records)} captions; "
-              f"encoder {encoder.config.name} ({encoder.config.weights}) on {device}, {precision}"
+              f"encoder {encoder.config.name} ({encoder.config.weights}) on {device}"
               + (f"; resuming, {len(done)} images already done" if resumed else ""))
-    num_workers = args.num_workers if args.num_workers is not None else \
-        min(8, max(0, (os.cpu_count() or 1) // world_size - 1))
+        runtime.announce(precision)
+        print(budget.describe(), file=sys.stderr)
     start = time.perf_counter()
     batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
-    failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
-                       device=device, precision=precision, dtype=args.dtype, num_workers=num_workers,
-                       channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
-                       rank=rank, show_progress=main_process)
+    with runtime.thread_budget(budget):
+        failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
+                           device=device, precision=precision, dtype=args.dtype, num_workers=budget.workers,
+                           channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
+                           rank=rank, show_progress=main_process)
     if distributed:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, failures)

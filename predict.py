@@ -28,14 +28,15 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from caption_data import FeaturesError, ImageError, load_image, read_features
+from captioning import runtime
+from captioning.cli import add_precision_argument, add_thread_arguments
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.decoding import DECODINGS, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder, to_rgb
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOADER_THREADS = min(8, os.cpu_count() or 1)
+PRECISION_OF_DTYPE = {dtype: name for name, dtype in runtime.TORCH_DTYPES.items()}
 __all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder", "main"]
 
 
@@ -136,8 +137,13 @@ class Captioner:
     """
 
     def __init__(self, model: ClipCaptionModel, tokenizer, encoder: Optional[ImageEncoder] = None,
-                 eos_token_ids: Optional[Sequence[int]] = None):
+                 eos_token_ids: Optional[Sequence[int]] = None, precision: Optional[runtime.Precision] = None):
         self.model = model.eval()
+        dtype = next(model.parameters()).dtype
+        self.precision = precision or runtime.Precision(PRECISION_OF_DTYPE.get(dtype, "fp32"), "as loaded",
+                                                        "the model's dtype")
+        # Image files are decoded between model calls, while torch's threads wait: every usable core may decode.
+        self.loader_threads = min(runtime.MAX_WORKERS, runtime.plan_threads(self.device, loads_images=True).cores)
         self.tokenizer = tokenizer
         self.encoder = (encoder if encoder is not None else model.encoder)
         if self.encoder is not None:
@@ -151,11 +157,18 @@ class Captioner:
         self.eos_token_ids = [int(i) for i in eos_token_ids]
 
     @classmethod
-    def from_pretrained(cls, directory, device=None, dtype: Union[str, torch.dtype] = "fp32",
-                        encoder_weights=None) -> "Captioner":
+    def from_pretrained(cls, directory, device=None, precision: Union[str, torch.dtype] = "auto",
+                        encoder_weights=None, dtype: Union[str, torch.dtype, None] = None) -> "Captioner":
         """Load an export directory written by train.py or convert_checkpoint.py (strictly: a missing, foreign
-        or mismatched checkpoint raises `CheckpointError`, never falls back to random weights)."""
+        or mismatched checkpoint raises `CheckpointError`, never falls back to random weights).
+
+        `precision`: auto (the rule of captioning/runtime.py for `device`), fp32, bf16, fp16 or a torch dtype;
+        `dtype` is its earlier name. The choice and its reason are in `captioner.precision`."""
         directory = Path(directory)
+        device = runtime.default_device(device)
+        choice = dtype if dtype is not None else precision
+        choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice
+        resolved = runtime.resolve_precision(choice, device, training=False)
         model = ClipCaptionModel.from_pretrained(directory)
         try:
             # The decoder's config names the tokenizer type; config.json describes the whole captioner.
@@ -172,11 +185,10 @@ class Captioner:
         elif encoder_weights is not None:
             raise CheckpointError(f"{directory}: the checkpoint holds its own image encoder weights; "
                                   f"--encoder_weights does not apply")
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=resolved.dtype)
         if encoder is not None:
-            encoder.to(device=device, dtype=dtype)
-        return cls(model, tokenizer, encoder)
+            encoder.to(device=device, dtype=resolved.dtype)
+        return cls(model, tokenizer, encoder, precision=resolved)
 
     @property
     def device(self) -> torch.device:
@@ -264,7 +276,7 @@ class Captioner:
                 positions.append(j)
         # Files are decoded in threads (PIL releases the GIL); tensor work stays in this thread, as torch ops
         # from several threads would each start their own OpenMP team and oversubscribe the cores.
-        with ThreadPoolExecutor(LOADER_THREADS) as pool:
+        with ThreadPoolExecutor(self.loader_threads) as pool:
             loaded = list(pool.map(lambda job: _load_pil(*job[1:]), jobs))
         pixels = []
         for (j, _, _), image in zip(jobs, loaded):
@@ -391,13 +403,16 @@ def parse_args(argv=None):
                                                           "whatever the batch size")
     p.add_argument("--batch_size", type=int, default=32, help="images decoded together")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="precision of the model")
+    add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
+    add_thread_arguments(p, workers=False)
     p.add_argument("--encoder_weights", default=None,
                    help="image encoder weights (file or encoder export directory) to use instead of those "
                         "the checkpoint records, e.g. when the recorded file has moved")
     args = p.parse_args(argv)
     if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
         p.error(f"--out {args.out}: the file name must end in .json or .csv")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 
@@ -427,13 +442,20 @@ def main(argv=None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"predict.py: error: --device {device}, but CUDA is not available here", file=sys.stderr)
         return 2
+    budget = runtime.plan_threads(device, loads_images=False, threads=args.threads)
+    with runtime.thread_budget(budget):
+        return caption_and_write(args, device)
+
+
+def caption_and_write(args, device: str) -> int:
     try:
         options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size, max_length=args.max_length,
                                   top_p=args.top_p, temperature=args.temperature,
                                   num_captions=args.num_captions, seed=args.seed)
         inputs, image_ids, notes = collect_inputs(args)
-        captioner = Captioner.from_pretrained(args.checkpoint, device=device, dtype=args.dtype,
+        captioner = Captioner.from_pretrained(args.checkpoint, device=device, precision=args.precision,
                                               encoder_weights=args.encoder_weights)
+        runtime.announce(captioner.precision, prefix="predict.py: ")
         results = captioner.predict(inputs, options, batch_size=args.batch_size, progress=len(inputs) > 1)
     except (CheckpointError, FeaturesError, ValueError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ predict.py loads), `<prefix>_resume.pt` (for --resume), `train_log.jsonl`, `loss
 --eval_every also `best/`, the export with the best validation CIDEr so far (its scores in best/eval.json).
 """
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from caption_data import ANNOTATION_FORMATS, ImageError
+from captioning import runtime
+from captioning.cli import add_precision_argument, add_thread_arguments
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_eval import build_caption_evaluation
@@ -33,7 +36,9 @@ DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_original_flags(p.add_argument_group("the original flags, same names and meanings").add_argument)
-    add_training_flags(p.add_argument_group("optimisation, data, devices and checkpoints").add_argument)
+    group = p.add_argument_group("optimisation, data, devices and checkpoints")
+    add_training_flags(group.add_argument)
+    add_runtime_flags(group)
     add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
     return p
 
@@ -59,6 +64,15 @@ def add_original_flags(a) -> None:
       help="L2-normalise image features before the mapper; saved in the config, so inference does the same")
 
 
+def add_runtime_flags(p) -> None:
+    add_precision_argument(p, aliases=["--amp"],
+                           what="autocast mixed precision of training (fp16: CUDA only, with loss scaling)")
+    add_thread_arguments(p, workers_help=(
+        "DataLoader workers per process (default: none for features, which sit in memory, or cached images; "
+        "for images on a CPU none below 8 usable cores, since the model needs them; on a GPU every core but "
+        "one, at most 8)"))
+
+
 def add_training_flags(a) -> None:
     a("--gpt2", default="distilgpt2", help="GPT-2 decoder and tokenizer: hub name or local directory")
     a("--lr", type=float, default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
@@ -67,11 +81,7 @@ def add_training_flags(a) -> None:
     a("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
     a("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
     a("--seed", type=int, default=0, help="seed of initialisation, data order, dropout and augmentation")
-    a("--num_workers", type=int, default=None,
-      help="DataLoader workers per process (default: 0 for features, which sit in memory; a few for images)")
     a("--device", default=None, help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
-    a("--amp", choices=["none", "bf16", "fp16"], default="none",
-      help="autocast mixed precision: bf16 (GPU or CPU) or fp16 (GPU, with loss scaling)")
     a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
     a("--val_fraction", type=float, default=None,
       help="hold out this fraction of the training images (all their captions) for validation instead")
@@ -133,6 +143,10 @@ def check_args(args) -> None:
                                                     "eval_every"] if getattr(args, k) < 0]
     if args.max_steps is not None and args.max_steps < 1:
         bad.append(f"--max_steps {args.max_steps}")
+    if args.threads is not None and args.threads < 1:
+        bad.append(f"--threads {args.threads}")
+    if args.num_workers is not None and args.num_workers < 0:
+        bad.append(f"--num_workers {args.num_workers}")
     if bad:
         raise ValueError(f"invalid arguments: {', '.join(bad)} (expected positive values)")
     if (args.val_data or args.val_annotations) and args.val_fraction is not None:
@@ -158,10 +172,7 @@ def build_optimizer(model, args, device) -> torch.optim.Optimizer:
                              lr=args.lr, fused=device.type in ("cuda", "cpu"))
 
 
-def make_loaders(args, inputs, dist: Distributed, pad_id: int):
-    workers = args.num_workers
-    if workers is None:
-        workers = 0 if not args.train_encoder or args.cache_images else 2
+def make_loaders(args, inputs, dist: Distributed, pad_id: int, workers: int):
     common = dict(batch_size=args.bs, num_workers=workers, collate_fn=CaptionCollator(pad_id),
                   pin_memory=dist.device.type == "cuda", persistent_workers=False)
     sampler = ResumableDistributedSampler(inputs.train, dist.world_size, dist.rank, seed=args.seed)
@@ -189,8 +200,17 @@ def resume_path(args, options: TrainOptions, dist: Distributed):
 
 def run(args, dist: Distributed) -> dict:
     check_args(args)
-    if args.amp == "fp16" and dist.device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16")
+    precision = runtime.resolve_precision(args.precision, dist.device, training=True)
+    budget = runtime.plan_threads(dist.device, loads_images=args.train_encoder and not args.cache_images,
+                                  workers=args.num_workers, threads=args.threads)
+    if dist.is_main:
+        runtime.announce(precision)
+        print(budget.describe(), file=sys.stderr, flush=True)
+    with runtime.thread_budget(budget):
+        return run_training(args, dist, precision, budget)
+
+
+def run_training(args, dist: Distributed, precision: runtime.Precision, budget: runtime.ThreadBudget) -> dict:
     if args.is_rn:
         dist.print("note: --is_rn is ignored: the feature size and type come from the features pickle")
     if dist.device.type == "cuda":
@@ -202,7 +222,10 @@ def run(args, dist: Distributed) -> dict:
     resume = resume_path(args, options, dist)
     seed_everything(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.gpt2)
-    build = build_image_inputs if args.train_encoder else build_feature_inputs
+    # Caching images happens before training, while torch waits: every core may decode then.
+    cache_workers = args.num_workers if args.num_workers is not None else (budget.cores if budget.cores > 1 else 0)
+    build = functools.partial(build_image_inputs, cache_workers=cache_workers) if args.train_encoder else \
+        build_feature_inputs
     inputs = None
     for turn in (True, False):  # rank 0 first, so that it alone writes the token cache
         if dist.is_main == turn:
@@ -217,7 +240,7 @@ def run(args, dist: Distributed) -> dict:
     inputs.fit_decoder(model.gpt.config, args.prefix_length, dist)
     model.to(dist.device)
     torch.manual_seed(args.seed + dist.rank)  # dropout differs across processes; initialisation did not
-    train_loader, sampler, val_loader = make_loaders(args, inputs, dist, tokenizer.eos_token_id)
+    train_loader, sampler, val_loader = make_loaders(args, inputs, dist, tokenizer.eos_token_id, budget.workers)
     optimizer = build_optimizer(model, args, dist.device)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps,
                                                 count_steps(len(train_loader), options)[1])
@@ -230,25 +253,26 @@ def run(args, dist: Distributed) -> dict:
         loss_module = DistributedDataParallel(
             loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
             find_unused_parameters=args.train_encoder)  # timm models may hold layers the features skip
-    stepper = Stepper(loss_module, optimizer, scheduler, dist, amp=args.amp, grad_clip=args.grad_clip)
+    stepper = Stepper(loss_module, optimizer, scheduler, dist, precision=precision, grad_clip=args.grad_clip)
     run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": vars(args)}
     if dist.is_main:
         with atomic_write(options.out_dir / "train_args.json") as tmp:
-            tmp.write_text(json.dumps(vars(args), indent=2))
+            tmp.write_text(json.dumps({**vars(args), "runtime": {**precision.record(), "torch_threads":
+                                       budget.torch_threads, "num_workers": budget.workers}}, indent=2))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dist.print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on "
                f"{dist.world_size} x {dist.device}; {len(inputs.train)} training captions")
     trainer = Trainer(model, tokenizer, stepper, train_loader, sampler, options, dist, run_info,
-                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(args, inputs))
+                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(args, inputs, precision))
     summary = trainer.fit(resume)
     dist.print(f"done: step {summary['step']}; latest export {summary['latest_export']}")
     return summary
 
 
-def epoch_end_hooks(args, inputs) -> list:
+def epoch_end_hooks(args, inputs, precision: runtime.Precision) -> list:
     """Functions called on every process after each epoch's export, as hook(trainer, epoch, export_dir); a
-    dict they return is added to train_log.jsonl."""
-    return [build_caption_evaluation(args, inputs.val)] if args.eval_every else []
+    dict they return is added to train_log.jsonl. Captions are decoded in the precision training runs in."""
+    return [build_caption_evaluation(args, inputs.val, precision)] if args.eval_every else []
 
 
 def main(argv=None) -> dict:

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Hashable, List, Optional
 
+import torch
+
 from caption_metrics import score_captions
+from captioning.runtime import Precision
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory
 from models.decoding import DecodingOptions
@@ -60,8 +63,9 @@ class CaptionEvaluation:
     """hook(trainer, epoch, export_dir) for Trainer's epoch_end_hooks; returns the scores on rank 0."""
 
     def __init__(self, images: EvalImages, every: int, epochs: int, best_cider: float = -math.inf,
-                 batch_size: int = 32):
+                 batch_size: int = 32, dtype: torch.dtype = torch.float32):
         self.images = images
+        self.dtype = dtype  # of the model while captioning
         self.every = every
         self.epochs = epochs
         self.best_cider = best_cider
@@ -83,7 +87,7 @@ class CaptionEvaluation:
         # describe exactly the files best/ keeps, the training model's mode and dtype are left alone, and
         # the export is checked to load. The feature encoder a features export records is not built: the
         # validation features are already encoded (Captioner.from_pretrained would load its weights).
-        model = ClipCaptionModel.from_pretrained(export_dir).to(trainer.dist.device)
+        model = ClipCaptionModel.from_pretrained(export_dir).to(trainer.dist.device, self.dtype)
         captioner = Captioner(model, trainer.tokenizer)
         positions = model.gpt.config.n_positions - model.config.prefix_length
         options = DecodingOptions(beam_size=BEAM_SIZE, max_length=min(MAX_LENGTH, positions))
@@ -110,7 +114,9 @@ class CaptionEvaluation:
         self.best_cider = record["eval_cider"]
 
 
-def build_caption_evaluation(args, val) -> CaptionEvaluation:
-    """train.py's hook; `val` is the validation dataset (check_args made sure there is one)."""
+def build_caption_evaluation(args, val, precision: Precision) -> CaptionEvaluation:
+    """train.py's hook; `val` is the validation dataset (check_args made sure there is one); captions are
+    decoded in `precision`, the one training computes in."""
     best = read_best_cider(Path(args.out_dir)) if args.resume is not None else -math.inf
-    return CaptionEvaluation(select_eval_images(val, args.eval_images), args.eval_every, args.epochs, best)
+    return CaptionEvaluation(select_eval_images(val, args.eval_images), args.eval_every, args.epochs, best,
+                             dtype=precision.dtype)

@@ -12,16 +12,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from captioning.runtime import Precision
 from models.checkpoint_io import CheckpointError, load_state_dict_strict
 from train_state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_state,
                          remove_stale_temporaries, restore_rng, save_state)
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class CaptionLoss(nn.Module):
     """The model's loss as a forward pass, so DistributedDataParallel sees it and synchronises gradients."""
@@ -52,26 +49,21 @@ class Stepper:
     """
 
     def __init__(self, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 dist: Distributed, amp: str = "none", grad_clip: float = 0.0):
+                 dist: Distributed, precision: Optional[Precision] = None, grad_clip: float = 0.0):
         self.loss_module = loss_module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dist = dist
-        self.amp_dtype = AMP_DTYPES[amp]
+        self.precision = precision or Precision("fp32", "fp32", "as asked")
         self.grad_clip = grad_clip
-        self.scaler = torch.amp.GradScaler(dist.device.type) if amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(dist.device.type) if self.precision.needs_loss_scaling else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def autocast(self):
-        stack = contextlib.ExitStack()
-        if self.amp_dtype is not None:
-            stack.enter_context(torch.autocast(device_type=self.dist.device.type, dtype=self.amp_dtype))
-            if self.dist.device.type == "cpu" and self.amp_dtype == torch.bfloat16:
-                # Measured (torch 2.14, AMX CPU): under bf16 the CPU flash-attention kernel's forward + backward
-                # is 2-5x slower than the math kernel at caption shapes (e.g. 64x8x20x16: 28 ms against 5 ms),
-                # while in fp32 it is the faster one; so bf16 on the CPU uses the math kernel.
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        return stack
+        # Measured (torch 2.14, AMX CPU): under bf16 the CPU flash-attention kernel's forward + backward is 2-5x
+        # slower than the math kernel at caption shapes (e.g. 64x8x20x16: 28 ms against 5 ms), while in fp32 it
+        # is the faster one; so bf16 training on the CPU uses the math kernel.
+        return self.precision.autocast(self.dist.device, math_attention_on_cpu=True)
 
     def __call__(self, micro_batches: Sequence[Dict]) -> torch.Tensor:
         counts = [b["num_tokens"] for b in micro_batches]
@@ -273,7 +265,7 @@ class Trainer:
                 "no checkpoint had been written yet"
             raise TrainingError(f"the training loss became {loss} {where} (epoch {self.pos.epoch}); stopping. "
                                 f"Nothing was saved after the last finite loss: {kept}. Lower --lr, set "
-                                f"--grad_clip, or use --amp bf16 instead of fp16, then --resume latest.")
+                                f"--grad_clip, or use --precision bf16 instead of fp16, then --resume latest.")
         elapsed = max(time.perf_counter() - self.meter_start, 1e-9)
         record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
                   "lr": self.stepper.scheduler.get_last_lr()[0],

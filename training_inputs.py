@@ -166,7 +166,9 @@ def preprocess_all(paths: List[str], transform, workers: int, show: bool) -> tor
     return torch.cat([b for b in tqdm(loader, desc="preprocessing images", unit="batch", disable=not show)])
 
 
-def build_image_inputs(args, tokenizer, dist) -> TrainingInputs:
+def build_image_inputs(args, tokenizer, dist, cache_workers: int = 0) -> TrainingInputs:
+    """Images and captions of --annotations (and --val_annotations); with --cache_images every image is
+    preprocessed once, by `cache_workers` loader processes."""
     if args.feature_type == "grid" and args.mapping_type != "transformer":
         raise ValueError("--feature_type grid needs --mapping_type transformer")
     table, paths = load_annotations(args.annotations, args.split, args)
@@ -175,10 +177,9 @@ def build_image_inputs(args, tokenizer, dist) -> TrainingInputs:
     encoder = build_encoder(args)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if args.augment else None
-    workers = args.num_workers if args.num_workers is not None else 2
 
     def dataset(tab, tok, ids, image_paths):
-        cache = preprocess_all(image_paths, transform, workers, dist.is_main) if args.cache_images else None
+        cache = preprocess_all(image_paths, transform, cache_workers, dist.is_main) if args.cache_images else None
         return ImageCaptionDataset(image_paths, tab, tok, ids, transform, load_image, cache=cache, augment=augment,
                                    seed=args.seed)
 

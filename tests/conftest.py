@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests run the fp32 path of `--precision auto` on every CPU, as on an AVX2 laptop, so that their figures do not
+# depend on the machine: with oneDNN capped below bf16, captioning/runtime.py finds no native bf16 (here and in
+# the subprocesses the tests start). tests/test_runtime.py patches the capability checks to test the rule itself.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -67,13 +71,14 @@ def gpt2_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(monkeypatch):
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
     them several times slower; modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`, and the
-    setting is restored afterwards."""
+    setting is restored afterwards. OMP_NUM_THREADS=1 keeps the scripts' thread budget at one thread too."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)

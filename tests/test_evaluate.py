@@ -10,6 +10,7 @@ import pytest
 
 import caption_metrics
 import evaluate
+from captioning import runtime
 from caption_metrics import score_captions
 from tests.test_caption_metrics import PREDICTIONS, REFERENCES
 
@@ -176,10 +177,11 @@ class StubCaptioner:
     """Stands in for predict.Captioner: reads the image id back from the image's width."""
     loaded = []
     encoder = "an image encoder"
+    precision = runtime.Precision("fp32", "auto", "auto: a stub")
 
     @classmethod
-    def from_pretrained(cls, directory, device=None, dtype="fp32"):
-        cls.loaded.append((str(directory), device, dtype))
+    def from_pretrained(cls, directory, device=None, precision="auto"):
+        cls.loaded.append((str(directory), device, precision))
         return cls()
 
     def predict(self, images, options, batch_size=32, progress=False, on_error="keep"):
@@ -216,7 +218,9 @@ def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file,
     argv = ["--checkpoint", str(tmp_path / "run" / "latest"), "--images_root", str(coco_images), "--annotations",
             str(karpathy_file), "--split", "test", "--batch_size", "4", "--device", "cpu", "--original_bleu", *FAST]
     report = evaluate.main(argv)
-    assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu", "fp32")]
+    assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu", "auto")]
+    evaluate.main(argv + ["--dtype", "bf16", "--out_dir", str(tmp_path / "bf16")])  # the earlier spelling
+    assert StubCaptioner.loaded[-1] == (str(tmp_path / "run" / "latest"), "cpu", "bf16")
     out_dir = tmp_path / "run" / "latest_eval_test"
     saved = json.loads((out_dir / "predictions.json").read_text())
     assert [e["image_id"] for e in saved] == [1, 2, 3, 4, 5, 6]

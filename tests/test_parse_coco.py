@@ -19,6 +19,7 @@ from PIL import Image
 
 import feature_extraction
 import parse_coco
+from captioning import runtime
 from caption_data import AnnotationError, load_image, read_annotations, read_features
 from feature_extraction import ExtractionError
 from models.encoder import EncoderConfig, ImageEncoder
@@ -102,6 +103,8 @@ def reference(tree, tmp_path_factory):
 
 def test_rows_captions_and_features(tree, reference, capsys):
     data = read_features(reference)
+    auto = runtime.resolve_precision("auto", "cpu", training=False)  # fp32: tests run as on an AVX2 CPU
+    assert {k: data["metadata"][k] for k in auto.record()} == auto.record() and auto.name == "fp32"
     records = read_annotations(tree / "clean.json", images_root=tree)
     good = [r for r in records if r.image_id <= GOOD]
     assert data["clip_embedding"].shape == (GOOD, 96) and data["clip_embedding"].dtype == torch.float32
@@ -237,8 +240,8 @@ def test_resume_after_kill_9(tree, reference, tmp_path):
 
 def run_rank(rank, argv, port, messages):
     """One torchrun-like process: the environment torchrun sets, then main; reports the batches it encoded."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     extract = parse_coco.extract
 

@@ -199,10 +199,29 @@ def test_grid_features(tokenizer, images, tmp_path):
 
 
 def test_bf16(exports, images):
-    captioner = Captioner.from_pretrained(exports["inside"], dtype="bf16")
+    captioner = Captioner.from_pretrained(exports["inside"], dtype="bf16")  # the earlier keyword
     assert captioner.model.gpt.lm_head.weight.dtype == torch.bfloat16
+    assert (captioner.precision.name, captioner.precision.requested) == ("bf16", "bf16")
     captions = captioner.caption(good_images(images), **FAST)
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    assert Captioner.from_pretrained(exports["inside"], precision=torch.bfloat16).precision.name == "bf16"
+
+
+def test_auto_precision_follows_the_cpu_rule(exports):
+    captioner = Captioner.from_pretrained(exports["inside"], device="cpu")  # tests run as on an AVX2 CPU
+    assert (captioner.precision.name, captioner.precision.requested) == ("fp32", "auto")
+    assert captioner.model.gpt.lm_head.weight.dtype == torch.float32
+
+
+def test_cli_names_its_precision_on_stderr_only(exports, images, capsys):
+    paths = [str(p) for p in good_images(images)[:1]]
+    assert main(["--checkpoint", str(exports["inside"]), "--image", *paths, "--max_length", "6", "--dtype", "bf16",
+                 "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith(f"{paths[0]}\t")
+    lines = err.splitlines()
+    assert lines[0] == "predict.py: precision bf16 (as asked)"
+    assert lines[1].startswith("predict.py: warning: bf16 on this CPU runs in software")
 
 
 def test_decoding_options_are_checked():

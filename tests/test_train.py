@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 import train
 import trainer
 from caption_data import write_features
+from captioning import runtime
+from captioning.runtime import Precision
 from conftest import COLOURS, PLACES, THINGS
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
@@ -100,7 +102,11 @@ def test_two_step_run_writes_exports_logs_and_checkpoint(tmp_path, features, gpt
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_state(out / "coco_prefix_resume.pt")
     assert (state["step"], state["epoch"], state["epoch_samples"]) == (2, 0, 8)
-    assert json.loads((out / "train_args.json").read_text())["normalize_prefix"] is True
+    recorded = json.loads((out / "train_args.json").read_text())
+    assert recorded["normalize_prefix"] is True and recorded["precision"] == "auto"
+    assert recorded["runtime"] == {"precision": "fp32", "precision_requested": "auto", "torch_threads": 1,
+                                   "num_workers": 0, "precision_reason": runtime.resolve_precision(
+                                       "auto", "cpu", training=True).reason}
     with pytest.raises(CheckpointError, match="--resume latest"):  # never overwrites a run by accident
         train.main(args_for(features, out, gpt2_dir, "--max_steps", 2))
 
@@ -277,13 +283,28 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     assert [r for r in log_records(tmp_path / "augmented") if "val_loss" in r]
 
 
+def test_the_earlier_amp_flag_and_an_explicit_bf16_warning(tmp_path, features, gpt2_dir, capsys):
+    train.main(args_for(features, tmp_path / "a", gpt2_dir, "--max_steps", 1, "--amp", "none"))
+    assert json.loads((tmp_path / "a" / "train_args.json").read_text())["runtime"]["precision"] == "fp32"
+    cores = runtime.usable_cores()
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        "precision fp32 (as asked)",
+        f"threads: 1 torch + 0 loader worker(s) on {cores} core(s) ({cores} usable core(s), threads from "
+        f"OMP_NUM_THREADS)"]
+    train.main(args_for(features, tmp_path / "b", gpt2_dir, "--max_steps", 1, "--precision", "bf16"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "precision bf16 (as asked)" and err[1].startswith("warning: bf16 on this CPU runs in software")
+    assert json.loads((tmp_path / "b" / "train_args.json").read_text())["runtime"]["precision"] == "bf16"
+
+
 def test_bf16_on_the_cpu_uses_the_math_attention_kernel():
     dist = type("Dist", (), {"device": torch.device("cpu")})()
     model = torch.nn.Linear(2, 2)
-    for amp, math_only in (("bf16", True), ("none", False)):
-        stepper = trainer.Stepper(model, torch.optim.SGD(model.parameters(), 0.1), None, dist, amp=amp)
+    for name, math_only in (("bf16", True), ("fp32", False)):
+        precision = Precision(name, name, "as asked")
+        stepper = trainer.Stepper(model, torch.optim.SGD(model.parameters(), 0.1), None, dist, precision=precision)
         with stepper.autocast():
-            assert torch.is_autocast_enabled("cpu") == (amp == "bf16")
+            assert torch.is_autocast_enabled("cpu") == (name == "bf16")
             assert torch.backends.cuda.flash_sdp_enabled() != math_only
     assert torch.backends.cuda.flash_sdp_enabled()
 
@@ -320,7 +341,8 @@ def test_the_original_readme_command_runs(tmp_path, gpt2_dir):
 def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, gpt2_dir):
     with pytest.raises(ValueError, match="with --train_encoder the data are images: give --annotations"):
         train.main(args_for(features, tmp_path / "a", gpt2_dir, "--train_encoder"))
-    with pytest.raises(ValueError, match="--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16"):
+    with pytest.raises(ValueError, match=r"fp16 training needs a CUDA GPU \(loss scaling\); on a CPU use "
+                                         r"--precision auto, fp32 or bf16"):
         train.main(args_for(features, tmp_path / "b", gpt2_dir, "--amp", "fp16"))
     with pytest.raises(ValueError, match=r"invalid arguments: --bs 0, --grad_accum 0"):
         train.main(args_for(features, tmp_path / "c", gpt2_dir, "--bs", 0, "--grad_accum", 0))

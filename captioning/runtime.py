@@ -1,0 +1,288 @@
+"""Where a run executes: the device, the precision it computes in, and how many threads it may use.
+
+Every script asks here, so that a default is right on whatever machine runs it without the user knowing the
+machine: a GPU, a CPU with native bf16 matrix units (AMX, AVX512-BF16), a CPU without them (AVX2 laptops,
+where bf16 runs in software), Apple's mps.
+
+Precision (`--precision auto|fp32|bf16|fp16`): `auto` is bf16 on a CUDA GPU that supports it and fp16 with loss
+scaling on one that does not; on mps fp32 for training and fp16 for inference; on a CPU bf16 only where the CPU
+multiplies bf16 matrices natively, else fp32. An explicit choice is kept, with a one-line warning where it will be
+slow. Training uses it as autocast; inference casts the weights.
+
+Threads: torch's intra-op threads and the loader workers that run beside them share the cores this process may
+use (CPU affinity and a container's CPU quota, divided among torchrun's processes on this machine), so that
+together they never oversubscribe them.
+"""
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# --amp none, --dtype float32, torch's names: each means one of PRECISIONS.
+PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                     "half": "fp16"}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# What a software bf16 matrix product costs on a CPU without bf16 units (torch 2.14, 1024x1024 products; see the
+# README's speed section): quoted in the warning, so that a user knows what an explicit bf16 there means.
+SOFTWARE_BF16_SLOWDOWN = "about 80-170x slower than fp32"
+
+
+# ---- precision ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision a run computes in, and why it was chosen."""
+    name: str  # fp32 | bf16 | fp16
+    requested: str  # as asked, after aliases: auto | fp32 | bf16 | fp16
+    reason: str
+    warning: Optional[str] = None  # an explicit choice that will be slow or unsupported here
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.name]
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self, device: torch.device, math_attention_on_cpu: bool = False):
+        """Autocast in this precision (nothing for fp32). `math_attention_on_cpu`: under bf16 on a CPU, use
+        PyTorch's math attention kernel, which training measured faster there than the CPU flash kernel."""
+        stack = contextlib.ExitStack()
+        if self.name != "fp32":
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=self.dtype))
+            if math_attention_on_cpu and device.type == "cpu" and self.name == "bf16":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
+
+    def describe(self) -> str:
+        return f"precision {self.name} ({self.reason})"
+
+    def record(self) -> Dict[str, str]:
+        """What train_args.json and the features metadata keep."""
+        return {"precision": self.name, "precision_requested": self.requested, "precision_reason": self.reason}
+
+
+def normalize_precision(value: str) -> str:
+    """One of PRECISIONS, from it or from an alias; ValueError names the accepted spellings."""
+    name = PRECISION_ALIASES.get(str(value).lower(), str(value).lower())
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {value!r}: expected one of {', '.join(PRECISIONS)} (or "
+                         f"{', '.join(sorted(PRECISION_ALIASES))})")
+    return name
+
+
+def cpu_bf16_support() -> Tuple[bool, str]:
+    """(whether this CPU multiplies bf16 matrices natively, a description of the CPU for messages).
+
+    Native means bf16 instructions (AMX tiles or AVX512-BF16) that oneDNN, torch's bf16 matrix library, is
+    allowed to use: `_is_mkldnn_bf16_supported` honours ONEDNN_MAX_CPU_ISA, and it alone would also accept a
+    plain AVX-512 CPU, where oneDNN only emulates bf16. On ARM, oneDNN's own check (the BF16 extension) decides.
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if _machine() in ("x86_64", "amd64"):
+        amx, avx512_bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        units = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else None
+        if units is None:
+            return False, f"this CPU ({capability}) has no bf16 matrix units (AMX or AVX512-BF16)"
+        if not onednn or capability in ("DEFAULT", "AVX2"):
+            return False, f"this CPU's {units} units are switched off here (ONEDNN_MAX_CPU_ISA or " \
+                          f"ATEN_CPU_CAPABILITY; capability {capability})"
+        return True, f"this CPU has native bf16 matrix units ({units})"
+    if onednn:
+        return True, f"this CPU ({_machine()}) has native bf16 instructions"
+    return False, f"this CPU ({_machine()}, {capability}) has no native bf16 instructions"
+
+
+def _machine() -> str:
+    return os.uname().machine.lower() if hasattr(os, "uname") else "unknown"
+
+
+def resolve_precision(requested: str, device, training: bool) -> Precision:
+    """The precision a run on `device` computes in. `training`: autocast with gradients (fp16 then needs loss
+    scaling, which only CUDA has here); otherwise inference, where the weights are cast."""
+    requested = normalize_precision(requested)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return _cuda_precision(requested)
+    if kind == "mps":
+        return _mps_precision(requested, training)
+    if kind != "cpu":
+        return Precision("fp32" if requested == "auto" else requested, requested, f"{kind}: as asked"
+                         if requested != "auto" else f"auto: no precision rule for {kind}, so fp32")
+    native, cpu = cpu_bf16_support()
+    if requested == "auto":
+        return Precision("bf16", "auto", f"auto: {cpu}") if native else \
+            Precision("fp32", "auto", f"auto: {cpu}, where bf16 runs in software")
+    if requested == "fp16":
+        if training:
+            raise ValueError("fp16 training needs a CUDA GPU (loss scaling); on a CPU use --precision auto, "
+                             "fp32 or bf16")
+        return Precision("fp16", "fp16", "as asked", warning="fp16 on a CPU runs mostly in software and is "
+                         "usually slower than fp32; --precision auto picks the fast one")
+    if requested == "bf16" and not native:
+        return Precision("bf16", "bf16", "as asked", warning=f"bf16 on this CPU runs in software: {cpu}, so "
+                         f"matrix products are {SOFTWARE_BF16_SLOWDOWN}; --precision auto picks fp32 here")
+    return Precision(requested, requested, "as asked")
+
+
+def _cuda_precision(requested: str) -> Precision:
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        return Precision("bf16", "auto", "auto: this GPU computes in bf16") if bf16 else \
+            Precision("fp16", "auto", "auto: this GPU has no bf16, so fp16 (training scales the loss)")
+    if requested == "bf16" and not bf16:
+        return Precision("bf16", "bf16", "as asked", warning="this GPU has no native bf16: it is emulated and "
+                         "slow; --precision auto picks fp16 here")
+    return Precision(requested, requested, "as asked")
+
+
+def _mps_precision(requested: str, training: bool) -> Precision:
+    if requested == "auto":
+        if training:
+            return Precision("fp32", "auto", "auto: training on mps stays in fp32 (no loss scaling for fp16, "
+                             "bf16 autocast only on recent macOS)")
+        return Precision("fp16", "auto", "auto: Apple GPUs compute in fp16 natively")
+    return Precision(requested, requested, "as asked")
+
+
+def announce(precision: Precision, *, file=None, prefix: str = "") -> None:
+    """The precision line, and the warning if any, on stderr (stdout stays for a script's results)."""
+    file = file or sys.stderr
+    print(f"{prefix}{precision.describe()}", file=file, flush=True)
+    if precision.warning:
+        print(f"{prefix}warning: {precision.warning}", file=file, flush=True)
+
+
+# ---- devices -----------------------------------------------------------------------------------------------
+
+def default_device(requested: Optional[str] = None) -> torch.device:
+    """`requested` as a torch device; None or "auto": CUDA when available, else the CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+# ---- threads -----------------------------------------------------------------------------------------------
+
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+MAX_WORKERS = 8  # beyond this, more decoding processes only cost memory
+
+
+def cpu_quota() -> Optional[float]:
+    """CPUs a container's quota allows (cgroup v2 cpu.max or v1 cfs quota), None without a quota."""
+    try:
+        if CGROUP_V2_CPU_MAX.is_file():
+            quota, period = CGROUP_V2_CPU_MAX.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if CGROUP_V1_QUOTA.is_file() and CGROUP_V1_PERIOD.is_file():
+            quota, period = int(CGROUP_V1_QUOTA.read_text()), int(CGROUP_V1_PERIOD.read_text())
+            return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a container's CPU quota (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+def local_processes() -> int:
+    """torchrun's processes on this machine (LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _env_threads() -> Optional[int]:
+    """OMP_NUM_THREADS when the user set it. torchrun sets it to 1 for every process unless it was set, and
+    that default is not a choice of the user's: the cores are then divided among the processes instead."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value.isdigit() or int(value) < 1:
+        return None
+    if value == "1" and local_processes() > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How this process shares its cores: `torch_threads` intra-op threads, `workers` loader processes (or
+    prefetching threads) running beside them, and `cores` in all, for work done while torch waits."""
+    cores: int
+    torch_threads: int
+    workers: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"threads: {self.torch_threads} torch + {self.workers} loader worker(s) on {self.cores} core(s) " \
+               f"({self.reason})"
+
+
+def plan_threads(device, *, loads_images: bool, workers: Optional[int] = None, threads: Optional[int] = None,
+                 cores: Optional[int] = None, processes: Optional[int] = None) -> ThreadBudget:
+    """The thread budget of one process. `loads_images`: the work decodes images beside the model (features
+    in memory need no workers). Explicit `workers` / `threads` (and OMP_NUM_THREADS for threads) win.
+
+    On a CPU the model is the work and decoding is about a tenth of it (TinyViT at 224 px: 70 ms against 5 ms per
+    image), so torch gets every core and images are decoded in its pauses; a worker appears only from 8 cores
+    on, one per 8. On a GPU the CPU's only heavy work is decoding: workers take every core but one.
+    """
+    total = cores if cores is not None else usable_cores()
+    processes = processes if processes is not None else local_processes()
+    share = max(1, total // processes)
+    split = f"{total} usable core(s)" + (f" / {processes} local processes" if processes > 1 else "")
+    if threads is None:
+        threads = _env_threads()
+        source = "OMP_NUM_THREADS" if threads is not None else None
+    else:
+        source = "--threads"
+    gpu = torch.device(device).type != "cpu"
+    if workers is None:
+        if not loads_images:
+            workers = 0
+        elif gpu:
+            workers = min(MAX_WORKERS, share - 1)
+        else:
+            workers = min(MAX_WORKERS, share // 8)
+        if threads is not None:  # a fixed thread count: workers only on the cores it leaves
+            workers = min(workers, max(0, share - threads))
+    if threads is None:
+        threads = max(1, share - workers)
+    reason = split + (f", threads from {source}" if source else "")
+    return ThreadBudget(cores=share, torch_threads=threads, workers=workers, reason=reason)
+
+
+@contextlib.contextmanager
+def thread_budget(budget: ThreadBudget):
+    """torch's intra-op threads set to the budget for the duration (restored afterwards: scripts run inside
+    other programs too, tests among them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(budget.torch_threads)
+    try:
+        yield budget
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_count(name: str, value: Optional[int], minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+
