@@ -15,6 +15,7 @@ import struct
 import sys
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -81,13 +82,25 @@ def normalize_batch(images: torch.Tensor, normalization) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Records -> (index, preprocessed (3, H, W) tensor or None, (kind, reason) or None)."""
+    """Records -> (index, preprocessed (3, H, W) tensor or None, (kind, reason) or None).
 
-    def __init__(self, records: Sequence[ImageRecord], transform, max_pixels: Optional[int] = None):
+    Without loader workers, a batch is decoded in the model's pauses, on `decode_threads` threads (PIL releases
+    the GIL while decoding and resizing), so that no core idles while one decodes.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], transform, max_pixels: Optional[int] = None,
+                 decode_threads: int = 1):
         self.records, self.transform, self.max_pixels = records, transform, max_pixels
+        self.decode_threads = decode_threads
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def __getitems__(self, indices: List[int]) -> list:  # DataLoader's batched fetch
+        if self.decode_threads <= 1 or len(indices) <= 1:
+            return [self[i] for i in indices]
+        with ThreadPoolExecutor(min(self.decode_threads, len(indices))) as pool:
+            return list(pool.map(self.__getitem__, indices))
 
     def __getitem__(self, index: int):
         try:
@@ -241,17 +254,19 @@ def plan_batches(num_images: int, batch_size: int, done: set, rank: int = 0, wor
 
 def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: List[List[int]], *,
             device: torch.device, precision: Optional[Precision] = None, dtype: str = "float32",
-            num_workers: int = 0,
+            num_workers: int = 0, decode_threads: int = 1,
             channels_last: bool = False, on_error: str = "skip", max_pixels: Optional[int] = None,
             rank: int = 0, show_progress: bool = True) -> List[Failure]:
     """Encode `batches` (lists of indices into `records`), appending finished batches to this process's log.
 
-    `precision` is the encoder's autocast (None: fp32). Returns the images that could not be read; with
+    `precision` is the encoder's autocast (None: fp32). Images are decoded by `num_workers` loader processes
+    beside the encoder or, without workers, between batches on `decode_threads` threads. Returns the images that could not be read; with
     `on_error="fail"` the first one raises instead.
     """
     set_pil_pixel_limit(max_pixels)
     transform, normalization = split_transform(encoder.transform)
-    loader = DataLoader(ImageDataset(records, transform, max_pixels), batch_sampler=batches,
+    dataset = ImageDataset(records, transform, max_pixels, decode_threads=1 if num_workers else decode_threads)
+    loader = DataLoader(dataset, batch_sampler=batches,
                         num_workers=num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
                         worker_init_fn=functools.partial(set_pil_pixel_limit, max_pixels))
     writer, failures = LogWriter(directory, rank), []

@@ -30,6 +30,9 @@ from models.checkpoint_io import CheckpointError, atomic_write
 from models.encoder import CLIP_MODEL_TYPES, FEATURE_TYPES, EncoderConfig, ImageEncoder
 
 FORMAT_VERSION = 1
+# Images per encoder call. On a CPU small batches stay in cache: TinyViT-21M at 224 px (channels-last, 2 cores)
+# ran 11-12% faster at 4 than at 8, on an AVX512-BF16 CPU and with torch and oneDNN limited to AVX2.
+BATCH_SIZES = {"cuda": 128, "cpu": 4}
 
 
 def json_object(text: str) -> dict:
@@ -76,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out_path", default=None,
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="images per encoder call; default 128 on CUDA, 8 on CPU (where bigger batches gain nothing)")
+                   help="images per encoder call; default 128 on CUDA, 4 on CPU (where small batches stay in cache)")
     add_thread_arguments(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_precision_argument(p, what="encoder compute precision (autocast)")
@@ -132,7 +135,9 @@ def build_encoder(args) -> ImageEncoder:
             raise
         raise ExtractionError(f"could not load pretrained weights for {config.name} ({e.__class__.__name__}: {e}); "
                               f"without internet access pass --encoder_weights with a checkpoint file") from e
-    return encoder.eval().requires_grad_(False)
+    encoder.eval().requires_grad_(False)
+    encoder.fold_batch_norms()
+    return encoder
 
 
 def sha256_file(path: Path) -> str:
@@ -266,10 +271,11 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
         runtime.announce(precision)
         print(budget.describe(), file=sys.stderr)
     start = time.perf_counter()
-    batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
+    batch_size = args.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
     with runtime.thread_budget(budget):
         failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
                            device=device, precision=precision, dtype=args.dtype, num_workers=budget.workers,
+                           decode_threads=budget.cores,
                            channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
                            rank=rank, show_progress=main_process)
     if distributed:

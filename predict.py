@@ -187,6 +187,7 @@ class Captioner:
                                   f"--encoder_weights does not apply")
         model.to(device=device, dtype=resolved.dtype)
         if encoder is not None:
+            encoder.eval().fold_batch_norms()  # inference only: this captioner never trains or saves it
             encoder.to(device=device, dtype=resolved.dtype)
         return cls(model, tokenizer, encoder, precision=resolved)
 

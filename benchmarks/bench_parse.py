@@ -11,7 +11,11 @@ COCO naming), then times, with the same randomly initialised encoder:
   encoder building), which is where decoding has to hide behind the model.
 
     python benchmarks/bench_parse.py                       # 64 images, tiny_vit_21m_224, fp32 on CPU
+    python benchmarks/bench_parse.py --precision auto      # what parse_coco.py picks: bf16 on a native-bf16 CPU
     python benchmarks/bench_parse.py --device cuda --images 1024
+
+Both sides and the encoder alone run with parse_coco.py's thread budget and channels-last default, so that the
+ratios compare algorithms, not settings.
 
 Last line: `RESULT ratio=<ours/original> encoder_fraction=<ours/encoder alone>` (images per second).
 """
@@ -31,6 +35,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import parse_coco  # noqa: E402
+from captioning import runtime  # noqa: E402
 from models.encoder import EncoderConfig, ImageEncoder  # noqa: E402
 
 
@@ -82,13 +87,12 @@ def preload(encoder: ImageEncoder, root: Path, num_images: int) -> torch.Tensor:
 
 
 def encoder_alone(encoder: ImageEncoder, images: torch.Tensor, batch_size: int, device: torch.device,
-                  precision: str, channels_last: bool) -> float:
+                  precision: runtime.Precision, channels_last: bool) -> float:
     """Seconds for the encoder on preloaded tensors, batched and placed as parse_coco.py does."""
-    from feature_extraction import autocast_context
     num_images = len(images)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = encoder.to(memory_format=memory_format) if channels_last else encoder
-    with torch.inference_mode(), autocast_context(device, precision):
+    with torch.inference_mode(), precision.autocast(device):
         model(images[:batch_size].to(device, memory_format=memory_format))  # warm-up (kernels, allocator)
         synchronize(device)
         start = time.perf_counter()
@@ -109,14 +113,26 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--captions_per_image", type=int, default=5)
     p.add_argument("--encoder", default="tiny_vit_21m_224")
-    p.add_argument("--batch_size", type=int, default=None, help="ours; default parse_coco's (CPU 8, CUDA 128)")
+    p.add_argument("--batch_size", type=int, default=None, help="ours; default parse_coco's (CPU 4, CUDA 128)")
     p.add_argument("--num_workers", type=int, default=None, help="ours; default parse_coco's")
-    p.add_argument("--precision", default=None, help="ours; default fp32 on CPU, parse_coco's auto on CUDA")
+    p.add_argument("--precision", default=None,
+                   help="ours and the encoder alone; default fp32 on CPU (the original's), auto on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch threads; default parse_coco's budget")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    batch_size = args.batch_size or (128 if device.type == "cuda" else 8)
-    precision = args.precision or ("fp32" if device.type == "cpu" else parse_coco.resolve_precision("auto", device))
-    channels_last = device.type == "cuda"
+    batch_size = args.batch_size or parse_coco.BATCH_SIZES.get(device.type, parse_coco.BATCH_SIZES["cpu"])
+    precision = runtime.resolve_precision(args.precision or ("fp32" if device.type == "cpu" else "auto"), device,
+                                          training=False)
+    budget = runtime.plan_threads(device, loads_images=True, workers=args.num_workers, threads=args.threads)
+    print(runtime.describe_cpu())
+    print(budget.describe())
+    with runtime.thread_budget(budget):
+        measure(args, device, batch_size, precision, budget)
+
+
+def measure(args, device: torch.device, batch_size: int, precision: runtime.Precision,
+            budget: runtime.ThreadBudget) -> None:
+    channels_last = True  # parse_coco.py's default
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -126,29 +142,31 @@ def main(argv=None) -> None:
         # Measured before and after the other runs, the faster counting: on a shared machine the speed drifts,
         # and the faster measurement is the stricter baseline for encoder_fraction.
         images = preload(encoder, root, args.images)
-        encoder_s = [encoder_alone(encoder, images, batch_size, device, precision, channels_last)]
+        fast_encoder = ImageEncoder(EncoderConfig(name=args.encoder, weights=str(root / "encoder.pth"))).eval()
+        fast_encoder.fold_batch_norms()  # as parse_coco.py builds it; the original keeps `encoder` as it is
+        fast_encoder.to(device)
+        encoder_s = [encoder_alone(fast_encoder, images, batch_size, device, precision, channels_last)]
         config = EncoderConfig(name=args.encoder, weights=str(root / "encoder.pth"))
         original_s = original(config, root, annotations, root / "original.pkl", device)
         ours_argv = ["--encoder", args.encoder, "--encoder_weights", str(root / "encoder.pth"),
                      "--annotations", str(annotations), "--images_root", str(root), "--out_path",
                      str(root / "ours.pkl"), "--device", str(device), "--batch_size", str(batch_size),
-                     "--precision", precision]
-        if args.num_workers is not None:
-            ours_argv += ["--num_workers", str(args.num_workers)]
+                     "--precision", precision.name, "--num_workers", str(budget.workers), "--threads",
+                     str(budget.torch_threads)]
         synchronize(device)
         start = time.perf_counter()
         summary = parse_coco.main(ours_argv)
         synchronize(device)
         ours_s = time.perf_counter() - start
-        encoder_s.append(encoder_alone(encoder, images, batch_size, device, precision, channels_last))
+        encoder_s.append(encoder_alone(fast_encoder, images, batch_size, device, precision, channels_last))
     rates = {name: args.images / s for name, s in
              [("original", original_s), ("ours", ours_s), ("ours_extraction", summary["extraction_seconds"]),
               ("encoder_alone", min(encoder_s))]}
     print(f"encoder alone, before and after: {args.images / encoder_s[0]:.2f} and {args.images / encoder_s[1]:.2f} "
           f"images/s")
     print(f"device={device} encoder={args.encoder} images={args.images} "
-          f"captions={args.images * args.captions_per_image} batch_size={batch_size} precision={precision} "
-          f"threads={torch.get_num_threads()}")
+          f"captions={args.images * args.captions_per_image} batch_size={batch_size} precision={precision.name} "
+          f"threads={torch.get_num_threads()} workers={budget.workers}")
     for name, rate in rates.items():
         print(f"{name:>16}: {rate:8.2f} images/s")
     print(f"RESULT ratio={rates['ours'] / rates['original']:.2f} "

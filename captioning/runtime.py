@@ -107,6 +107,21 @@ def _machine() -> str:
     return os.uname().machine.lower() if hasattr(os, "uname") else "unknown"
 
 
+def describe_cpu() -> str:
+    """One line for benchmark headers and the web page: the CPU, what torch may use of it, its cores."""
+    model = _machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = f"{line.split(':', 1)[1].strip()} ({_machine()})"
+                break
+    except OSError:
+        pass
+    native, why = cpu_bf16_support()
+    return (f"cpu: {model}, torch capability {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+            f"{'yes' if native else 'no'} ({why}), {usable_cores()} usable core(s), torch {torch.__version__}")
+
+
 def resolve_precision(requested: str, device, training: bool) -> Precision:
     """The precision a run on `device` computes in. `training`: autocast with gradients (fp16 then needs loss
     scaling, which only CUDA has here); otherwise inference, where the weights are cast."""

@@ -134,3 +134,17 @@ def test_weights_file_errors(tmp_path):
     torch.save(deeper.model.state_dict(), tmp_path / "deeper.pth")
     with pytest.raises(CheckpointError, match=r"deeper\.pth: weights do not match the model: \d+ unexpected key"):
         ImageEncoder(tiny_config(weights=str(tmp_path / "deeper.pth")))
+
+
+def test_folded_batch_norms_give_the_official_features_and_forbid_training_and_saving(tmp_path):
+    encoder = ImageEncoder(tiny_config(weights=str(OFFICIAL))).eval()
+    assert encoder.fold_batch_norms() == 18  # every ConvNorm of the tiny TinyViT: stem, MBConvs, merges
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(REF["x"]), REF["features"], atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="folded for inference; it cannot be trained"):
+        encoder.train()
+    with pytest.raises(RuntimeError, match="folded for inference; save the original encoder"):
+        encoder.save_pretrained(tmp_path / "folded")
+    with pytest.raises(RuntimeError, match=r"fold_batch_norms\(\) is for an encoder in eval mode"):
+        ImageEncoder(tiny_config()).fold_batch_norms()
