@@ -4,7 +4,8 @@ A randomly initialised distilgpt2-sized decoder (6 layers, 768 wide, vocabulary 
 image, beam 5, exactly `--new_tokens` new tokens (no stop tokens on either side, so lengths match).
   (a) the original `generate_beam`: full recompute at every step, one image at a time (fp32)
   (b) ours, one image at a time (fp32)
-  (c) ours, a batch of `--batch_size` images (fp32, and again in bf16)
+  (c) ours, a batch of `--batch_size` images (fp32, and again in bf16 where the device computes bf16
+      natively: a GPU, or a CPU with AMX or AVX512-BF16; `--bf16 yes` asks for it anywhere)
 With `--with_generate`, transformers' `generate(num_beams=...)` is timed on (b) and (c) too.
 The captions of (a), (b) and (c) are checked to be the same token sequences (fp32). Each measurement is
 repeated `--rounds` times, interleaved with the others, and the fastest time counts.
@@ -25,6 +26,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.original_decoding import original_beam_search  # noqa: E402
+from captioning import runtime  # noqa: E402
 from models.decoding import beam_search  # noqa: E402
 
 
@@ -38,7 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--original_images", type=int, default=1, help="images timed with the original algorithm")
     p.add_argument("--single_images", type=int, default=4, help="images timed one at a time with ours")
     p.add_argument("--rounds", type=int, default=2, help="rounds of all measurements; the fastest counts")
-    p.add_argument("--no_bf16", action="store_true", help="skip the bf16 run of (c)")
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="the bf16 run of (c): auto runs it where bf16 is native (captioning/runtime.py's rule)")
+    p.add_argument("--no_bf16", dest="bf16", action="store_const", const="no", help="same as --bf16 no")
     p.add_argument("--with_generate", action="store_true", help="also time transformers' generate")
     return p.parse_args(argv)
 
@@ -74,10 +78,13 @@ def main(argv=None):
     torch.manual_seed(0)
     config = GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     gpt = GPT2LMHeadModel(config).eval().to(device)
-    gpt_bf16 = None if args.no_bf16 else copy.deepcopy(gpt).to(torch.bfloat16)
+    with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and
+                                       runtime.resolve_precision("auto", device, training=False).name == "bf16")
+    gpt_bf16 = copy.deepcopy(gpt).to(torch.bfloat16) if with_bf16 else None
     prefix = torch.randn(args.batch_size, args.prefix_length, config.n_embd, device=device)
     k, n_new, n_orig = args.beam_size, args.new_tokens, args.original_images
     n_single = max(args.single_images, n_orig)
+    print(runtime.describe_cpu())
     print(f"device {device}, torch threads {torch.get_num_threads()}, decoder 6x768, vocabulary 50257, "
           f"prefix {args.prefix_length}, beam {k}, {n_new} new tokens, batch {args.batch_size}, "
           f"{args.rounds} rounds (fastest counts)")

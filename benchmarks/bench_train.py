@@ -10,11 +10,11 @@ ignore_index 0; under --only_prefix the decoder still computes and accumulates g
 Ours: train.py's `Stepper` on batches from its collator (dynamic padding, end token appended, loss only at
 labelled positions, frozen decoder under --only_prefix).
 
-    python benchmarks/bench_train.py                       # CPU, fp32: about 8 minutes on 2 cores
-    python benchmarks/bench_train.py --amp bf16            # also ours under bf16 autocast, reported apart
-    python benchmarks/bench_train.py --device cuda --amp bf16
+    python benchmarks/bench_train.py                       # CPU, fp32 (and bf16 where the CPU has it natively)
+    python benchmarks/bench_train.py --also bf16           # also ours under bf16 autocast, on any CPU
+    python benchmarks/bench_train.py --device cuda --also bf16
 
-Last line: RESULT ratio_only_prefix=<ours/original samples/s> ratio_finetune=<...> [ratio_*_<amp>=<...>]
+Last line: RESULT ratio_only_prefix=<ours/original samples/s> ratio_finetune=<...> [ratio_*_<precision>=<...>]
 """
 import argparse
 import sys
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from captioning import runtime  # noqa: E402
 from models.captioner import CaptionerConfig, ClipCaptionModel  # noqa: E402
 import train  # noqa: E402
 from train_state import Distributed  # noqa: E402
@@ -91,14 +92,15 @@ class Original:
 
 
 class Ours:
-    def __init__(self, model: ClipCaptionModel, device, amp: str):
+    def __init__(self, model: ClipCaptionModel, device, precision: str):
         self.device = device
         model.to(device).train()
         defaults = train.build_parser().parse_args([])
         optimizer = train.build_optimizer(model, defaults, device)  # as train.py builds it
         scheduler = get_linear_schedule_with_warmup(optimizer, 5000, 100000)
         self.stepper = Stepper(CaptionLoss(model, images=False), optimizer, scheduler,
-                               Distributed(device=device), amp=amp)
+                               Distributed(device=device),
+                               precision=runtime.resolve_precision(precision, device, training=True))
         self.collate = CaptionCollator(pad_id=EOS)
 
     def batch(self, seqs, prefix, max_len):
@@ -142,8 +144,9 @@ def compare(runners, chunks, max_len, device, warmup: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none",
-                   help="also time ours under this autocast, reported separately")
+    p.add_argument("--also", "--amp", dest="also", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="also time ours under this autocast, reported separately (auto: bf16 where the device "
+                        "computes it natively, else none; --amp: the earlier spelling)")
     p.add_argument("--bs", type=int, default=40)
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per configuration (default: 2 on the CPU, where one takes about a minute; "
@@ -153,6 +156,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.also == "auto":
+        args.also = "none" if runtime.resolve_precision("auto", device, training=True).name == "fp32" else "bf16"
+    print(runtime.describe_cpu())
     steps = args.steps or (2 if device.type == "cpu" else 20)
     warmup = args.warmup if args.warmup is not None else (0 if device.type == "cpu" else 3)
     rng = np.random.default_rng(args.seed)
@@ -171,9 +177,9 @@ def main(argv=None):
     for mode, only_prefix in (("only_prefix", True), ("finetune", False)):
         state = make_model(False).state_dict()
         runners = {("original", "none"): Original(make_model(False, state), only_prefix, device),
-                   ("ours", "none"): Ours(make_model(only_prefix, state), device, "none")}
-        if args.amp != "none":
-            runners[("ours", args.amp)] = Ours(make_model(only_prefix, state), device, args.amp)
+                   ("ours", "none"): Ours(make_model(only_prefix, state), device, "fp32")}
+        if args.also != "none":
+            runners[("ours", args.also)] = Ours(make_model(only_prefix, state), device, args.also)
         for (side, amp), speed in compare(runners, chunks, max_len, device, warmup).items():
             results[(mode, side, amp)] = speed
             print(f"{mode:12s} {side:9s} {'fp32' if amp == 'none' else amp:5s} {speed:8.2f} samples/s", flush=True)
@@ -182,10 +188,10 @@ def main(argv=None):
     for mode in ("only_prefix", "finetune"):
         base = results[(mode, "original", "none")]
         fields.append(f"ratio_{mode}={results[(mode, 'ours', 'none')] / base:.2f}")
-    if args.amp != "none":
+    if args.also != "none":
         for mode in ("only_prefix", "finetune"):
             base = results[(mode, "original", "none")]
-            fields.append(f"ratio_{mode}_{args.amp}={results[(mode, 'ours', args.amp)] / base:.2f}")
+            fields.append(f"ratio_{mode}_{args.also}={results[(mode, 'ours', args.also)] / base:.2f}")
     print("RESULT " + " ".join(fields))
 
 

@@ -73,6 +73,14 @@ def test_beam_search_equals_original_algorithm(gpt, prefix, beam_size, stops):
         assert out.scores[i].tolist() == pytest.approx(scores, abs=1e-5)
 
 
+def test_long_captions_grow_the_cache_buffers_and_still_equal_the_original(gpt, prefix):
+    # 40 tokens outgrow the first buffer (prefix + 1 + GROWTH positions) twice; no stop token, no early exit
+    out = beam_search(gpt, prefix[:2], [], 3, max_length=40)
+    for i in range(2):
+        sequences, scores = original_beam_search(gpt, prefix[i:i + 1], [], 3, 40)
+        assert out.sequences()[i] == sequences and out.scores[i].tolist() == pytest.approx(scores, abs=1e-5)
+
+
 def test_beam_scores_are_sorted_mean_logprobs_and_stops_end_captions(gpt, prefix):
     out = beam_search(gpt, prefix, STOPS, 5, max_length=12)
     assert out.tokens.shape == (6, 5, 12)
