@@ -90,7 +90,8 @@ def cpu_bf16_support() -> Tuple[bool, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if _machine() in ("x86_64", "amd64"):
-        amx, avx512_bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+        amx, avx512_bf16 = (bool(getattr(torch.cpu, name, lambda: False)())
+                            for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
         units = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else None
         if units is None:
             return False, f"this CPU ({capability}) has no bf16 matrix units (AMX or AVX512-BF16)"
