@@ -165,7 +165,7 @@ class Captioner:
         `precision`: auto (the rule of captioning/runtime.py for `device`), fp32, bf16, fp16 or a torch dtype;
         `dtype` is its earlier name. The choice and its reason are in `captioner.precision`."""
         directory = Path(directory)
-        device = runtime.default_device(device)
+        device = torch.device(device) if device is not None else torch.device("cpu")  # None: where weights load
         choice = dtype if dtype is not None else precision
         choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice
         resolved = runtime.resolve_precision(choice, device, training=False)

@@ -1,4 +1,4 @@
-"""Where a run executes: the device, the precision it computes in, and how many threads it may use.
+"""How a run executes on its device: the precision it computes in, and how many threads it may use.
 
 Every script asks here, so that a default is right on whatever machine runs it without the user knowing the
 machine: a GPU, a CPU with native bf16 matrix units (AMX, AVX512-BF16), a CPU without them (AVX2 laptops,
@@ -179,15 +179,6 @@ def announce(precision: Precision, *, file=None, prefix: str = "") -> None:
         print(f"{prefix}warning: {precision.warning}", file=file, flush=True)
 
 
-# ---- devices -----------------------------------------------------------------------------------------------
-
-def default_device(requested: Optional[str] = None) -> torch.device:
-    """`requested` as a torch device; None or "auto": CUDA when available, else the CPU."""
-    if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 # ---- threads -----------------------------------------------------------------------------------------------
 
 CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -296,9 +287,3 @@ def thread_budget(budget: ThreadBudget):
         yield budget
     finally:
         torch.set_num_threads(before)
-
-
-def check_count(name: str, value: Optional[int], minimum: int) -> None:
-    if value is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
