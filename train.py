@@ -88,6 +88,9 @@ def add_training_flags(a) -> None:
     a("--resume", default=None,
       help="a resume checkpoint (<prefix>_resume.pt) or 'latest' (the one in --out_dir; a fresh start if none)")
     a("--max_steps", type=int, default=None, help="stop after this many optimizer steps (quick runs)")
+    a("--cache_dir", default=None,
+      help="where caption tokens are cached (default: $TINYTINY_CACHE, else ~/.cache/tinytiny-captioner; the "
+           "run's --out_dir when that cannot be written); never the dataset's folder")
     a("--log_every", type=int, default=10, help="optimizer steps between train_log.jsonl records")
     a("--save_every_steps", type=int, default=10000,
       help="also checkpoint (resume file + <prefix>_latest export) every N steps within an epoch (0: off)")

@@ -6,6 +6,7 @@ token and DataLoader workers share it without copy-on-write churn.
 """
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -126,12 +127,22 @@ def load_token_cache(path: Path, key: str) -> Optional[CaptionTokens]:
     return tokens
 
 
+def default_cache_dir() -> Path:
+    """Where caches derived from a dataset go by default: $TINYTINY_CACHE, else $XDG_CACHE_HOME/tinytiny-captioner,
+    else ~/.cache/tinytiny-captioner. Never the dataset's own folder, which may be read-only or shared."""
+    if os.environ.get("TINYTINY_CACHE"):
+        return Path(os.environ["TINYTINY_CACHE"])
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "tinytiny-captioner"
+
+
 def cached_tokens(captions: Sequence[str], tokenizer, cache_dirs: Sequence[Path], stem: str,
                   log: Callable[[str], None] = print) -> CaptionTokens:
     """Tokens of `captions`, from a cache file keyed by the tokenizer and the caption texts.
 
     The key is in the file name and inside the file, so a cache made with another tokenizer or for other
-    captions is never reused. The cache goes in the first directory of `cache_dirs` that accepts a write.
+    captions is never reused. The cache is read from any of `cache_dirs` and goes in the first one that accepts a
+    write.
     """
     key = token_cache_key(captions, tokenizer)
     name = f"{stem}.tokens-{key[:16]}.npz"

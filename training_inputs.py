@@ -22,7 +22,7 @@ from caption_data import load_image, read_annotations, read_features
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig, ImageEncoder
 from training_data import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
-                           caption_table_from_features, captions_fingerprint, split_by_image)
+                           caption_table_from_features, captions_fingerprint, default_cache_dir, split_by_image)
 
 
 @dataclass
@@ -75,21 +75,28 @@ def encoder_config_from_metadata(metadata: Dict, features: torch.Tensor, source)
     return config.to_dict()
 
 
+def token_cache_dirs(args) -> List[Path]:
+    """Where caption tokens are cached: --cache_dir (default: the user's cache directory), else the run's
+    --out_dir; never beside the data, whose folder may be read-only or shared."""
+    return [Path(args.cache_dir) if args.cache_dir else default_cache_dir(), Path(args.out_dir)]
+
+
 def load_features(path, tokenizer, cache_dirs: List[Path], log):
     data = read_features(path)
     table = caption_table_from_features(data, path)
     features, metadata = data["clip_embedding"], data["metadata"]
     del data  # the caption dicts: about half the memory of a COCO pickle
-    tokens = cached_tokens(table.captions, tokenizer, [Path(path).parent, *cache_dirs], Path(path).name, log)
+    tokens = cached_tokens(table.captions, tokenizer, cache_dirs, Path(path).name, log)
     return features, metadata, table, tokens
 
 
 def build_feature_inputs(args, tokenizer, dist) -> TrainingInputs:
-    out_dir = [Path(args.out_dir)]
-    features, metadata, table, tokens = load_features(args.data, tokenizer, out_dir, dist.print)
+    cache_dirs = token_cache_dirs(args)
+    features, metadata, table, tokens = load_features(args.data, tokenizer, cache_dirs, dist.print)
     train_ids, val = np.arange(len(table)), None
     if args.val_data:
-        v_features, v_metadata, v_table, v_tokens = load_features(args.val_data, tokenizer, out_dir, dist.print)
+        v_features, v_metadata, v_table, v_tokens = load_features(args.val_data, tokenizer, cache_dirs,
+                                                                   dist.print)
         if v_features.shape[1:] != features.shape[1:]:
             raise ValueError(f"{args.val_data}: features of shape {tuple(v_features.shape[1:])} per image, but "
                              f"{args.data} has {tuple(features.shape[1:])}")
@@ -172,8 +179,7 @@ def build_image_inputs(args, tokenizer, dist, cache_workers: int = 0) -> Trainin
     if args.feature_type == "grid" and args.mapping_type != "transformer":
         raise ValueError("--feature_type grid needs --mapping_type transformer")
     table, paths = load_annotations(args.annotations, args.split, args)
-    tokens = cached_tokens(table.captions, tokenizer, [Path(args.annotations).parent, Path(args.out_dir)],
-                           Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
+    tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(args), Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
     encoder = build_encoder(args)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if args.augment else None
@@ -186,8 +192,7 @@ def build_image_inputs(args, tokenizer, dist, cache_workers: int = 0) -> Trainin
     train_ids, val = np.arange(len(table)), None
     if args.val_annotations:
         v_table, v_paths = load_annotations(args.val_annotations, args.val_split, args)
-        v_tokens = cached_tokens(v_table.captions, tokenizer, [Path(args.val_annotations).parent,
-                                                               Path(args.out_dir)],
+        v_tokens = cached_tokens(v_table.captions, tokenizer, token_cache_dirs(args),
                                  Path(args.val_annotations).name + (f".{args.val_split}" if args.val_split else ""),
                                  dist.print)
         val = dataset(v_table, v_tokens, np.arange(len(v_table)), v_paths)

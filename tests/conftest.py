@@ -2,6 +2,7 @@
 the same `from_pretrained` paths users take with `distilgpt2`. Nothing is downloaded."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # depend on the machine: with oneDNN capped below bf16, captioning/runtime.py finds no native bf16 (here and in
 # the subprocesses the tests start). tests/test_runtime.py patches the capability checks to test the rule itself.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# Caption-token caches of the tests' runs go to a directory of their own, not the user's cache.
+os.environ["TINYTINY_CACHE"] = tempfile.mkdtemp(prefix="tinytiny-test-cache-")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FIXTURES = Path(__file__).parent / "fixtures"

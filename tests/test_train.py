@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import train
 import trainer
+import training_data
 from caption_data import write_features
 from captioning import runtime
 from captioning.runtime import Precision
@@ -207,15 +208,32 @@ def test_grid_features_and_a_separate_validation_pickle(tmp_path, gpt2_dir):
 
 
 def test_a_changed_pickle_is_retokenized(tmp_path, gpt2_dir, tokenizer):
-    data = make_pickle(tmp_path / "train.pkl")
-    train.main(args_for(data, tmp_path / "a", gpt2_dir, "--max_steps", 1))
+    data = make_pickle(tmp_path / "data" / "train.pkl")
+    cache = ["--cache_dir", tmp_path / "cache"]
+    train.main(args_for(data, tmp_path / "a", gpt2_dir, "--max_steps", 1, *cache))
     entries = [{"image_id": 0, "caption": "A woman at the beach.", "clip_embedding": 0}] * 4
     write_features(data, torch.randn(1, 16), entries, {})
-    train.main(args_for(data, tmp_path / "b", gpt2_dir, "--max_steps", 1))
-    caches = sorted(tmp_path.glob("train.pkl.tokens-*.npz"), key=os.path.getmtime)
-    assert len(caches) == 2
+    train.main(args_for(data, tmp_path / "b", gpt2_dir, "--max_steps", 1, *cache))
+    caches = sorted((tmp_path / "cache").glob("train.pkl.tokens-*.npz"), key=os.path.getmtime)
+    assert len(caches) == 2 and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.pkl"]
     with np.load(caches[-1]) as z:
         assert tokenizer.decode(z["flat"][: z["offsets"][1]]) == "A woman at the beach.<|endoftext|>"
+
+
+def test_an_unwritable_cache_dir_falls_back_to_the_run_directory(tmp_path, gpt2_dir, monkeypatch):
+    data = make_pickle(tmp_path / "data" / "train.pkl")
+    cache = tmp_path / "cache"
+    real = training_data.atomic_write
+
+    def refuse_the_cache(path):  # tests run as root, where permissions do not stop writes
+        if Path(path).parent == cache:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(training_data, "atomic_write", refuse_the_cache)
+    train.main(args_for(data, tmp_path / "run", gpt2_dir, "--max_steps", 1, "--cache_dir", cache))
+    assert len(list((tmp_path / "run").glob("train.pkl.tokens-*.npz"))) == 1
+    assert not cache.exists() or not list(cache.iterdir())
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.pkl"]
 
 
 @pytest.mark.parametrize("content, message", [
