@@ -45,6 +45,7 @@ IMAGE_SIZE = 64
 GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
 TOKENIZER_VOCAB = 400
+ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
 
 
 def build_decoder(captions, directory: Path, seed: int) -> Path:
@@ -71,9 +72,25 @@ def epochs_for(num_captions: int, args) -> int:
     return max(1, round(args.steps / max(1, num_captions // args.bs)))
 
 
-def train_args(data: Path, gpt2_dir: Path, run_dir: Path, epochs: int, args) -> list:
+def images_root(data: Path) -> Path:
+    """The folder the annotations' file names are relative to: `data/images/`, as official COCO writes them
+    (`"file_name": "000001.png"`), or `data/` (`"images/000001.png"`, as shapes_data.py writes them): the one
+    holding every image. Neither is an error that says how many images each leaves missing."""
+    names = [r.file_name for name in ANNOTATION_FILES if (data / name).exists()
+             for r in read_annotations(data / name, images_root=data)]
+    missing = {}
+    for root in (data / "images", data):
+        missing[root] = [n for n in names if not (root / n).is_file()]
+        if not missing[root]:
+            return root
+    raise FileNotFoundError(f"{data}: the annotations' images are neither under {data / 'images'} ("
+                            f"{len(missing[data / 'images'])} of {len(names)} missing, e.g. "
+                            f"{missing[data / 'images'][0]!r}) nor under {data} ({len(missing[data])} missing)")
+
+
+def train_args(data: Path, root: Path, gpt2_dir: Path, run_dir: Path, epochs: int, args) -> list:
     val = data / "captions_val.json"
-    return ["--train_encoder", "--annotations", str(data / "captions_train.json"), "--images_root", str(data),
+    return ["--train_encoder", "--annotations", str(data / "captions_train.json"), "--images_root", str(root),
             *(["--val_annotations", str(val)] if val.exists() else []),
             "--encoder", ENCODER, "--encoder_weights", "random", "--encoder_kwargs", json.dumps(ENCODER_KWARGS),
             "--image_size", str(IMAGE_SIZE), "--feature_type", "grid", "--cache_images", "--channels_last",
@@ -168,8 +185,9 @@ def main(argv=None) -> dict:
         data = shapes_data.generate(out / "shapes", num_train=args.num_train, num_val=args.num_val,
                                     num_test=args.num_test, seed=args.seed, size=IMAGE_SIZE)
     stage("data")
-    train_records = read_annotations(data / "captions_train.json", images_root=data)
-    test_records = read_annotations(data / "captions_test.json", images_root=data)
+    root = images_root(data)
+    train_records = read_annotations(data / "captions_train.json", images_root=root)
+    test_records = read_annotations(data / "captions_test.json", images_root=root)
     train_captions = [c for r in train_records for c in r.captions]
     gpt2_dir = build_decoder(train_captions, out / "decoder", args.seed)
     stage("tokenizer")
@@ -178,7 +196,7 @@ def main(argv=None) -> dict:
     if run_dir.exists():  # the demo's own output: each run trains afresh instead of refusing to overwrite it
         print(f"note: replacing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    train.main(train_args(data, gpt2_dir, run_dir, epochs_for(len(train_captions), args), args))
+    train.main(train_args(data, root, gpt2_dir, run_dir, epochs_for(len(train_captions), args), args))
     stage("train")
 
     captioner = Captioner.from_pretrained(run_dir / "demo_latest", device=args.device, precision=args.precision)
@@ -194,7 +212,7 @@ def main(argv=None) -> dict:
     stage("caption")
 
     report = evaluate.main(["--predictions", str(out / "test_predictions.json"), "--annotations",
-                            str(data / "captions_test.json"), "--images_root", str(data),
+                            str(data / "captions_test.json"), "--images_root", str(root),
                             "--out_dir", str(out / "eval")])
     cider = report["metrics"]["CIDEr"]
     most_frequent = collections.Counter(train_captions).most_common(1)[0][0]
