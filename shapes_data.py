@@ -27,7 +27,7 @@ POSITIONS = ("left", "right", "top", "bottom")  # where a lone shape sits
 RELATIONS = ("to the left of", "above")  # of a scene: the first shape (left or top) relative to the second
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
            "below": "above"}
-SYNONYMS = {"to the left of": "left of", "above": "on top of"}
+SYNONYMS = {"to the left of": "left of", "above": "on top of", "to the right of": "right of", "below": "under"}
 POSITION_PHRASES = {"left": ["on the left", "in the left part of the image"],
                     "right": ["on the right", "in the right part of the image"],
                     "top": ["at the top", "in the upper part of the image"],
@@ -57,11 +57,13 @@ def random_scene(rng: random.Random) -> Scene:
             return Scene([first, second], relation=rng.choice(RELATIONS))
 
 
-def captions_for(scene: Scene, rng: random.Random, count: int = 5) -> List[str]:
+def captions_for(scene: Scene, rng: random.Random, count: int = 5, either_order: bool = False) -> List[str]:
     """Paraphrases of the scene from the grammar, distinct where the grammar allows.
 
     Two shapes are named in reading order, the left (or top) one first, as people describe a scene; the
-    paraphrases vary the wording and state the relation both ways ("A above B", "A with B below it")."""
+    paraphrases vary the wording and state the relation both ways ("A above B", "A with B below it").
+    `either_order`: a caption may name either shape first ("B below A" as well as "A above B"), as datasets
+    made elsewhere do; the decoder must then find where the shape it named first sits."""
     a = scene.things[0]
     if scene.position:
         templates = [f"a {a.colour} {a.shape} {p}" for p in POSITION_PHRASES[scene.position]]
@@ -69,13 +71,20 @@ def captions_for(scene: Scene, rng: random.Random, count: int = 5) -> List[str]:
         templates += [f"a {a.shape} in {a.colour} {POSITION_PHRASES[scene.position][0]}"]
     else:
         b, rel = scene.things[1], scene.relation
-        templates = [f"a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
-                     f"a {a.colour} {a.shape} {SYNONYMS[rel]} a {b.colour} {b.shape}",
-                     f"there is a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
-                     f"a {a.shape} in {a.colour} {rel} a {b.shape} in {b.colour}",
-                     f"a {a.colour} {a.shape} with a {b.colour} {b.shape} {INVERSE[rel]} it"]
+        templates = relation_templates(a, rel, b)
+        if either_order:
+            templates += relation_templates(b, INVERSE[rel], a)
     rng.shuffle(templates)
     return templates[:count]
+
+
+def relation_templates(a: Thing, rel: str, b: Thing) -> List[str]:
+    """Captions saying `a` is `rel` `b`, naming `a` first."""
+    return [f"a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
+            f"a {a.colour} {a.shape} {SYNONYMS.get(rel, rel)} a {b.colour} {b.shape}",
+            f"there is a {a.colour} {a.shape} {rel} a {b.colour} {b.shape}",
+            f"a {a.shape} in {a.colour} {rel} a {b.shape} in {b.colour}",
+            f"a {a.colour} {a.shape} with a {b.colour} {b.shape} {INVERSE[rel]} it"]
 
 
 def background(rng: random.Random, size: int) -> np.ndarray:
@@ -194,7 +203,8 @@ def same_scene_facts(predicted: Optional[Scene], truth: Scene) -> Dict[str, bool
     return best
 
 
-def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start_id: int, size: int) -> int:
+def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start_id: int, size: int,
+                either_order: bool = False) -> int:
     images, annotations = [], []
     for i in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False):
         image_id = start_id + i
@@ -203,7 +213,7 @@ def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start
         draw_scene(scene, rng, size).save(out_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
                        "scene": asdict(scene)})
-        for caption in captions_for(scene, rng):
+        for caption in captions_for(scene, rng, either_order=either_order):
             annotations.append({"id": len(annotations) + start_id * 10, "image_id": image_id, "caption": caption})
     with atomic_write(out_dir / f"captions_{split}.json") as tmp:
         tmp.write_text(json.dumps({"info": {"description": f"synthetic shapes, {split} split"},
@@ -211,13 +221,13 @@ def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start
     return start_id + count
 
 
-def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64) -> Path:
+def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64, either_order=False) -> Path:
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     next_id = 1
     for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
-        next_id = write_split(out_dir, split, count, rng, next_id, size)
+        next_id = write_split(out_dir, split, count, rng, next_id, size, either_order)
     return out_dir
 
 
@@ -233,8 +243,11 @@ def main(argv=None) -> int:
     p.add_argument("--num_test", type=int, default=300)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="same seed, same images and captions")
+    p.add_argument("--either_order", action="store_true",
+                   help="captions may name either of two shapes first ('B below A' as well as 'A above B')")
     args = p.parse_args(argv)
-    generate(args.out_dir, args.num_train, args.num_val, args.num_test, args.seed, args.image_size)
+    generate(args.out_dir, args.num_train, args.num_val, args.num_test, args.seed, args.image_size,
+             args.either_order)
     print(f"wrote {args.num_train}/{args.num_val}/{args.num_test} train/val/test images to {args.out_dir}")
     return 0
 

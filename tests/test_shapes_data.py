@@ -101,3 +101,22 @@ def test_main_writes_the_splits(tmp_path, capsys):
                              "--image_size", "48"]) == 0
     data = json.loads((tmp_path / "captions_test.json").read_text())
     assert len(data["images"]) == 2 and Image.open(tmp_path / data["images"][0]["file_name"]).size == (48, 48)
+
+
+def test_either_order_captions_name_either_shape_first_and_parse_back(tmp_path):
+    out = shapes_data.generate(tmp_path, num_train=60, num_val=0, num_test=0, seed=3, either_order=True)
+    data = json.loads((out / "captions_train.json").read_text())
+    scenes = {im["id"]: scene_from_dict(im["scene"]) for im in data["images"]}
+    second_first = 0
+    for ann in data["annotations"]:
+        scene, parsed = scenes[ann["image_id"]], parse_caption(ann["caption"])
+        assert all(same_scene_facts(parsed, scene).values()), ann["caption"]
+        if scene.relation and parsed.things[0] == scene.things[1] and not ann["caption"].endswith(" it"):
+            second_first += 1  # "B below A": the right/lower shape named first
+    assert second_first > 20
+    plain = json.loads((shapes_data.generate(tmp_path / "plain", num_train=60, num_val=0, num_test=0,
+                                              seed=3) / "captions_train.json").read_text())
+    scenes = {im["id"]: scene_from_dict(im["scene"]) for im in plain["images"]}
+    for ann in plain["annotations"]:  # reading order only
+        scene, parsed = scenes[ann["image_id"]], parse_caption(ann["caption"])
+        assert not (scene.relation and parsed.things[0] == scene.things[1] and not ann["caption"].endswith(" it"))
