@@ -179,7 +179,8 @@ def build_image_inputs(args, tokenizer, dist, cache_workers: int = 0) -> Trainin
     if args.feature_type == "grid" and args.mapping_type != "transformer":
         raise ValueError("--feature_type grid needs --mapping_type transformer")
     table, paths = load_annotations(args.annotations, args.split, args)
-    tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(args), Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
+    tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(args),
+                           Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
     encoder = build_encoder(args)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if args.augment else None
