@@ -6,7 +6,6 @@ what one uninterrupted run computes (bit for bit on the same machine and thread 
 fsynced record to a log file in the partial directory (`<out>.partial/`), so an interruption (Ctrl-C, kill -9,
 power loss) loses at most the batch in flight; a torn last record is recognised by its length and CRC and ignored.
 """
-import contextlib
 import functools
 import json
 import os
@@ -29,7 +28,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from caption_data import ImageError, ImageRecord, load_image
-from captioning.runtime import Precision
+from captioning.runtime import FP32, Precision
 from models.checkpoint_io import atomic_write
 
 MANIFEST = "manifest.json"
@@ -253,15 +252,15 @@ def plan_batches(num_images: int, batch_size: int, done: set, rank: int = 0, wor
 
 
 def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: List[List[int]], *,
-            device: torch.device, precision: Optional[Precision] = None, dtype: str = "float32",
+            device: torch.device, precision: Precision = FP32, dtype: str = "float32",
             num_workers: int = 0, decode_threads: int = 1,
             channels_last: bool = False, on_error: str = "skip", max_pixels: Optional[int] = None,
             rank: int = 0, show_progress: bool = True) -> List[Failure]:
     """Encode `batches` (lists of indices into `records`), appending finished batches to this process's log.
 
-    `precision` is the encoder's autocast (None: fp32). Images are decoded by `num_workers` loader processes
-    beside the encoder or, without workers, between batches on `decode_threads` threads. Returns the images that could not be read; with
-    `on_error="fail"` the first one raises instead.
+    `precision` is the encoder's autocast. Images are decoded by `num_workers` loader processes beside the
+    encoder or, without workers, between batches on `decode_threads` threads. Returns the images that could not
+    be read; with `on_error="fail"` the first one raises instead.
     """
     set_pil_pixel_limit(max_pixels)
     transform, normalization = split_transform(encoder.transform)
@@ -275,8 +274,7 @@ def extract(records: Sequence[ImageRecord], encoder, directory: Path, batches: L
     bar = tqdm(total=total, unit="img", desc=f"encoding (rank {rank})" if rank else "encoding",
                disable=not show_progress, dynamic_ncols=True)
     try:
-        autocast = precision.autocast(device) if precision is not None else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), precision.autocast(device):
             for indices, images, errors in loader:
                 for index, kind, reason in errors:
                     failure = Failure(index, str(records[index].path), kind, reason)

@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_precision_argument(p, what="encoder compute precision (autocast)")
     p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
                    choices=sorted(STORAGE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
-    p.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
-                   help="channels-last memory format (default: on; TinyViT-21M on a CPU measured 26-36%% faster)")
+    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
+                   help="channels-last memory format (TinyViT-21M on a CPU measured 26-36%% faster)")
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
                    help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
     p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")
@@ -249,9 +249,8 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
                               (f" in split {args.split!r}" if args.split else ""))
     precision = runtime.resolve_precision(args.precision, device, training=False)
     budget = runtime.plan_threads(device, loads_images=True, workers=args.num_workers, threads=args.threads)
-    channels_last = True if args.channels_last is None else args.channels_last
     encoder = build_encoder(args).to(device)
-    if channels_last:
+    if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     manifest = run_manifest(args, records, encoder, precision)
     partial = Path(f"{args.out_path}.partial")
@@ -276,7 +275,7 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
         failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
                            device=device, precision=precision, dtype=args.dtype, num_workers=budget.workers,
                            decode_threads=budget.cores,
-                           channels_last=channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
+                           channels_last=args.channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
                            rank=rank, show_progress=main_process)
     if distributed:
         gathered = [None] * world_size

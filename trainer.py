@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioning.runtime import Precision
+from captioning.runtime import FP32, Precision
 from models.checkpoint_io import CheckpointError, load_state_dict_strict
 from train_state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_state,
                          remove_stale_temporaries, restore_rng, save_state)
@@ -49,12 +49,12 @@ class Stepper:
     """
 
     def __init__(self, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 dist: Distributed, precision: Optional[Precision] = None, grad_clip: float = 0.0):
+                 dist: Distributed, precision: Precision = FP32, grad_clip: float = 0.0):
         self.loss_module = loss_module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dist = dist
-        self.precision = precision or Precision("fp32", "fp32", "as asked")
+        self.precision = precision
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(dist.device.type) if self.precision.needs_loss_scaling else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]

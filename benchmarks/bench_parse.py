@@ -142,11 +142,11 @@ def measure(args, device: torch.device, batch_size: int, precision: runtime.Prec
         # Measured before and after the other runs, the faster counting: on a shared machine the speed drifts,
         # and the faster measurement is the stricter baseline for encoder_fraction.
         images = preload(encoder, root, args.images)
-        fast_encoder = ImageEncoder(EncoderConfig(name=args.encoder, weights=str(root / "encoder.pth"))).eval()
+        config = EncoderConfig(name=args.encoder, weights=str(root / "encoder.pth"))
+        fast_encoder = ImageEncoder(config).eval()
         fast_encoder.fold_batch_norms()  # as parse_coco.py builds it; the original keeps `encoder` as it is
         fast_encoder.to(device)
         encoder_s = [encoder_alone(fast_encoder, images, batch_size, device, precision, channels_last)]
-        config = EncoderConfig(name=args.encoder, weights=str(root / "encoder.pth"))
         original_s = original(config, root, annotations, root / "original.pkl", device)
         ours_argv = ["--encoder", args.encoder, "--encoder_weights", str(root / "encoder.pth"),
                      "--annotations", str(annotations), "--images_root", str(root), "--out_path",

@@ -160,6 +160,14 @@ def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids
     return out.result(sort=True)
 
 
+def _tensor_layers(cache: DynamicCache) -> Optional[list]:
+    """The cache's layers when each holds its keys and values as tensors (transformers 4.56 on), else None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
+        return None
+    return layers
+
+
 GROWTH = 16  # positions a cache buffer grows by: one copy of the cache per 16 steps instead of one per step
 
 
@@ -169,10 +177,7 @@ def append_in_place(cache: DynamicCache) -> None:
     of a batch's beam search on a 2-core CPU). The layers' `keys` / `values` stay tensors of the cached length,
     views of the buffer, so every other cache method works as before; one that replaces them (selecting rows)
     leads to a new buffer at the next append. Caches without per-layer tensors are left as they are."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
-        return
-    for layer in layers:
+    for layer in _tensor_layers(cache) or []:
         layer.update = functools.partial(_append_into_buffer, layer)
 
 
@@ -197,8 +202,8 @@ def reorder_beams(cache: DynamicCache, rows: torch.Tensor, shared: int) -> None:
     On a 2-core CPU the cache copies are memory-bound and take about half of a batch's beam search (32 images,
     beam 5, 40-token prefix), so this saves most of a copy per step. Without per-layer tensors (transformers
     before 4.56) the whole cache is reordered."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
+    layers = _tensor_layers(cache)
+    if layers is None:
         cache.reorder_cache(rows)
         return
     for layer in layers:
