@@ -17,13 +17,15 @@ naming: `train2014/COCO_train2014_{id:012d}.jpg`, then `val2014/COCO_val2014_...
 
 The features pickle is the original ClipCap schema, readable by the original training code:
 `{"clip_embedding": Tensor (N, D) or (N, T, D), "captions": [{"image_id", "caption", "id"?, "clip_embedding":
-row}], "metadata": {...}}`, one row per distinct image. `read_features` never runs pickled code.
+row}], "metadata": {...}}`, one row per distinct image. `read_features` never runs pickled code, and reads the
+original's one-row-per-caption pickles as one row per image.
 """
 import contextlib
 import csv
 import io
 import json
 import pickle
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -429,7 +431,58 @@ def read_features(path) -> Dict:
     except (EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise FeaturesError(f"{path}: not a readable features pickle (corrupt or truncated?): "
                             f"{e.__class__.__name__}: {e}") from e
-    return validate_features(data, path)
+    return one_row_per_image(validate_features(data, path), path)
+
+
+# Rows holding the same image must agree to this fraction of the row's largest magnitude: the original script
+# encoded the same file once per caption, which gives equal rows (up to GPU rounding); rows that differ more
+# mean that two different images share an image_id.
+SAME_IMAGE_TOLERANCE = 1e-2
+
+
+def one_row_per_image(data: Dict, source="features") -> Dict:
+    """`data` with one feature row per distinct `image_id`, every caption pointing at its image's row.
+
+    The original parse_coco.py wrote one row per caption (the same image encoded five times); an image is its
+    `image_id`, so such rows are merged here, once, for everything that reads features: the training split holds
+    out images rather than captions, evaluation sees all of an image's captions, and predictions are one per
+    image. Rows that share an image_id but hold different features are an error naming both captions.
+    """
+    captions, features = data["captions"], data["clip_embedding"]
+    first_row: Dict = {}  # image_id -> the row of its first caption
+    for i, c in enumerate(captions):
+        try:
+            first_row.setdefault(c["image_id"], c["clip_embedding"])
+        except TypeError as e:
+            raise FeaturesError(f"{source}: captions[{i}]['image_id'] is {c['image_id']!r}; expected a number or "
+                                f"a string") from e
+    rows = torch.tensor([c["clip_embedding"] for c in captions])
+    firsts = torch.tensor([first_row[c["image_id"]] for c in captions])
+    if torch.equal(rows, firsts) and len(set(first_row.values())) == len(first_row):
+        return data  # already one row per image
+    # Otherwise rows repeat an image, or one row serves several image_ids (each then gets its own copy).
+    repeated = torch.nonzero(rows != firsts).flatten()
+    for start in range(0, len(repeated), 65536):  # in chunks: a COCO pickle repeats about 470k rows
+        chunk = repeated[start:start + 65536]
+        a, b = features[rows[chunk]].float(), features[firsts[chunk]].float()
+        dims = tuple(range(1, a.ndim))
+        bad = (a - b).abs().amax(dim=dims) > SAME_IMAGE_TOLERANCE * b.abs().amax(dim=dims).clamp_min(1e-12)
+        if bad.any():
+            i = int(chunk[bad.nonzero()[0, 0]])
+            j = next(k for k, c in enumerate(captions) if c["image_id"] == captions[i]["image_id"])
+            raise FeaturesError(
+                f"{source}: captions[{j}] and captions[{i}] have the same image_id {captions[i]['image_id']!r} but "
+                f"their 'clip_embedding' rows ({int(firsts[i])} and {int(rows[i])}) hold different features; "
+                f"an image_id must name one image")
+    images = list(first_row)
+    new_row = {image_id: n for n, image_id in enumerate(images)}
+    merged = [{**c, "clip_embedding": new_row[c["image_id"]]} for c in captions]
+    if len(repeated):
+        print(f"note: {source} repeats images: {features.shape[0]:,} feature rows for {len(images):,} "
+              f"images (one row per caption, as the original parse_coco.py wrote them); they are read as one row "
+              f"per image. parse_coco.py stores each image once (one row per image_id).", file=sys.stderr)
+    kept = torch.tensor([first_row[image_id] for image_id in images])
+    return {**data, "clip_embedding": features[kept], "captions": merged}
 
 
 def write_features(path, features: torch.Tensor, captions: List[Dict], metadata: Optional[Dict] = None) -> None:
