@@ -3,6 +3,10 @@
   # a ClipCap / Tini-Tiny captioner saved by the original train.py (a state dict, e.g. coco_prefix-009.pt)
   python convert_checkpoint.py --checkpoint coco_prefix-009.pt --out_dir exports/original_mlp --gpt2 gpt2
 
+A converted captioner decodes as the original inference notebooks did: a transformer mapper's feature is divided
+by its L2 norm first (both transformer notebooks do; the MLP notebook does not), which the export's config
+records (`normalize_prefix`); `--normalize_prefix` / `--no-normalize_prefix` choose otherwise.
+
   # an official TinyViT release file, as a timm-format encoder export
   python convert_checkpoint.py --tinyvit tiny_vit_21m_22k_distill.pth --encoder tiny_vit_21m_224 \
       --out_dir exports/tinyvit_21m
@@ -31,8 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--prefix_length", type=int, default=None, help="inferred when omitted, checked when given")
     p.add_argument("--prefix_length_clip", type=int, default=None, help="inferred when omitted, checked when given")
     p.add_argument("--num_layers", type=int, default=None, help="inferred when omitted, checked when given")
-    p.add_argument("--normalize_prefix", action="store_true",
-                   help="the checkpoint was trained with --normalize_prefix (features L2-normalised)")
+    p.add_argument("--normalize_prefix", default=None, action=argparse.BooleanOptionalAction,
+                   help="L2-normalise each image feature before the mapper (default: as the original inference "
+                        "did: on for transformer mappers, whose notebooks divide the feature by its norm, off "
+                        "for MLP mappers)")
     p.add_argument("--clip_model_type", default="tinyvit",
                    help="encoder the features came from: tinyvit (default) or an OpenAI CLIP name (ViT-B/32, RN50...)")
     p.add_argument("--encoder", default=None, help="timm model name of the encoder (overrides --clip_model_type)")
@@ -80,6 +86,10 @@ def main(argv=None) -> int:
             c = model.config
             print(f"wrote {args.out_dir}: {c.mapping_type} mapper, prefix {c.prefix_length}, feature dim "
                   f"{c.prefix_size}, stops at {c.eos_token_ids}")
+            print(f"features are {'' if c.normalize_prefix else 'not '}L2-normalised before the mapper ("
+                  + ("given" if args.normalize_prefix is not None else
+                     f"as the original {c.mapping_type} inference did; --"
+                     f"{'no-' if c.normalize_prefix else ''}normalize_prefix to decode otherwise") + ")")
         else:
             config = encoder_config(args, "timm")
             config.weights = args.tinyvit

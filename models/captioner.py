@@ -226,8 +226,10 @@ class ClipCaptionModel(nn.Module):
         Sizes (`mapping_type`, `prefix_length`, `prefix_length_clip`, `num_layers`, `prefix_size`) are
         inferred from tensor shapes; any given in `sizes` must agree. `decoder_config` gives the GPT-2
         hyperparameters shapes cannot tell (number of heads); its shapes are checked against the weights.
-        Other `sizes` keys (`normalize_prefix`, `eos_token_ids`, `gpt2`) go into the config. `encoder` is the
-        encoder the features came from: a module to hold (its weights are exported), or only its config.
+        Other `sizes` keys (`normalize_prefix`, `eos_token_ids`, `gpt2`) go into the config; `normalize_prefix`
+        left out (or None) is what the original inference did for the mapper kind (ORIGINAL_INFERENCE_NORMALISES).
+        `encoder` is the encoder the features came from: a module to hold (its weights are exported), or only its
+        config.
         """
         state_dict = {k: v for k, v in state_dict.items() if not LEGACY_GPT2_BUFFER.match(k)}
         inferred = infer_original_sizes(state_dict, source)
@@ -237,6 +239,7 @@ class ClipCaptionModel(nn.Module):
                                       f"{inferred[key]} ({ORIGINAL_SIZE_KEYS[key]})")
         check_decoder_shapes(state_dict, decoder_config, source)
         extra = {k: v for k, v in sizes.items() if k not in inferred and v is not None}
+        extra.setdefault("normalize_prefix", ORIGINAL_INFERENCE_NORMALISES[inferred["mapping_type"]])
         config = CaptionerConfig(**inferred, source="original", decoder=decoder_config.to_dict(), **extra)
         if isinstance(encoder, EncoderConfig):
             config.encoder = encoder.to_dict()
@@ -268,6 +271,10 @@ def read_config(directory: Path) -> CaptionerConfig:
     return CaptionerConfig.from_dict(raw, source=path)
 
 
+# Whether the original inference L2-normalised the image feature before the mapper: both transformer inference
+# notebooks (ClipCap's and Tini-Tiny's) divide it by its norm, the MLP notebook does not. The original trained
+# without normalising either way, so a converted checkpoint decodes as its notebook did.
+ORIGINAL_INFERENCE_NORMALISES = {"transformer": True, "mlp": False}
 # transformers 4.x wrote the causal-mask buffers into state dicts; current versions reject them.
 LEGACY_GPT2_BUFFER = re.compile(r"^gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 ORIGINAL_SIZE_KEYS = {

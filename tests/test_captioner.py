@@ -35,7 +35,10 @@ def batch(tokenizer, captions, pad_to=None):
 def test_original_checkpoint_reproduces_reference(kind):
     state = torch.load(FIXTURES / f"original_{kind}_prefix.pt", weights_only=True)
     assert any(k.endswith("attn.masked_bias") for k in state)  # the legacy buffers are really there
-    model = ClipCaptionModel.from_original_state_dict(state, GPT2Config.from_dict(REF["gpt2_config"])).eval()
+    # Without normalisation: the original's training forward (its transformer inference normalised; see
+    # test_convert_checkpoint for that default)
+    model = ClipCaptionModel.from_original_state_dict(state, GPT2Config.from_dict(REF["gpt2_config"]),
+                                                      normalize_prefix=False).eval()
     assert model.config.mapping_type == kind
     with torch.no_grad():
         prefix = model.prefix_embeddings(REF["features"])

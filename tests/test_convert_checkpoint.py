@@ -10,6 +10,7 @@ from models.encoder import ImageEncoder
 from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
+NORMALISED_REF = torch.load(FIXTURES / "original_transformer_normalised_reference.pt", weights_only=True)
 TINYVIT_REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
 
 
@@ -33,10 +34,39 @@ def test_convert_original_checkpoint_to_export(tmp_path, original_gpt2_dir, toke
     assert config["eos_token_ids"] == tokenizer.encode(".")
     assert config["encoder"]["name"] == "tiny_vit_21m_224" and config["encoder"]["preprocessing"] == "clip"
     assert not config["encoder_in_checkpoint"]
+    assert config["normalize_prefix"] is (kind == "transformer")  # as the original inference notebooks
     model = ClipCaptionModel.from_pretrained(out).eval()
+    ref, suffix = (NORMALISED_REF, "_normalised") if kind == "transformer" else (REF, "")
     with torch.no_grad():
-        torch.testing.assert_close(model(REF["tokens"], REF["features"]), REF[f"logits_{kind}"], atol=1e-5, rtol=0)
+        prefix = model.prefix_embeddings(ref["features"])
+        torch.testing.assert_close(prefix, ref[f"prefix_{kind}{suffix}"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ref["tokens"], ref["features"]), ref[f"logits_{kind}{suffix}"], atol=1e-5,
+                                   rtol=0)
     assert AutoTokenizer.from_pretrained(str(out)).encode("A red dog.") == tokenizer.encode("A red dog.")
+
+
+@pytest.mark.parametrize("flag, normalised", [("--no-normalize_prefix", False), ("--normalize_prefix", True)])
+def test_convert_transformer_checkpoint_normalisation_flag(tmp_path, original_gpt2_dir, capsys, flag, normalised):
+    out = tmp_path / "t"
+    assert convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_transformer_prefix.pt"),
+                                    "--out_dir", str(out), "--gpt2", str(original_gpt2_dir), flag]) == 0
+    assert f"features are {'' if normalised else 'not '}L2-normalised before the mapper (given)" in \
+        capsys.readouterr().out
+    model = ClipCaptionModel.from_pretrained(out).eval()
+    expected = NORMALISED_REF["prefix_transformer_normalised"] if normalised else REF["prefix_transformer"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.prefix_embeddings(REF["features"]), expected, atol=1e-5, rtol=0)
+
+
+def test_conversion_says_how_features_are_normalised(tmp_path, original_gpt2_dir, capsys):
+    for kind in ("transformer", "mlp"):
+        convert_checkpoint.main(["--checkpoint", str(FIXTURES / f"original_{kind}_prefix.pt"),
+                                 "--out_dir", str(tmp_path / kind), "--gpt2", str(original_gpt2_dir)])
+    out = capsys.readouterr().out
+    assert ("features are L2-normalised before the mapper (as the original transformer inference did; "
+            "--no-normalize_prefix to decode otherwise)") in out
+    assert ("features are not L2-normalised before the mapper (as the original mlp inference did; "
+            "--normalize_prefix to decode otherwise)") in out
 
 
 def test_convert_embeds_an_encoder_weights_file(tmp_path, original_gpt2_dir):
