@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip_model_type", default="tinyvit", choices=["tinyvit", *CLIP_MODEL_TYPES],
                    help="image encoder: TinyViT-21M, or an OpenAI CLIP image tower (timm) as in the original")
     p.add_argument("--encoder", default=None,
-                   help="any timm model name (e.g. tiny_vit_11m_224); overrides --clip_model_type")
+                   help="timm model as NAME (timm's default tag) or NAME.TAG (e.g. tiny_vit_21m_224.dist_in22k_ft_in1k); "
+                        "overrides --clip_model_type")
     p.add_argument("--encoder_weights", default="pretrained",
                    help="'pretrained' (timm hub or cache), 'random', or a checkpoint file (timm or official TinyViT)")
     p.add_argument("--encoder_kwargs", type=json_object, default={},

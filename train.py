@@ -78,6 +78,8 @@ def add_training_flags(a) -> None:
     a("--lr", type=float, default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
     a("--warmup_steps", type=int, default=5000, help="optimizer steps of linear learning-rate warmup")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay on weight matrices (not biases, norms)")
+    a("--adam_eps", type=float, default=1e-6,
+      help="AdamW epsilon: 1e-6, the default of the transformers.AdamW the original trained with (torch's is 1e-8)")
     a("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
     a("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
     a("--seed", type=int, default=0, help="seed of initialisation, data order, dropout and augmentation")
@@ -112,7 +114,8 @@ def add_encoder_flags(e) -> None:
     e("--images_root", default="./data/coco", help="image paths in the annotations are relative to it")
     e("--val_annotations", default=None, help="validation annotation file (same images root)")
     e("--val_split", default=None, help="Karpathy split(s) of --val_annotations, e.g. val")
-    e("--encoder", default="tiny_vit_21m_224", help="any timm model name")
+    e("--encoder", default="tiny_vit_21m_224",
+      help="timm model as NAME (timm's default tag: tiny_vit_21m_224 is tiny_vit_21m_224.dist_in22k) or NAME.TAG")
     e("--encoder_weights", default="pretrained", help="pretrained, random, or a weights file")
     e("--encoder_kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
     e("--image_size", type=int, default=None, help="input resolution (default: the model's)")
@@ -172,7 +175,7 @@ def build_optimizer(model, args, device) -> torch.optim.Optimizer:
             lr = args.encoder_lr if name.startswith("encoder.") and args.encoder_lr is not None else args.lr
             groups.setdefault((lr, args.weight_decay if param.ndim >= 2 else 0.0), []).append(param)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
-                             lr=args.lr, fused=device.type in ("cuda", "cpu"))
+                             lr=args.lr, eps=args.adam_eps, fused=device.type in ("cuda", "cpu"))
 
 
 def make_loaders(args, inputs, dist: Distributed, pad_id: int, workers: int):

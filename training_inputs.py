@@ -75,6 +75,14 @@ def encoder_config_from_metadata(metadata: Dict, features: torch.Tensor, source)
     return config.to_dict()
 
 
+def same_encoder(a: Optional[Dict], b: Optional[Dict]) -> bool:
+    """Whether two metadata encoder configs describe one encoder; the resolved timm tag is compared only when
+    both record it (files written before it was recorded lack it)."""
+    if a and b and (a.get("resolved_name") is None or b.get("resolved_name") is None):
+        a, b = ({k: v for k, v in d.items() if k != "resolved_name"} for d in (a, b))
+    return a == b
+
+
 def token_cache_dirs(args) -> List[Path]:
     """Where caption tokens are cached: --cache_dir (default: the user's cache directory), else the run's
     --out_dir; never beside the data, whose folder may be read-only or shared."""
@@ -100,7 +108,7 @@ def build_feature_inputs(args, tokenizer, dist) -> TrainingInputs:
         if v_features.shape[1:] != features.shape[1:]:
             raise ValueError(f"{args.val_data}: features of shape {tuple(v_features.shape[1:])} per image, but "
                              f"{args.data} has {tuple(features.shape[1:])}")
-        if v_metadata.get("encoder") != metadata.get("encoder"):
+        if not same_encoder(v_metadata.get("encoder"), metadata.get("encoder")):
             raise ValueError(f"{args.val_data} was made by another encoder than {args.data} (metadata['encoder'])")
         val = FeatureCaptionDataset(v_features, v_table, v_tokens, np.arange(len(v_table)))
     elif args.val_fraction is not None:

@@ -15,8 +15,9 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform, resolve_model_data_config
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform, resolve_data_config
 from timm.models import group_modules
+from timm.models.tiny_vit import TinyVit
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -44,11 +45,15 @@ class EncoderConfig:
     pooled_output: str = "pre_logits"
     # "timm": the model's own data config; "clip": the original scripts' CLIP preprocessing.
     preprocessing: str = "timm"
-    image_size: Optional[int] = None  # overrides the data config's input size
+    image_size: Optional[int] = None  # overrides the data config's input size (never a fixed one)
     # Where the weights came from: "pretrained" (timm hub/cache), "random", or a file path.
     weights: str = "pretrained"
     model_kwargs: Dict = field(default_factory=dict)  # extra timm.create_model arguments
     data_config: Optional[Dict] = None  # filled in when the encoder is built
+    # The timm `architecture.tag` that `name` resolved to when the encoder was built (a bare name picks timm's
+    # default tag, e.g. tiny_vit_21m_224 -> tiny_vit_21m_224.dist_in22k): the pretrained weights and the data
+    # config come from it.
+    resolved_name: Optional[str] = None
 
     def __post_init__(self):
         if self.feature_type not in FEATURE_TYPES:
@@ -78,6 +83,43 @@ class EncoderConfig:
         if unknown:
             raise CheckpointError(f"encoder config has unknown keys {unknown}")
         return cls(**d)
+
+
+def create_timm_model(name: str, pretrained: bool, kwargs: Dict) -> nn.Module:
+    """`timm.create_model`, taking `NAME` (timm's default tag) or `NAME.TAG`; a tag timm does not know is an error
+    listing the ones it does."""
+    architecture, tag = timm.models.split_model_name_tag(name)
+    if tag and timm.is_model(architecture):
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(architecture + ".*")]
+        if tag not in tags:
+            raise ValueError(f"encoder {name!r}: timm has no pretrained tag {tag!r} for {architecture}; its tags "
+                             f"are {tags}")
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def data_config_for(config: EncoderConfig, pretrained_cfg: Dict, dynamic_size: bool = False) -> Dict:
+    """The preprocessing of an encoder: timm's data config of its pretrained tag, with the original scripts'
+    CLIP resize, crop and normalisation for `preprocessing="clip"` and `config.image_size` if given.
+
+    The input size is always the model's own unless `image_size` says otherwise, and for a model whose
+    pretrained config fixes its input size (CLIP's ResNets with an attention pool: RN50x4 is 288x288) another
+    size is an error rather than features of resampled position embeddings, unless the model was built to
+    take any size (`dynamic_size`: timm's `dynamic_img_size`, or `img_size` in its kwargs).
+    """
+    data_config = dict(resolve_data_config({}, pretrained_cfg=dict(pretrained_cfg)))
+    if config.preprocessing == "clip":
+        # CLIP's preprocess: shorter side resized to the input size (bicubic), centre crop, CLIP mean/std.
+        data_config.update(interpolation="bicubic", crop_pct=1.0, crop_mode="center", mean=OPENAI_CLIP_MEAN,
+                           std=OPENAI_CLIP_STD)
+    if config.image_size:
+        native = tuple(data_config["input_size"])
+        wanted = (3, config.image_size, config.image_size)
+        dynamic_size = dynamic_size or "img_size" in config.model_kwargs
+        if wanted != native and pretrained_cfg.get("fixed_input_size") and not dynamic_size:
+            raise ValueError(f"{config.name} has a fixed input size of {native[1]}x{native[2]} (timm's pretrained "
+                             f"config); an image size of {config.image_size} is not possible with it")
+        data_config["input_size"] = wanted
+    return json.loads(json.dumps(data_config))
 
 
 def official_tinyvit_filter_fn(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -135,23 +177,19 @@ class ImageEncoder(nn.Module):
         kwargs = dict(config.model_kwargs)
         if config.pooled_output == "pre_logits":
             kwargs["num_classes"] = 0
-        self.model = timm.create_model(config.name, pretrained=pretrained, **kwargs)
+        self.model = create_timm_model(config.name, pretrained, kwargs)
         if load_weights and config.weights not in ("pretrained", "random"):
             self.load_weights_file(config.weights)
-        self.config = dataclasses.replace(config, data_config=config.data_config or self._data_config(config))
+        if config.data_config is None:  # a new encoder: its preprocessing and tag as timm resolves them now
+            pretrained_cfg = self.model.pretrained_cfg
+            config = dataclasses.replace(
+                config, data_config=data_config_for(config, pretrained_cfg,
+                                                    getattr(self.model, "dynamic_img_size", False)),
+                resolved_name=f"{pretrained_cfg['architecture']}.{pretrained_cfg['tag']}")
+        self.config = config
         self.transform = create_transform(**self.config.data_config, is_training=False)
         self._frozen_modules: List[str] = []
         self._num_tokens: Optional[int] = None
-
-    def _data_config(self, config: EncoderConfig) -> Dict:
-        data_config = dict(resolve_model_data_config(self.model))
-        if config.preprocessing == "clip":
-            # The original scripts' CLIP preprocessing: shorter side resized to 224 (bicubic), centre crop.
-            data_config.update(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
-                               crop_mode="center", mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
-        if config.image_size:
-            data_config["input_size"] = (3, config.image_size, config.image_size)
-        return json.loads(json.dumps(data_config))
 
     def load_weights_file(self, path) -> None:
         """Load a timm-format or official TinyViT state dict strictly; the classifier is dropped by name
@@ -206,8 +244,11 @@ class ImageEncoder(nn.Module):
     def freeze_stages(self, num_stages: Optional[int]) -> None:
         """Freeze the stem and the first `num_stages` stages (None: everything; 0: nothing).
 
-        The original encoder froze its patch embedding and first stage: `freeze_stages(1)`. Stages come from
-        the model's timm group matcher, so this works for any timm model.
+        The original encoder froze its patch embedding and first stage (`patch_embed`, `layers[0]`):
+        `freeze_stages(1)`. Stages come from the model's timm group matcher, so this works for any timm model.
+        A TinyViT stage of the official layout ends with the downsampling that timm puts at the start of the
+        next stage (official `layers.N.downsample` is timm's `stages.N+1.downsample`), so that block is frozen
+        with its stage, as the original froze it.
         """
         if num_stages is None:
             names = [""]
@@ -216,6 +257,10 @@ class ImageEncoder(nn.Module):
         else:
             groups = group_modules(self.model, self.model.group_matcher(coarse=True))
             names = [name for gid in sorted(groups)[: num_stages + 1] for name in groups[gid]]
+            stages = getattr(self.model, "stages", [])
+            if isinstance(self.model, TinyVit) and num_stages < len(stages) and \
+                    isinstance(getattr(stages[num_stages], "downsample", None), nn.Module):
+                names.append(f"stages.{num_stages}.downsample")
         for name in names:
             self.model.get_submodule(name).requires_grad_(False)
         self._frozen_modules = names

@@ -1,11 +1,16 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import OPENAI_CLIP_MEAN
+from timm.models import get_pretrained_cfg
 
 from models.checkpoint_io import CheckpointError
-from models.encoder import EncoderConfig, ImageEncoder, official_tinyvit_filter_fn, to_rgb
+from models.encoder import (CLIP_MODEL_TYPES, EncoderConfig, ImageEncoder, data_config_for,
+                            official_tinyvit_filter_fn, to_rgb)
 from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
@@ -61,13 +66,20 @@ def test_backward_reaches_weights_and_gives_no_nan():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_freeze_stages_freezes_stem_and_first_stage_only():
+def test_freeze_stages_1_freezes_what_the_original_froze():
+    """The original froze `patch_embed` and `layers[0]` of the official layout, whose downsampling timm holds as
+    `stages.1.downsample`: the frozen names are exactly those, through the key mapping."""
     encoder = ImageEncoder(tiny_config())
     encoder.freeze_stages(1)
-    frozen = {n for n, p in encoder.model.named_parameters() if not p.requires_grad}
-    assert frozen and all(n.startswith(("patch_embed.", "stages.0.")) for n in frozen)
-    assert {n for n, _ in encoder.model.named_parameters()
-            if n.startswith(("patch_embed.", "stages.0."))} == frozen
+    official = torch.load(OFFICIAL, weights_only=True)["model"]
+    parameters = {n for n, _ in encoder.model.named_parameters()}
+    mapped = official_tinyvit_filter_fn({k: v for k, v in official.items() if k.startswith(("patch_embed.",
+                                                                                             "layers.0."))})
+    frozen_by_original = set(mapped) & parameters
+    assert any(n.startswith("stages.1.downsample.") for n in frozen_by_original)
+    assert {n for n, p in encoder.model.named_parameters() if not p.requires_grad} == frozen_by_original
+    trainable_by_original = set(official_tinyvit_filter_fn(official)) & parameters - frozen_by_original
+    assert {n for n, p in encoder.model.named_parameters() if p.requires_grad} == trainable_by_original
     encoder.train()
     assert not encoder.model.patch_embed.conv1.bn.training and encoder.model.stages[1].training
     before = encoder.model.patch_embed.conv1.bn.running_mean.clone()
@@ -88,13 +100,46 @@ def test_preprocessing_from_timm_data_config_and_clip_option():
     assert timm_enc.preprocess(Image.new("RGB", (300, 200))).shape == (3, 160, 160)
     clip_enc = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", preprocessing="clip"))
     dc = clip_enc.config.data_config
-    assert dc["input_size"] == [3, 224, 224] and dc["crop_pct"] == 1.0 and dc["interpolation"] == "bicubic"
+    # CLIP's resize, crop and normalisation at the model's own input size
+    assert dc["input_size"] == [3, 160, 160] and dc["crop_pct"] == 1.0 and dc["interpolation"] == "bicubic"
     assert dc["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
-    # shorter side to 224 then a centre crop: a white stripe in the middle survives, the borders are cut
+    # shorter side to 160 then a centre crop: a white stripe in the middle survives, the borders are cut
     img = np.zeros((224, 448, 3), dtype=np.uint8)
     img[:, 200:248] = 255
     x = clip_enc.preprocess(Image.fromarray(img))
-    assert x.shape == (3, 224, 224) and x[:, :, 112].min() > 1.0 and x[:, :, 0].max() < -1.0
+    assert x.shape == (3, 160, 160) and x[:, :, 80].min() > 1.0 and x[:, :, 0].max() < -1.0
+    assert clip_enc.config.resolved_name == "test_resnet.r160_in1k"
+
+
+@pytest.mark.parametrize("clip_model_type", sorted(CLIP_MODEL_TYPES))
+def test_clip_towers_keep_the_input_size_of_their_pretrained_config(clip_model_type):
+    config = EncoderConfig.for_clip_model_type(clip_model_type, weights="random")
+    pretrained_cfg = get_pretrained_cfg(config.name).to_dict()
+    data_config = data_config_for(config, pretrained_cfg)
+    assert data_config["input_size"] == list(pretrained_cfg["input_size"])
+    assert (data_config["mean"], data_config["crop_pct"]) == (list(OPENAI_CLIP_MEAN), 1.0)
+    if pretrained_cfg["input_size"][-1] != 224:  # a fixed input size cannot be changed
+        with pytest.raises(ValueError, match=rf"{config.name} has a fixed input size of 288x288 \(timm's "
+                                             rf"pretrained config\); an image size of 224 is not possible"):
+            data_config_for(dataclasses.replace(config, image_size=224), pretrained_cfg)
+
+
+def test_rn50x4_encodes_at_288():
+    encoder = ImageEncoder(EncoderConfig.for_clip_model_type("RN50x4", weights="random")).eval()
+    assert encoder.config.data_config["input_size"] == [3, 288, 288]
+    assert encoder.preprocess(Image.new("RGB", (500, 400))).shape == (3, 288, 288)
+    assert encoder.config.resolved_name == "resnet50x4_clip.openai"
+
+
+def test_encoder_names_take_a_timm_tag_and_record_the_resolved_one():
+    bare = ImageEncoder(tiny_config())
+    assert bare.config.resolved_name == "tiny_vit_5m_224.dist_in22k"  # what timm picks for the bare name
+    tagged = ImageEncoder(tiny_config(name="tiny_vit_5m_224.dist_in22k_ft_in1k"))
+    assert tagged.config.resolved_name == "tiny_vit_5m_224.dist_in22k_ft_in1k"
+    with pytest.raises(ValueError, match=r"encoder 'tiny_vit_5m_224.in1k_nope': timm has no pretrained tag "
+                                         r"'in1k_nope' for tiny_vit_5m_224; its tags are \['dist_in22k', "
+                                         r"'dist_in22k_ft_in1k', 'in1k'\]"):
+        ImageEncoder(tiny_config(name="tiny_vit_5m_224.in1k_nope"))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
