@@ -391,13 +391,16 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the captions to this file: .json (COCO results format) or .csv; "
                                  "without it they are printed")
     p.add_argument("--decoding", choices=DECODINGS, default="beam",
-                   help="beam search (default), greedy, or nucleus sampling")
+                   help="beam search (default, the original's generate_beam), greedy (what the original's "
+                        "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
+                        "sampling (new: the original never sampled)")
     p.add_argument("--beam_size", type=int, default=5, help="beams per image for --decoding beam")
     p.add_argument("--max_length", type=int, default=67, help="most tokens per caption, stop token included")
     p.add_argument("--top_p", type=float, default=0.8,
                    help="nucleus sampling: draw from the most probable tokens holding this much probability")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="nucleus sampling: divides the logits; below 1 is more conservative, above 1 more diverse")
+                   help="beam search and nucleus sampling divide the logits by it, as the original's beam search "
+                        "did; below 1 is more conservative, above 1 more diverse (greedy: no effect)")
     p.add_argument("--num_captions", type=int, default=1,
                    help="captions per image: samples for nucleus, the best beams for beam search")
     p.add_argument("--seed", type=int, default=None, help="nucleus sampling: makes the samples reproducible, "

@@ -40,7 +40,7 @@ class DecodingOptions:
     beam_size: int = 5
     max_length: int = 67  # most tokens per caption, stop token included (the original's entry_length)
     top_p: float = 0.8  # nucleus: probability mass sampled from (the original's default)
-    temperature: float = 1.0  # nucleus: logits are divided by it
+    temperature: float = 1.0  # nucleus and beam (as the original's beam search): logits are divided by it
     num_captions: int = 1  # nucleus: samples per image; beam: best beams returned by `caption`
     seed: Optional[int] = None  # nucleus: reproducible samples, whatever the batch
 
@@ -105,20 +105,25 @@ def _eos_tensor(eos_token_ids: Sequence[int], device) -> Tuple[torch.Tensor, int
 
 @torch.no_grad()
 def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
-                beam_size: int = 5, max_length: int = 67) -> Decoded:
+                beam_size: int = 5, max_length: int = 67, temperature: float = 1.0) -> Decoded:
     """Batched beam search with the original ClipCap scoring, `beam_size` sequences per image, best first.
 
-    As the original `generate_beam`, beams compete on their mean log-probability per token, and a finished
-    beam stays among the beams with its score frozen until every beam of its image has finished. Each image's
-    beams only ever take candidates from that image, so a batch gives the same captions as one image at a time.
+    As the original `generate_beam`, beams compete on their mean log-probability per token (of the logits
+    divided by `temperature`), and a finished beam stays among the beams with its score frozen until every
+    beam of its image has finished. Each image's beams only ever take candidates from that image, so a batch
+    gives the same captions as one image at a time.
     """
     batch, vocab = prefix_embeds.shape[0], gpt.config.vocab_size
     if not 1 <= beam_size <= vocab:
         raise ValueError(f"beam_size must be between 1 and the vocabulary size {vocab}, got {beam_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     check_lengths(gpt, prefix_embeds.shape[1], max_length)
     device, k = prefix_embeds.device, beam_size
     eos, pad = _eos_tensor(eos_token_ids, device)
     cache, logits = prefill(gpt, prefix_embeds)
+    if temperature != 1.0:
+        logits = logits / temperature
     scores, first = logits.log_softmax(-1).topk(k, dim=-1)  # (B, K) summed log-probabilities
     tokens = torch.full((batch, k, max_length), pad, dtype=torch.long, device=device)
     tokens[:, :, 0] = first
@@ -137,6 +142,8 @@ def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids
             break
         n = active.numel()
         logits = next_logits(gpt, tokens[:, :, t - 1].reshape(-1), cache)  # (n * K, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         # The best K continuations of a beam hold all of its candidates for the image's top K, because
         # within one beam the score and length are shared: no need to add scores over the whole vocabulary.
         top_logits, top_tokens = logits.topk(k, dim=-1)
@@ -350,7 +357,8 @@ def decode(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Seq
            options: DecodingOptions, image_indices: Optional[Sequence[int]] = None) -> Decoded:
     """Decode with `options`; `image_indices` (default 0..B-1) number the images for seeded sampling."""
     if options.decoding == "beam":
-        return beam_search(gpt, prefix_embeds, eos_token_ids, options.beam_size, options.max_length)
+        return beam_search(gpt, prefix_embeds, eos_token_ids, options.beam_size, options.max_length,
+                           options.temperature)
     if options.decoding == "greedy":
         return greedy(gpt, prefix_embeds, eos_token_ids, options.max_length)
     noise = None

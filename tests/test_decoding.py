@@ -73,6 +73,17 @@ def test_beam_search_equals_original_algorithm(gpt, prefix, beam_size, stops):
         assert out.scores[i].tolist() == pytest.approx(scores, abs=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_beam_search_divides_logits_by_the_temperature_as_the_original(gpt, prefix, temperature):
+    out = beam_search(gpt, prefix, STOPS, 3, max_length=12, temperature=temperature)
+    plain = beam_search(gpt, prefix, STOPS, 3, max_length=12)
+    assert not torch.allclose(out.scores, plain.scores)
+    for i, p in enumerate(prefix):
+        sequences, scores = original_beam_search(gpt, p[None], STOPS, 3, 12, temperature=temperature)
+        assert out.sequences()[i] == sequences
+        assert out.scores[i].tolist() == pytest.approx(scores, abs=1e-5)
+
+
 def test_long_captions_grow_the_cache_buffers_and_still_equal_the_original(gpt, prefix):
     # 40 tokens outgrow the first buffer (prefix + 1 + GROWTH positions) twice; no stop token, no early exit
     out = beam_search(gpt, prefix[:2], [], 3, max_length=40)

@@ -369,3 +369,10 @@ def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, 
     with pytest.raises(ValueError, match=r"1 of 6 images are missing under --images_root .*img3.png"):
         train.main(args_for(None, tmp_path / "d", gpt2_dir, "--train_encoder", "--annotations", annotations,
                             "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random"))
+
+
+def test_optimizer_uses_the_original_adam_epsilon():
+    model = torch.nn.Linear(2, 2)
+    for flags, eps in (([], 1e-6), (["--adam_eps", "1e-8"], 1e-8)):
+        optimizer = train.build_optimizer(model, train.build_parser().parse_args(flags), torch.device("cpu"))
+        assert [group["eps"] for group in optimizer.param_groups] == [eps]
