@@ -25,6 +25,7 @@ from captioning.cli import add_precision_argument, add_thread_arguments
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_eval import build_caption_evaluation
+from train_init import adopt_export_config, flags_given, load_tokenizer, model_from_export
 from train_state import Distributed, TrainingError, seed_everything
 from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
@@ -87,6 +88,9 @@ def add_training_flags(a) -> None:
     a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
     a("--val_fraction", type=float, default=None,
       help="hold out this fraction of the training images (all their captions) for validation instead")
+    a("--init_from", default=None,
+      help="fine-tune this export (train.py's or convert_checkpoint.py's): its architecture, decoder, tokenizer "
+           "and feature normalisation are kept; features only")
     a("--resume", default=None,
       help="a resume checkpoint (<prefix>_resume.pt) or 'latest' (the one in --out_dir; a fresh start if none)")
     a("--max_steps", type=int, default=None, help="stop after this many optimizer steps (quick runs)")
@@ -135,6 +139,9 @@ def add_encoder_flags(e) -> None:
 
 
 def check_args(args) -> None:
+    if args.init_from and args.train_encoder:
+        raise ValueError("--init_from fine-tunes on features: extract them with the export's encoder "
+                         "(parse_coco.py) and give --data, without --train_encoder")
     if args.train_encoder and (args.data or args.val_data):
         raise ValueError("with --train_encoder the data are images: give --annotations (and --images_root, "
                          "--val_annotations), not --data/--val_data features pickles")
@@ -227,7 +234,7 @@ def run_training(args, dist: Distributed, precision: runtime.Precision, budget: 
                            save_every_steps=args.save_every_steps, log_every=args.log_every, seed=args.seed)
     resume = resume_path(args, options, dist)
     seed_everything(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.gpt2)
+    tokenizer = load_tokenizer(args) if args.init_from else AutoTokenizer.from_pretrained(args.gpt2)
     # Caching images happens before training, while torch waits: every core may decode then.
     cache_workers = args.num_workers if args.num_workers is not None else (budget.cores if budget.cores > 1 else 0)
     build = functools.partial(build_image_inputs, cache_workers=cache_workers) if args.train_encoder else \
@@ -237,13 +244,17 @@ def run_training(args, dist: Distributed, precision: runtime.Precision, budget: 
         if dist.is_main == turn:
             inputs = build(args, tokenizer, dist)
         dist.barrier()
-    config = CaptionerConfig(
-        mapping_type=args.mapping_type, prefix_length=args.prefix_length, prefix_length_clip=args.prefix_length_clip,
-        num_layers=args.num_layers, prefix_size=inputs.prefix_size, feature_type=inputs.feature_type,
-        num_grid_tokens=inputs.num_grid_tokens, normalize_prefix=args.normalize_prefix, only_prefix=args.only_prefix,
-        gpt2=args.gpt2, eos_token_ids=[tokenizer.eos_token_id], encoder=inputs.encoder_config)
-    model = ClipCaptionModel.create(config, encoder=inputs.encoder)
-    inputs.fit_decoder(model.gpt.config, args.prefix_length, dist)
+    if args.init_from:
+        model = model_from_export(args, inputs, tokenizer.eos_token_id)
+    else:
+        config = CaptionerConfig(
+            mapping_type=args.mapping_type, prefix_length=args.prefix_length,
+            prefix_length_clip=args.prefix_length_clip, num_layers=args.num_layers, prefix_size=inputs.prefix_size,
+            feature_type=inputs.feature_type, num_grid_tokens=inputs.num_grid_tokens,
+            normalize_prefix=args.normalize_prefix, only_prefix=args.only_prefix, gpt2=args.gpt2,
+            eos_token_ids=[tokenizer.eos_token_id], encoder=inputs.encoder_config)
+        model = ClipCaptionModel.create(config, encoder=inputs.encoder)
+    inputs.fit_decoder(model.gpt.config, model.config.prefix_length, dist)
     model.to(dist.device)
     torch.manual_seed(args.seed + dist.rank)  # dropout differs across processes; initialisation did not
     train_loader, sampler, val_loader = make_loaders(args, inputs, dist, tokenizer.eos_token_id, budget.workers)
@@ -283,6 +294,8 @@ def epoch_end_hooks(args, inputs, precision: runtime.Precision) -> list:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.init_from:
+        adopt_export_config(args, flags_given(build_parser(), argv))
     dist = Distributed.setup(args.device)
     try:
         return run(args, dist)

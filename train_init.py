@@ -1,0 +1,83 @@
+"""train.py --init_from: fine-tune an export (train.py's or convert_checkpoint.py's) instead of a new model.
+
+The export decides the architecture and how features enter the mapper: its mapping type, prefix sizes, mapper
+depth, decoder and `normalize_prefix` replace the flags' defaults, so a converted transformer checkpoint keeps
+dividing features by their norm, as it decodes. A flag given with another value than the export's is an error
+rather than silently ignored; the features must be of the kind and size the export's mapper takes.
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Set
+
+from transformers import AutoTokenizer, GPT2Config
+
+from models.captioner import CaptionerConfig, ClipCaptionModel, read_config
+
+ARCHITECTURE_FLAGS = ("mapping_type", "prefix_length", "prefix_length_clip", "num_layers", "normalize_prefix", "gpt2")
+ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
+
+
+def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
+    """The architecture flags on the command line, even where they repeat a default: argparse leaves
+    attributes the namespace already holds alone unless their flag is given."""
+    unset = object()
+    namespace = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in ARCHITECTURE_FLAGS}))
+    return {name for name in ARCHITECTURE_FLAGS if getattr(namespace, name) is not unset}
+
+
+def adopt_export_config(args, given: Set[str]) -> CaptionerConfig:
+    """Set the architecture flags of `args` to the export's (they are recorded as such in train_args.json);
+    a flag in `given` must agree with it."""
+    config = read_config(Path(args.init_from))
+    for name in ARCHITECTURE_FLAGS:
+        given_value, kept = getattr(args, name), getattr(config, name)
+        if name in given and given_value != kept:
+            raise ValueError(f"--{name} {given_value} conflicts with --init_from {args.init_from}, whose config has "
+                             f"{name}={kept!r}: fine-tuning keeps the export's architecture (leave --{name} out)")
+        setattr(args, name, kept)
+    return config
+
+
+def load_tokenizer(args):
+    """The export's own tokenizer where it holds one (as predict.py loads it), else its decoder's."""
+    directory = Path(args.init_from)
+    if not (directory / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(args.gpt2)
+    # The decoder's config, not the export's config.json, which transformers does not know
+    decoder = GPT2Config.from_dict(read_config(directory).decoder)
+    return AutoTokenizer.from_pretrained(str(directory), config=decoder)
+
+
+def model_from_export(args, inputs, eos_token_id: int) -> ClipCaptionModel:
+    """The export's model, checked against the training features, with --only_prefix applied."""
+    model = ClipCaptionModel.from_pretrained(args.init_from)
+    c = model.config
+    wanted = (c.feature_type, c.prefix_size, c.num_grid_tokens if c.feature_type == "grid" else None)
+    got = (inputs.feature_type, inputs.prefix_size, inputs.num_grid_tokens)
+    if wanted != got:
+        raise ValueError(f"{args.data} holds {got[0]} features of dimension {got[1]}"
+                         + (f" ({got[2]} tokens)" if got[2] else "") + f", but the mapper of --init_from "
+                         f"{args.init_from} takes {wanted[0]} features of dimension {wanted[1]}"
+                         + (f" ({wanted[2]} tokens)" if wanted[2] else ""))
+    differs = _encoder_difference(c.encoder, inputs.encoder_config)
+    if differs:
+        raise ValueError(f"{args.data} was made by another encoder than --init_from {args.init_from} records "
+                         f"({differs}); fine-tune on features of the encoder it was trained on")
+    c.encoder = inputs.encoder_config or c.encoder
+    c.source = "tinytiny"  # the exports written from here on are this code's training
+    if eos_token_id not in c.eos_token_ids:  # training ends every caption with it
+        c.eos_token_ids = [*c.eos_token_ids, eos_token_id]
+    if args.only_prefix:
+        model.freeze_decoder()
+    else:
+        c.only_prefix = False
+        model.gpt.requires_grad_(True)
+        model.gpt.train()
+    return model
+
+
+def _encoder_difference(recorded: Optional[Dict], features: Optional[Dict]) -> str:
+    if not recorded or not features:
+        return ""
+    keys = [k for k in ENCODER_IDENTITY if recorded.get(k) != features.get(k)]
+    return ", ".join(f"{k} {features.get(k)!r} against {recorded.get(k)!r}" for k in keys)
