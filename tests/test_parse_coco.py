@@ -120,6 +120,7 @@ def test_rows_captions_and_features(tree, reference, capsys):
     assert meta["num_failed_images"] == 4 and meta["num_skipped_captions"] == sum(3 + i % 3 for i in BAD)
     assert meta["num_skipped_annotation_entries"] == 2
     assert meta["encoder_name"] == "test_resnet" and meta["preprocessing"]["input_size"] == [3, 48, 48]
+    assert meta["encoder"]["resolved_name"] == "test_resnet.r160_in1k"  # the tag timm picked for the bare name
     assert not Path(f"{reference}.partial").exists()
 
 

@@ -286,6 +286,7 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
         runs[name] = weights(tmp_path / name / "coco_prefix_latest")
     model = ClipCaptionModel.from_pretrained(tmp_path / "plain" / "coco_prefix_latest")
     assert model.config.encoder_in_checkpoint and model.config.encoder["name"] == "test_resnet"
+    assert model.config.encoder["resolved_name"] == "test_resnet.r160_in1k"
     assert model.config.feature_type == "grid" and model.config.num_grid_tokens == model.encoder.num_tokens
     assert model.encoder.preprocess(Image.open(tmp_path / "img0.png")).shape == (3, 32, 32)
     params = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
