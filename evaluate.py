@@ -157,7 +157,7 @@ def _load(record):
         return e
 
 
-def caption_records(records, checkpoint, device: str, precision: str, beam_size: int, max_length: int,
+def caption_records(records, checkpoint, device: str, precision: str, beam_size: int, max_length: Optional[int],
                     batch_size: int, threads: Optional[int] = None):
     """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
 
@@ -179,6 +179,12 @@ def caption_records(records, checkpoint, device: str, precision: str, beam_size:
             raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features "
                                   f"only: caption the split's features with predict.py, then score that results "
                                   f"file with --predictions")
+        try:
+            max_length, clipped = captioner.fit_max_length(max_length)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        if clipped:
+            print(f"note: {clipped}", file=sys.stderr)
         options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size,
                                   max_length=max_length)
         predictions, failed = [], []
@@ -296,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--original_bleu", action="store_true",
                    help="also compute the original notebook's BLEU-4 (not comparable with papers)")
     p.add_argument("--beam_size", type=int, default=5, help="--checkpoint: beam width; every beam is kept")
-    p.add_argument("--max_length", type=int, default=67, help="--checkpoint: most tokens per caption")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
+                        "checkpoint's decoder holds after its prefix if fewer)")
     p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
     p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")

@@ -19,7 +19,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from captioning.cli import add_precision_argument, add_thread_arguments
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
-from models.decoding import DECODINGS, DecodingOptions
+from models.decoding import DECODINGS, DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder, to_rgb
 
 PRECISION_OF_DTYPE = {dtype: name for name, dtype in runtime.TORCH_DTYPES.items()}
@@ -194,6 +194,26 @@ class Captioner:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def longest_caption(self) -> int:
+        """The most tokens a caption can have: the decoder's positions left after the prefix."""
+        return self.model.gpt.config.n_positions - self.model.config.prefix_length
+
+    def fit_max_length(self, requested: Optional[int], flag: str = "--max_length") -> Tuple[int, Optional[str]]:
+        """`requested`, or the default (the original's 67) clipped to what the decoder holds, with a note saying
+        so; a requested length that does not fit is an error naming `flag`."""
+        longest = self.longest_caption
+        holds = (f"the decoder has {self.model.gpt.config.n_positions} positions, {self.model.config.prefix_length} "
+                 f"of them for the prefix")
+        if requested is None:
+            if DEFAULT_MAX_LENGTH <= longest:
+                return DEFAULT_MAX_LENGTH, None
+            return longest, f"captions of at most {longest} tokens instead of {DEFAULT_MAX_LENGTH}: {holds}"
+        if not 1 <= requested <= longest:
+            raise ValueError(f"{flag} {requested} does not fit this checkpoint: {holds}, so a caption holds 1 to "
+                             f"{longest} tokens")
+        return requested, None
 
     def caption(self, images, options: Optional[DecodingOptions] = None, batch_size: int = 32,
                 progress: bool = False, **kwargs):
@@ -395,7 +415,9 @@ def parse_args(argv=None):
                         "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
                         "sampling (new: the original never sampled)")
     p.add_argument("--beam_size", type=int, default=5, help="beams per image for --decoding beam")
-    p.add_argument("--max_length", type=int, default=67, help="most tokens per caption, stop token included")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="most tokens per caption, stop token included (default: 67, the original's, or the most "
+                        "the checkpoint's decoder holds after its prefix if fewer)")
     p.add_argument("--top_p", type=float, default=0.8,
                    help="nucleus sampling: draw from the most probable tokens holding this much probability")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -453,13 +475,17 @@ def main(argv=None) -> int:
 
 def caption_and_write(args, device: str) -> int:
     try:
-        options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size, max_length=args.max_length,
-                                  top_p=args.top_p, temperature=args.temperature,
-                                  num_captions=args.num_captions, seed=args.seed)
+        options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size,  # checked before loading
+                                  max_length=args.max_length or DEFAULT_MAX_LENGTH, top_p=args.top_p,
+                                  temperature=args.temperature, num_captions=args.num_captions, seed=args.seed)
         inputs, image_ids, notes = collect_inputs(args)
         captioner = Captioner.from_pretrained(args.checkpoint, device=device, precision=args.precision,
                                               encoder_weights=args.encoder_weights)
         runtime.announce(captioner.precision, prefix="predict.py: ")
+        max_length, clipped = captioner.fit_max_length(args.max_length)
+        if clipped:
+            print(f"predict.py: note: {clipped}", file=sys.stderr)
+        options = dataclasses.replace(options, max_length=max_length)
         results = captioner.predict(inputs, options, batch_size=args.batch_size, progress=len(inputs) > 1)
     except (CheckpointError, FeaturesError, ValueError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)

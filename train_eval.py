@@ -22,7 +22,6 @@ from predict import Captioner
 BEST_DIR = "best"
 BEST_INFO = "eval.json"  # inside best/: the scores of the export held there
 BEAM_SIZE = 3
-MAX_LENGTH = 67  # the original's entry_length; fewer where the decoder has fewer positions
 
 
 @dataclass
@@ -89,8 +88,7 @@ class CaptionEvaluation:
         # validation features are already encoded (Captioner.from_pretrained would load its weights).
         model = ClipCaptionModel.from_pretrained(export_dir).to(trainer.dist.device, self.dtype)
         captioner = Captioner(model, trainer.tokenizer)
-        positions = model.gpt.config.n_positions - model.config.prefix_length
-        options = DecodingOptions(beam_size=BEAM_SIZE, max_length=min(MAX_LENGTH, positions))
+        options = DecodingOptions(beam_size=BEAM_SIZE, max_length=captioner.fit_max_length(None)[0])
         results = captioner.predict(self.images.items, options, self.batch_size, progress=True, on_error="raise")
         predictions = {i: r.caption or "" for i, r in zip(self.images.ids, results)}
         del captioner, model

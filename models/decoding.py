@@ -32,13 +32,14 @@ import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
 DECODINGS = ("beam", "greedy", "nucleus")
+DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
 
 
 @dataclass
 class DecodingOptions:
     decoding: str = "beam"  # "beam" | "greedy" | "nucleus"
     beam_size: int = 5
-    max_length: int = 67  # most tokens per caption, stop token included (the original's entry_length)
+    max_length: int = DEFAULT_MAX_LENGTH
     top_p: float = 0.8  # nucleus: probability mass sampled from (the original's default)
     temperature: float = 1.0  # nucleus and beam (as the original's beam search): logits are divided by it
     num_captions: int = 1  # nucleus: samples per image; beam: best beams returned by `caption`

@@ -13,9 +13,9 @@ from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncode
 from tests.test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
 
 
-def tiny_model(tokenizer, encoder=None, prefix_size=16) -> ClipCaptionModel:
+def tiny_model(tokenizer, encoder=None, prefix_size=16, n_positions=128) -> ClipCaptionModel:
     eos = tokenizer.eos_token_id
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=n_positions, vocab_size=len(tokenizer),
                                      initializer_range=0.2, bos_token_id=eos, eos_token_id=eos))
     config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
                              prefix_size=encoder.feature_dim if encoder else prefix_size,
@@ -59,3 +59,19 @@ def test_checkpoint_without_an_image_encoder_is_a_clear_error(tmp_path, tokenize
                        str(karpathy_file), "--split", "test", *FAST])
     err = capsys.readouterr().err
     assert "records no image encoder, so it captions precomputed features only" in err and "Traceback" not in err
+
+
+def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, karpathy_file, coco_images, capsys):  # noqa: F811
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    path = tmp_path / "short"
+    tiny_model(tokenizer, encoder, n_positions=20).save_pretrained(path, tokenizer)  # prefix 4: 16 tokens at most
+    common = ["--checkpoint", str(path), "--images_root", str(coco_images), "--annotations", str(karpathy_file),
+              "--split", "test", "--beam_size", "2", "--device", "cpu", *FAST]
+    evaluate.main(common)
+    assert ("note: captions of at most 16 tokens instead of 67: the decoder has 20 positions, 4 of them for the "
+            "prefix") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(common + ["--max_length", "17", "--out_dir", str(tmp_path / "refused")])
+    assert ("evaluate.py: error: --max_length 17 does not fit this checkpoint: the decoder has 20 positions, 4 of "
+            "them for the prefix, so a caption holds 1 to 16 tokens") in capsys.readouterr().err

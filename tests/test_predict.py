@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def tiny_captioner_model(tokenizer, encoder=None, encoder_dict=None) -> ClipCaptionModel:
+def tiny_captioner_model(tokenizer, encoder=None, encoder_dict=None, n_positions=128) -> ClipCaptionModel:
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=n_positions, vocab_size=len(tokenizer),
                                      initializer_range=0.2, bos_token_id=eos, eos_token_id=eos))
     config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
                              prefix_size=96, normalize_prefix=True, encoder=encoder_dict,
@@ -334,3 +334,18 @@ def test_cli_refuses_an_unknown_output_format(exports, images):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--out", "out.txt"])
     assert e.value.code == 2
+
+
+def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, capsys):
+    tiny_captioner_model(tokenizer, n_positions=20).save_pretrained(tmp_path / "short", tokenizer)  # 16 tokens
+    write_features(tmp_path / "f.pkl", torch.randn(2, 96), [{"image_id": i, "caption": "x", "clip_embedding": i}
+                                                            for i in range(2)])
+    common = ["--checkpoint", str(tmp_path / "short"), "--features", str(tmp_path / "f.pkl"), "--beam_size", "2"]
+    assert main(common) == 0
+    out, err = capsys.readouterr()
+    assert ("predict.py: note: captions of at most 16 tokens instead of 67: the decoder has 20 positions, 4 of "
+            "them for the prefix") in err
+    assert len(out.splitlines()) == 2 and all("\t" in line for line in out.splitlines())  # captions only
+    assert main(common + ["--max_length", "17"]) == 2
+    assert ("predict.py: error: --max_length 17 does not fit this checkpoint: the decoder has 20 positions, 4 of "
+            "them for the prefix, so a caption holds 1 to 16 tokens") in capsys.readouterr().err
