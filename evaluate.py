@@ -21,6 +21,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 from caption_data import AnnotationError, read_annotations
 from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
 
@@ -334,7 +335,8 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
     predictions, failed = caption_records(present, args.checkpoint, device, args.precision, args.beam_size,
                                           args.max_length, args.batch_size, args.threads)
     path = out_dir / "predictions.json"
-    write_predictions(path, predictions)  # kept even when some images failed: captioning may have taken hours
+    # kept even when some images failed: captioning may have taken hours
+    write_or_rescue(path, lambda p: write_predictions(p, predictions), "--out_dir")
     print(f"wrote {path}")
     failed = [f"{r.path}: file not found" for r in missing] + failed
     if failed and not args.allow_partial:
@@ -352,7 +354,7 @@ def run(args) -> Dict:
     require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
     source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
     records, references = load_references(args.annotations, args.split, args.images_root)
-    out_dir = Path(args.out_dir) if args.out_dir else _default_out_dir(args)
+    out_dir = check_output_dir(args.out_dir or _default_out_dir(args), "--out_dir")  # before captioning, scoring
     if args.checkpoint:
         if args.max_images:
             records = records[:args.max_images]
@@ -377,7 +379,8 @@ def run(args) -> Dict:
             "predictions": str(out_dir / "predictions.json") if args.checkpoint else str(args.predictions),
             "checkpoint": args.checkpoint, "tokenization": "PTB tokenizer of the COCO caption toolkit, lower-cased, "
                                                           "punctuation removed"}
-    report = write_report(out_dir, result, predictions, original, info)
+    report = write_dir_or_rescue(out_dir, lambda d: write_report(d, result, predictions, original, info),
+                                 "--out_dir")
     print(format_table(result["metrics"], result["num_images"], args.metrics,
                        None if original is None else original["Bleu_4"]))
     for note in result["notes"]:
@@ -390,7 +393,7 @@ def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, AnnotationError, MetricsError, CheckpointError) as e:
+    except (EvaluationError, AnnotationError, MetricsError, CheckpointError, OutputError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

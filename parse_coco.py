@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from captioning import runtime
 from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
 from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
                                 plan_batches, prepare_partial)
@@ -218,7 +219,7 @@ def finish(args, records, encoder, precision, partial: Path, failures, skipped_e
     if not captions:
         raise ExtractionError(f"{args.annotations}: the readable images have no captions; nothing to write")
     metadata = features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, len(captions))
-    write_features(args.out_path, features, captions, metadata)
+    write_or_rescue(args.out_path, lambda path: write_features(path, features, captions, metadata), "--out_path")
     shutil.rmtree(partial)
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(f.kind for f in failures).items()))
     print(f"wrote {args.out_path}: {len(kept)} images, {len(captions)} captions, features "
@@ -237,6 +238,9 @@ def finish(args, records, encoder, precision, partial: Path, failures, skipped_e
 def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict]:
     main_process, distributed = rank == 0, dist.is_initialized()
     entry_errors = [] if args.on_error == "skip" else None
+    if main_process:  # before hours of encoding
+        check_output_file(args.out_path, "--out_path")
+        check_output_file(args.error_log, "--error_log")
     records = read_annotations(args.annotations, split=args.split, images_root=args.images_root,
                                fmt=args.annotation_format, errors=entry_errors)
     skipped_entries = [str(e) for e in entry_errors or []]
@@ -309,5 +313,5 @@ def main(argv=None) -> Optional[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError) as e:
+    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError, OutputError) as e:
         sys.exit(f"error: {e}")

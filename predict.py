@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 from caption_data import FeaturesError, ImageError, load_image, read_features
 from captioning import runtime
 from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -475,6 +476,8 @@ def main(argv=None) -> int:
 
 def caption_and_write(args, device: str) -> int:
     try:
+        if args.out:  # before the captioning, which may take hours
+            check_output_file(args.out, "--out")
         options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size,  # checked before loading
                                   max_length=args.max_length or DEFAULT_MAX_LENGTH, top_p=args.top_p,
                                   temperature=args.temperature, num_captions=args.num_captions, seed=args.seed)
@@ -487,14 +490,18 @@ def caption_and_write(args, device: str) -> int:
             print(f"predict.py: note: {clipped}", file=sys.stderr)
         options = dataclasses.replace(options, max_length=max_length)
         results = captioner.predict(inputs, options, batch_size=args.batch_size, progress=len(inputs) > 1)
-    except (CheckpointError, FeaturesError, ValueError) as e:
+    except (CheckpointError, FeaturesError, OutputError, ValueError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"predict.py: note: {note}", file=sys.stderr)
     if args.out:
         writer = write_json if Path(args.out).suffix.lower() == ".json" else write_csv
-        writer(args.out, results, image_ids, args.num_captions)
+        try:
+            write_or_rescue(args.out, lambda path: writer(path, results, image_ids, args.num_captions), "--out")
+        except OutputError as e:
+            print(f"predict.py: error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {sum(r.error is None for r in results)} captioned images to {args.out}", file=sys.stderr)
     else:
         print_results(results, args.num_captions)

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from caption_data import ANNOTATION_FORMATS, ImageError
 from captioning import runtime
 from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.outputs import OutputError, check_output_dir
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_eval import build_caption_evaluation
@@ -147,6 +148,7 @@ def check_args(args) -> None:
                          "--val_annotations), not --data/--val_data features pickles")
     if not args.train_encoder and args.val_annotations:
         raise ValueError("--val_annotations needs --train_encoder; validate features with --val_data")
+    check_output_dir(args.out_dir, "--out_dir")
     if not args.train_encoder:
         args.data = args.data or DEFAULT_DATA
     positive = ["epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "num_layers", "grad_accum",
@@ -306,7 +308,7 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, CheckpointError, TrainingError, ImageError, OSError) as error:
+    except (ValueError, CheckpointError, TrainingError, ImageError, OSError, OutputError) as error:
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("interrupted: the last checkpoint is intact; continue with the same command and --resume latest")
