@@ -16,6 +16,7 @@ import sys
 
 from transformers import AutoTokenizer, GPT2Config
 
+from captioning.cli import POSITIVE
 from models.checkpoint_io import CheckpointError, load_state_dict_file
 from models.captioner import ClipCaptionModel
 from models.encoder import EncoderConfig, ImageEncoder
@@ -32,9 +33,9 @@ def parse_args(argv=None):
                         "shapes cannot (number of heads) and its tokenizer is saved with the export")
     p.add_argument("--mapping_type", choices=["mlp", "transformer"], default=None,
                    help="mapper kind; inferred from the weights when omitted, checked when given")
-    p.add_argument("--prefix_length", type=int, default=None, help="inferred when omitted, checked when given")
-    p.add_argument("--prefix_length_clip", type=int, default=None, help="inferred when omitted, checked when given")
-    p.add_argument("--num_layers", type=int, default=None, help="inferred when omitted, checked when given")
+    p.add_argument("--prefix_length", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
+    p.add_argument("--prefix_length_clip", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
+    p.add_argument("--num_layers", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
     p.add_argument("--normalize_prefix", default=None, action=argparse.BooleanOptionalAction,
                    help="L2-normalise each image feature before the mapper (default: as the original inference "
                         "did: on for transformer mappers, whose notebooks divide the feature by its norm, off "

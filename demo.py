@@ -26,7 +26,7 @@ import shapes_data
 import train
 from caption_data import read_annotations
 from captioning import runtime
-from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.cli import COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, integer, number
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
 from predict import Captioner, write_json
@@ -153,21 +153,21 @@ def parse_args(argv=None):
                    help="dataset folder (images/, captions_train.json, captions_test.json, captions_val.json "
                         "optional); default: generate the shapes dataset into <out_dir>/shapes")
     p.add_argument("--out_dir", default="./runs/demo", help="dataset, decoder, checkpoints, predictions, metrics")
-    p.add_argument("--num_train", type=int, default=2000)
-    p.add_argument("--num_val", type=int, default=100)
-    p.add_argument("--num_test", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=IMAGE_SIZE,
+    p.add_argument("--num_train", type=POSITIVE, default=2000)
+    p.add_argument("--num_val", type=COUNT, default=100)
+    p.add_argument("--num_test", type=POSITIVE, default=300)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--image_size", type=integer(16), default=IMAGE_SIZE,
                    help="pixels per side of the generated images and of the encoder's input")
-    p.add_argument("--steps", type=int, default=1500,
+    p.add_argument("--steps", type=POSITIVE, default=1500,
                    help="optimizer steps to train for, rounded to whole epochs (2.5-5 minutes on 2 CPU cores in fp32)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training captions (overrides --steps)")
-    p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--encoder_lr", type=float, default=1e-2, help="the encoder's learning rate")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training captions (overrides --steps)")
+    p.add_argument("--bs", type=POSITIVE, default=64)
+    p.add_argument("--lr", type=number(0, low_open=True), default=2e-3)
+    p.add_argument("--encoder_lr", type=number(0, low_open=True), default=1e-2, help="the encoder's learning rate")
     add_precision_argument(p, aliases=["--amp"], what="precision of training and captioning")
     add_thread_arguments(p, workers=False)
-    p.add_argument("--beam_size", type=int, default=3)
+    p.add_argument("--beam_size", type=POSITIVE, default=3)
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 

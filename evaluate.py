@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence
 
 from caption_data import AnnotationError, read_annotations
-from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -302,12 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
     p.add_argument("--original_bleu", action="store_true",
                    help="also compute the original notebook's BLEU-4 (not comparable with papers)")
-    p.add_argument("--beam_size", type=int, default=5, help="--checkpoint: beam width; every beam is kept")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--beam_size", type=POSITIVE, default=5, help="--checkpoint: beam width; every beam is kept")
+    p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
                         "checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--batch_size", type=int, default=16, help="--checkpoint: images captioned together")
-    p.add_argument("--max_images", type=int, default=None, help="--checkpoint: caption only the first N images")
+    p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
+    p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
     p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
     add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
     add_thread_arguments(p, workers=False)
@@ -348,9 +348,6 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
 
 
 def run(args) -> Dict:
-    for flag in ("beam_size", "max_length", "batch_size", "max_images", "threads"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise EvaluationError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
     source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
     records, references = load_references(args.annotations, args.split, args.images_root)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from captioning import runtime
-from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
 from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra timm.create_model arguments as JSON, e.g. '{\"drop_path_rate\": 0}'")
     p.add_argument("--feature_type", default="pooled", choices=FEATURE_TYPES,
                    help="pooled: one vector per image (N, D); grid: the last feature map as tokens (N, T, D)")
-    p.add_argument("--image_size", type=int, default=None, help="encoder input size; default: the model's own")
+    p.add_argument("--image_size", type=POSITIVE, default=None, help="encoder input size; default: the model's own")
     p.add_argument("--annotations", default="./data/coco/annotations/train_caption.json",
                    help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, or your own "
                         "JSON list / CSV of (file name, caption)")
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images_root", default="./data/coco", help="folder that annotation file names are relative to")
     p.add_argument("--out_path", default=None,
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=POSITIVE, default=None,
                    help="images per encoder call; default 128 on CUDA, 4 on CPU (where small batches stay in cache)")
     add_thread_arguments(p)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -92,14 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
                    help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
     p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")
-    p.add_argument("--max_image_pixels", type=int, default=None,
+    p.add_argument("--max_image_pixels", type=POSITIVE, default=None,
                    help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
     args = p.parse_args(argv)
-    for flag, minimum in (("batch_size", 1), ("threads", 1), ("num_workers", 0)):
-        value = getattr(args, flag)
-        if value is not None and value < minimum:
-            p.error(f"--{flag} must be at least {minimum}, got {value}")
     tag = (args.encoder or args.clip_model_type).replace("/", "_")
     args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
     args.error_log = Path(args.error_log or args.out_path.with_suffix(".errors.log"))

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from caption_data import FeaturesError, ImageError, load_image, read_features
 from captioning import runtime
-from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments, number
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
@@ -415,20 +415,20 @@ def parse_args(argv=None):
                    help="beam search (default, the original's generate_beam), greedy (what the original's "
                         "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
                         "sampling (new: the original never sampled)")
-    p.add_argument("--beam_size", type=int, default=5, help="beams per image for --decoding beam")
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--beam_size", type=POSITIVE, default=5, help="beams per image for --decoding beam")
+    p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="most tokens per caption, stop token included (default: 67, the original's, or the most "
                         "the checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--top_p", type=float, default=0.8,
+    p.add_argument("--top_p", type=number(0, 1, low_open=True), default=0.8,
                    help="nucleus sampling: draw from the most probable tokens holding this much probability")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0,
                    help="beam search and nucleus sampling divide the logits by it, as the original's beam search "
                         "did; below 1 is more conservative, above 1 more diverse (greedy: no effect)")
-    p.add_argument("--num_captions", type=int, default=1,
+    p.add_argument("--num_captions", type=POSITIVE, default=1,
                    help="captions per image: samples for nucleus, the best beams for beam search")
-    p.add_argument("--seed", type=int, default=None, help="nucleus sampling: makes the samples reproducible, "
+    p.add_argument("--seed", type=SEED, default=None, help="nucleus sampling: makes the samples reproducible, "
                                                           "whatever the batch size")
-    p.add_argument("--batch_size", type=int, default=32, help="images decoded together")
+    p.add_argument("--batch_size", type=POSITIVE, default=32, help="images decoded together")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
     add_thread_arguments(p, workers=False)
@@ -438,8 +438,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
         p.error(f"--out {args.out}: the file name must end in .json or .csv")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be at least 1, got {args.threads}")
     return args
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.cli import COUNT, POSITIVE, SEED, integer
 from models.checkpoint_io import atomic_write
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
@@ -235,17 +236,21 @@ def scene_from_dict(d: Dict) -> Scene:
     return Scene([Thing(**t) for t in d["things"]], position=d.get("position"), relation=d.get("relation"))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="./data/shapes", help="where images/ and captions_<split>.json go")
-    p.add_argument("--num_train", type=int, default=2000)
-    p.add_argument("--num_val", type=int, default=200)
-    p.add_argument("--num_test", type=int, default=300)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images and captions")
+    p.add_argument("--num_train", type=POSITIVE, default=2000)
+    p.add_argument("--num_val", type=COUNT, default=200)
+    p.add_argument("--num_test", type=POSITIVE, default=300)
+    p.add_argument("--image_size", type=integer(16), default=64)
+    p.add_argument("--seed", type=SEED, default=0, help="same seed, same images and captions")
     p.add_argument("--either_order", action="store_true",
                    help="captions may name either of two shapes first ('B below A' as well as 'A above B')")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     generate(args.out_dir, args.num_train, args.num_val, args.num_test, args.seed, args.image_size,
              args.either_order)
     print(f"wrote {args.num_train}/{args.num_val}/{args.num_test} train/val/test images to {args.out_dir}")

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from caption_data import ANNOTATION_FORMATS, ImageError
 from captioning import runtime
-from captioning.cli import add_precision_argument, add_thread_arguments
+from captioning.cli import COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, number
 from captioning.outputs import OutputError, check_output_dir
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -50,16 +50,16 @@ def add_original_flags(a) -> None:
       help="features pickle from parse_coco.py (default: ./data/coco/oscar_split_tinyvit_train.pkl)")
     a("--out_dir", default="./checkpoints", help="where exports, the resume checkpoint and logs go")
     a("--prefix", default="coco_prefix", help="name prefix of the saved exports and checkpoint")
-    a("--epochs", type=int, default=10, help="passes over the training captions")
-    a("--save_every", type=int, default=1, help="write the export <prefix>-<epoch> every N epochs (and the last)")
-    a("--prefix_length", type=int, default=10, help="GPT-2 prefix embeddings produced by the mapping network")
-    a("--prefix_length_clip", type=int, default=10,
+    a("--epochs", type=POSITIVE, default=10, help="passes over the training captions")
+    a("--save_every", type=POSITIVE, default=1, help="write the export <prefix>-<epoch> every N epochs (and the last)")
+    a("--prefix_length", type=POSITIVE, default=10, help="GPT-2 prefix embeddings produced by the mapping network")
+    a("--prefix_length_clip", type=POSITIVE, default=10,
       help="transformer mapper: tokens projected from a pooled image feature")
-    a("--bs", type=int, default=40, help="batch size per process")
+    a("--bs", type=POSITIVE, default=40, help="batch size per process")
     a("--only_prefix", dest="only_prefix", action="store_true",
       help="train only the mapping network (and encoder); the GPT-2 decoder stays frozen")
     a("--mapping_type", choices=["mlp", "transformer"], default="mlp", help="mapping network type")
-    a("--num_layers", type=int, default=8, help="transformer mapper depth")
+    a("--num_layers", type=POSITIVE, default=8, help="transformer mapper depth")
     a("--is_rn", dest="is_rn", action="store_true",
       help="ignored: the feature size and type now come from the features pickle (kept for old commands)")
     a("--normalize_prefix", dest="normalize_prefix", action="store_true",
@@ -77,34 +77,34 @@ def add_runtime_flags(p) -> None:
 
 def add_training_flags(a) -> None:
     a("--gpt2", default="distilgpt2", help="GPT-2 decoder and tokenizer: hub name or local directory")
-    a("--lr", type=float, default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
-    a("--warmup_steps", type=int, default=5000, help="optimizer steps of linear learning-rate warmup")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay on weight matrices (not biases, norms)")
-    a("--adam_eps", type=float, default=1e-6,
+    a("--lr", type=number(0), default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
+    a("--warmup_steps", type=COUNT, default=5000, help="optimizer steps of linear learning-rate warmup")
+    a("--weight_decay", type=number(0), default=0.0, help="AdamW weight decay on weight matrices (not biases, norms)")
+    a("--adam_eps", type=number(0, low_open=True), default=1e-6,
       help="AdamW epsilon: 1e-6, the default of the transformers.AdamW the original trained with (torch's is 1e-8)")
-    a("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
-    a("--grad_accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    a("--seed", type=int, default=0, help="seed of initialisation, data order, dropout and augmentation")
+    a("--grad_clip", type=number(0), default=0.0, help="clip the gradient norm to this value (0: off)")
+    a("--grad_accum", type=POSITIVE, default=1, help="micro-batches accumulated per optimizer step")
+    a("--seed", type=SEED, default=0, help="seed of initialisation, data order, dropout and augmentation")
     a("--device", default=None, help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
     a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
-    a("--val_fraction", type=float, default=None,
+    a("--val_fraction", type=number(0, 1, low_open=True, high_open=True), default=None,
       help="hold out this fraction of the training images (all their captions) for validation instead")
     a("--init_from", default=None,
       help="fine-tune this export (train.py's or convert_checkpoint.py's): its architecture, decoder, tokenizer "
            "and feature normalisation are kept; features only")
     a("--resume", default=None,
       help="a resume checkpoint (<prefix>_resume.pt) or 'latest' (the one in --out_dir; a fresh start if none)")
-    a("--max_steps", type=int, default=None, help="stop after this many optimizer steps (quick runs)")
+    a("--max_steps", type=POSITIVE, default=None, help="stop after this many optimizer steps (quick runs)")
     a("--cache_dir", default=None,
       help="where caption tokens are cached (default: $TINYTINY_CACHE, else ~/.cache/tinytiny-captioner; the "
            "run's --out_dir when that cannot be written); never the dataset's folder")
-    a("--log_every", type=int, default=10, help="optimizer steps between train_log.jsonl records")
-    a("--save_every_steps", type=int, default=10000,
+    a("--log_every", type=POSITIVE, default=10, help="optimizer steps between train_log.jsonl records")
+    a("--save_every_steps", type=COUNT, default=10000,
       help="also checkpoint (resume file + <prefix>_latest export) every N steps within an epoch (0: off)")
-    a("--eval_every", type=int, default=0,
+    a("--eval_every", type=COUNT, default=0,
       help="every N epochs (and the last), caption --eval_images validation images with the new export, log "
            "CIDEr and BLEU-4 to train_log.jsonl and keep the best export by CIDEr as <out_dir>/best/ (0: off)")
-    a("--eval_images", type=int, default=500,
+    a("--eval_images", type=POSITIVE, default=500,
       help="with --eval_every: the first N distinct validation images, scored against all their captions")
 
 
@@ -123,13 +123,13 @@ def add_encoder_flags(e) -> None:
       help="timm model as NAME (timm's default tag: tiny_vit_21m_224 is tiny_vit_21m_224.dist_in22k) or NAME.TAG")
     e("--encoder_weights", default="pretrained", help="pretrained, random, or a weights file")
     e("--encoder_kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
-    e("--image_size", type=int, default=None, help="input resolution (default: the model's)")
+    e("--image_size", type=POSITIVE, default=None, help="input resolution (default: the model's)")
     e("--feature_type", choices=["pooled", "grid"], default="pooled",
       help="pooled vector per image, or the last feature map as tokens (transformer mapper)")
-    e("--freeze_stages", type=int, default=None,
+    e("--freeze_stages", type=COUNT, default=None,
       help="freeze the stem and first N stages (default: 1 with pretrained or file weights, as the "
            "original; 0 with random weights)")
-    e("--encoder_lr", type=float, default=None, help="learning rate of the encoder (default: --lr)")
+    e("--encoder_lr", type=number(0), default=None, help="learning rate of the encoder (default: --lr)")
     e("--augment", action="store_true",
       help="light augmentation: a random resized crop (no flips: captions say left and right)")
     e("--channels_last", default=None, action=argparse.BooleanOptionalAction,
@@ -151,19 +151,6 @@ def check_args(args) -> None:
     check_output_dir(args.out_dir, "--out_dir")
     if not args.train_encoder:
         args.data = args.data or DEFAULT_DATA
-    positive = ["epochs", "save_every", "prefix_length", "prefix_length_clip", "bs", "num_layers", "grad_accum",
-                "log_every", "eval_images"]
-    bad = [f"--{k} {getattr(args, k)}" for k in positive if getattr(args, k) < 1]
-    bad += [f"--{k} {getattr(args, k)}" for k in ["warmup_steps", "save_every_steps", "grad_clip", "weight_decay",
-                                                    "eval_every"] if getattr(args, k) < 0]
-    if args.max_steps is not None and args.max_steps < 1:
-        bad.append(f"--max_steps {args.max_steps}")
-    if args.threads is not None and args.threads < 1:
-        bad.append(f"--threads {args.threads}")
-    if args.num_workers is not None and args.num_workers < 0:
-        bad.append(f"--num_workers {args.num_workers}")
-    if bad:
-        raise ValueError(f"invalid arguments: {', '.join(bad)} (expected positive values)")
     if (args.val_data or args.val_annotations) and args.val_fraction is not None:
         raise ValueError("give validation data or --val_fraction, not both")
     if args.eval_every and not (args.val_data or args.val_annotations or args.val_fraction is not None):

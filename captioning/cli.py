@@ -1,9 +1,55 @@
-"""Flags that several scripts share, defined once: precision and the thread budget (captioning/runtime.py).
+"""Flags that several scripts share, defined once: precision and the thread budget (captioning/runtime.py), and
+the argparse types that check every number a script takes.
 
-Earlier spellings stay accepted and are listed in --help beside the new name (`--precision, --amp`).
+Earlier spellings stay accepted and are listed in --help beside the new name (`--precision, --amp`). A number out
+of range is refused by argparse, naming the flag: `error: argument --temperature: expected a finite number in
+[0.01, 100], got 'nan'`.
 """
 import argparse
-from typing import Sequence
+import math
+from typing import Callable, Optional, Sequence
+
+
+def integer(low: int = 1, high: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float = 0.0, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number between low and high (open ends where asked); never nan or inf."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = math.isfinite(value) and (value > low if low_open else value >= low) and \
+            (value < high if high_open else value <= high)
+        if not inside:
+            span = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open or high == math.inf
+                                                                        else "]")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = integer(1)
+COUNT = integer(0)  # a non-negative integer
+SEED = integer(0, 2 ** 32 - 1)  # numpy's seeds
+# Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax): greedy decoding is the
+# limit of a small temperature, and above 100 every token is about equally likely.
+TEMPERATURE = number(0.01, 100)
 
 from captioning.runtime import PRECISIONS, normalize_precision
 
@@ -30,11 +76,11 @@ def add_precision_argument(parser, *, aliases: Sequence[str] = (), what: str) ->
 
 def add_thread_arguments(parser, *, workers: bool = True, workers_help: str = "") -> None:
     """`--threads` (torch's intra-op threads) and, where the script has loader workers, `--num_workers`."""
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=POSITIVE, default=None,
                         help="torch intra-op threads (default: the usable cores, less the loader workers beside "
                              "them; OMP_NUM_THREADS also sets it). On a machine busy with other work, fewer "
                              "threads than cores avoid OpenMP threads waiting on a contended core")
     if workers:
-        parser.add_argument("--num_workers", type=int, default=None, help=workers_help or (
+        parser.add_argument("--num_workers", type=COUNT, default=None, help=workers_help or (
             "loader processes decoding images beside the model (default: on a CPU none below 8 usable cores, "
             "the model gets them; on a GPU every core but one, at most 8)"))

@@ -1,0 +1,67 @@
+"""Every numeric flag is checked for being finite and in range by argparse, and the error names the flag."""
+import pytest
+
+import convert_checkpoint
+import demo
+import evaluate
+import parse_coco
+import predict
+import shapes_data
+import train
+
+PARSERS = {
+    "predict": lambda argv: predict.parse_args(["--checkpoint", "x", "--image", "a.jpg", *argv]),
+    "evaluate": lambda argv: evaluate.build_parser().parse_args(["--checkpoint", "x", "--annotations", "a", *argv]),
+    "parse_coco": parse_coco.parse_args,
+    "train": lambda argv: train.build_parser().parse_args(argv),
+    "demo": demo.parse_args,
+    "shapes_data": lambda argv: shapes_data.build_parser().parse_args(argv),
+    "convert_checkpoint": lambda argv: convert_checkpoint.parse_args(["--checkpoint", "c", "--out_dir", "o", *argv]),
+}
+
+BAD = [
+    ("predict", "--temperature", ["nan", "inf", "1e-45", "0", "-1"], "a finite number in [0.01, 100]"),
+    ("predict", "--top_p", ["0", "1.5", "nan"], "a finite number in (0, 1]"),
+    ("predict", "--seed", ["-5", "1.5"], "an integer in [0, 4294967295]"),
+    ("predict", "--beam_size", ["0", "x"], "an integer at least 1"),
+    ("predict", "--max_length", ["0"], "an integer at least 1"),
+    ("predict", "--num_captions", ["0"], "an integer at least 1"),
+    ("predict", "--batch_size", ["-1"], "an integer at least 1"),
+    ("predict", "--threads", ["0"], "an integer at least 1"),
+    ("evaluate", "--max_images", ["0"], "an integer at least 1"),
+    ("evaluate", "--beam_size", ["0"], "an integer at least 1"),
+    ("parse_coco", "--image_size", ["0", "-3"], "an integer at least 1"),
+    ("parse_coco", "--max_image_pixels", ["-1", "0"], "an integer at least 1"),
+    ("parse_coco", "--num_workers", ["-1"], "an integer at least 0"),
+    ("parse_coco", "--batch_size", ["0"], "an integer at least 1"),
+    ("train", "--lr", ["nan", "-1e-3", "inf"], "a finite number in [0, inf)"),
+    ("train", "--adam_eps", ["0", "nan"], "a finite number in (0, inf)"),
+    ("train", "--val_fraction", ["0", "1", "nan"], "a finite number in (0, 1)"),
+    ("train", "--bs", ["0"], "an integer at least 1"),
+    ("train", "--grad_accum", ["0"], "an integer at least 1"),
+    ("train", "--warmup_steps", ["-1"], "an integer at least 0"),
+    ("train", "--image_size", ["0"], "an integer at least 1"),
+    ("train", "--seed", ["-5"], "an integer in [0, 4294967295]"),
+    ("train", "--grad_clip", ["nan"], "a finite number in [0, inf)"),
+    ("demo", "--steps", ["0"], "an integer at least 1"),
+    ("demo", "--image_size", ["8"], "an integer at least 16"),
+    ("demo", "--encoder_lr", ["0", "nan"], "a finite number in (0, inf)"),
+    ("shapes_data", "--num_train", ["0"], "an integer at least 1"),
+    ("convert_checkpoint", "--prefix_length", ["0"], "an integer at least 1"),
+]
+
+
+@pytest.mark.parametrize("script, flag, values, expected", BAD, ids=[f"{s}{f}" for s, f, _, _ in BAD])
+def test_bad_numbers_are_refused_naming_the_flag(capsys, script, flag, values, expected):
+    for value in values:
+        with pytest.raises(SystemExit) as e:
+            PARSERS[script]([f"{flag}={value}"])
+        assert e.value.code == 2
+        assert f"error: argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+
+
+def test_good_numbers_pass_through():
+    args = PARSERS["predict"](["--temperature", "0.5", "--top_p", "1", "--seed", "0", "--beam_size", "3"])
+    assert (args.temperature, args.top_p, args.seed, args.beam_size) == (0.5, 1.0, 0, 3)
+    args = PARSERS["train"](["--lr", "0", "--val_fraction", "0.2", "--warmup_steps", "0"])
+    assert (args.lr, args.val_fraction, args.warmup_steps) == (0.0, 0.2, 0)
