@@ -47,9 +47,7 @@ def number(low: float = 0.0, high: float = math.inf, low_open: bool = False,
 POSITIVE = integer(1)
 COUNT = integer(0)  # a non-negative integer
 SEED = integer(0, 2 ** 32 - 1)  # numpy's seeds
-# Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax): greedy decoding is the
-# limit of a small temperature, and above 100 every token is about equally likely.
-TEMPERATURE = number(0.01, 100)
+TEMPERATURE = number(0.01, 100)  # models.decoding's MIN_TEMPERATURE, MAX_TEMPERATURE
 
 from captioning.runtime import PRECISIONS, normalize_precision
 

@@ -33,6 +33,15 @@ from transformers import DynamicCache, GPT2LMHeadModel
 
 DECODINGS = ("beam", "greedy", "nucleus")
 DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
+# Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax); above 100 every token
+# is about equally likely.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
+def check_temperature(temperature: float) -> None:
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # also refuses nan
+        raise ValueError(f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {temperature}; "
+                         f"greedy decoding is the limit of a small temperature")
 
 
 @dataclass
@@ -56,10 +65,9 @@ class DecodingOptions:
                              f"returns at most one caption per beam")
         if self.decoding == "greedy" and self.num_captions > 1:
             raise ValueError("greedy decoding gives one caption per image; use nucleus sampling for several")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also refuses nan
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}; use greedy decoding for 0")
+        check_temperature(self.temperature)
 
 
 @dataclass
@@ -117,8 +125,7 @@ def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids
     batch, vocab = prefix_embeds.shape[0], gpt.config.vocab_size
     if not 1 <= beam_size <= vocab:
         raise ValueError(f"beam_size must be between 1 and the vocabulary size {vocab}, got {beam_size}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_temperature(temperature)
     check_lengths(gpt, prefix_embeds.shape[1], max_length)
     device, k = prefix_embeds.device, beam_size
     eos, pad = _eos_tensor(eos_token_ids, device)
@@ -296,8 +303,7 @@ def sample(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Seq
     reproducible (see `sampling_noise`); without it, torch's global generator draws them."""
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}; use greedy decoding for 0")
+    check_temperature(temperature)
     batch = prefix_embeds.shape[0]
     if noise is None:
         noise = torch.rand(batch, num_samples, max_length)

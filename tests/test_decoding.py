@@ -6,7 +6,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from benchmarks.original_decoding import original_beam_search
-from models.decoding import beam_search, greedy, nucleus_pick, sample, sampling_noise
+from models.decoding import DecodingOptions, beam_search, greedy, nucleus_pick, sample, sampling_noise
 
 VOCAB = 300
 STOPS = [31, 110, 149]  # frequent with this model: some captions stop early, some run to max_length
@@ -182,5 +182,10 @@ def test_invalid_arguments_are_refused(gpt, prefix):
         greedy(gpt, prefix, STOPS, max_length=61)
     with pytest.raises(ValueError, match="beam_size must be between 1 and the vocabulary size 300"):
         beam_search(gpt, prefix, STOPS, 0)
-    with pytest.raises(ValueError, match="temperature must be positive"):
-        sample(gpt, prefix, STOPS, temperature=0.0)
+    for temperature in (0.0, 1e-45, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"temperature must be in \[0.01, 100.0\], got"):
+            sample(gpt, prefix, STOPS, temperature=temperature)
+        with pytest.raises(ValueError, match=r"temperature must be in \[0.01, 100.0\], got"):
+            DecodingOptions(decoding="nucleus", temperature=temperature)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got nan"):
+        DecodingOptions(decoding="nucleus", top_p=float("nan"))
