@@ -87,6 +87,20 @@ def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[
     return encoder
 
 
+# A fast tokenizer's one file, or a slow GPT-2 tokenizer's two.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """An export holds its tokenizer: without one, transformers builds an empty tokenizer that decodes every
+    caption to an empty string."""
+    if not any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory}: the tokenizer files are missing (tokenizer.json, or vocab.json and "
+                              f"merges.txt); an export holds its tokenizer: save it with "
+                              f"model.save_pretrained(dir, tokenizer) or copy the files of the GPT-2 it was "
+                              f"trained from")
+
+
 def check_encoder(config: CaptionerConfig, encoder: ImageEncoder, source) -> None:
     if encoder.config.feature_type != config.feature_type or encoder.feature_dim != config.prefix_size:
         raise CheckpointError(
@@ -171,6 +185,7 @@ class Captioner:
         choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice
         resolved = runtime.resolve_precision(choice, device, training=False)
         model = ClipCaptionModel.from_pretrained(directory)
+        check_tokenizer_files(directory)
         try:
             # The decoder's config names the tokenizer type; config.json describes the whole captioner.
             tokenizer = AutoTokenizer.from_pretrained(str(directory), config=model.gpt.config)

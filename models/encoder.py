@@ -4,6 +4,7 @@ Preprocessing facts (input size, resize, crop, mean/std) come from the model's t
 in `EncoderConfig.data_config`, so whoever stores features records exactly how images were prepared.
 """
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class EncoderConfig:
     # default tag, e.g. tiny_vit_21m_224 -> tiny_vit_21m_224.dist_in22k): the pretrained weights and the data
     # config come from it.
     resolved_name: Optional[str] = None
+    # SHA-256 of the weights loaded from a file (`weights_fingerprint`): a file found at the recorded path later
+    # must hold the same weights, or the features would silently differ from those the model was trained on.
+    weights_sha256: Optional[str] = None
 
     def __post_init__(self):
         if self.feature_type not in FEATURE_TYPES:
@@ -180,6 +184,13 @@ class ImageEncoder(nn.Module):
         self.model = create_timm_model(config.name, pretrained, kwargs)
         if load_weights and config.weights not in ("pretrained", "random"):
             self.load_weights_file(config.weights)
+            digest = self.weights_fingerprint()
+            if config.weights_sha256 and digest != config.weights_sha256:
+                raise CheckpointError(
+                    f"{config.weights}: these encoder weights (SHA-256 {digest[:16]}...) are not the ones recorded "
+                    f"({config.weights_sha256[:16]}...): the file at that path was replaced since the features "
+                    f"were made; pass the original weights")
+            config = dataclasses.replace(config, weights_sha256=digest)
         if config.data_config is None:  # a new encoder: its preprocessing and tag as timm resolves them now
             pretrained_cfg = self.model.pretrained_cfg
             config = dataclasses.replace(
@@ -201,6 +212,15 @@ class ImageEncoder(nn.Module):
         if self.model.num_classes == 0 and isinstance(classifier, str):
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier + ".")}
         load_state_dict_strict(self.model, state_dict, path)
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 over the weights' names and bytes, whatever file format they came in."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def feature_dim(self) -> int:

@@ -349,3 +349,35 @@ def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, capsys):
     assert main(common + ["--max_length", "17"]) == 2
     assert ("predict.py: error: --max_length 17 does not fit this checkpoint: the decoder has 20 positions, 4 of "
             "them for the prefix, so a caption holds 1 to 16 tokens") in capsys.readouterr().err
+
+
+def test_an_export_without_its_tokenizer_is_refused(exports, tmp_path, capsys):
+    broken = tmp_path / "no_tokenizer"
+    shutil.copytree(exports["features_only"], broken)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (broken / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"no_tokenizer: the tokenizer files are missing \(tokenizer.json, or "
+                                              r"vocab.json and merges.txt\)"):
+        Captioner.from_pretrained(broken)
+    write_features(tmp_path / "f.pkl", torch.randn(1, 96), [{"image_id": 1, "caption": "x", "clip_embedding": 0}])
+    assert main(["--checkpoint", str(broken), "--features", str(tmp_path / "f.pkl")]) == 2
+    assert "the tokenizer files are missing" in capsys.readouterr().err
+
+
+def test_a_replaced_encoder_weights_file_is_refused(tokenizer, images, tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "encoder.pth"
+    torch.save(ImageEncoder(EncoderConfig(name="test_resnet", weights="random")).model.state_dict(), weights)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights=str(weights), image_size=32)).eval()
+    assert encoder.config.weights_sha256 == encoder.weights_fingerprint()
+    tiny_captioner_model(tokenizer, encoder_dict=encoder.config.to_dict()).save_pretrained(tmp_path / "e", tokenizer)
+    paths = good_images(images)
+    expected = Captioner.from_pretrained(tmp_path / "e").caption(paths, **FAST)
+    encoder.save_pretrained(tmp_path / "encoder_export")  # the same weights, as safetensors with a config
+    torch.manual_seed(1)
+    torch.save(ImageEncoder(EncoderConfig(name="test_resnet", weights="random")).model.state_dict(), weights)
+    with pytest.raises(CheckpointError, match=r"encoder.pth: these encoder weights \(SHA-256 [0-9a-f]{16}\.\.\.\) are "
+                                              r"not the ones recorded"):
+        Captioner.from_pretrained(tmp_path / "e")
+    moved = Captioner.from_pretrained(tmp_path / "e", encoder_weights=tmp_path / "encoder_export")
+    assert moved.caption(paths, **FAST) == expected
