@@ -27,7 +27,7 @@ from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from train_eval import build_caption_evaluation
 from train_init import adopt_export_config, flags_given, load_tokenizer, model_from_export
-from train_state import Distributed, TrainingError, seed_everything
+from train_state import Distributed, TrainingError, previous_state_path, seed_everything
 from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
 from training_inputs import build_feature_inputs, build_image_inputs
@@ -195,9 +195,18 @@ def resume_path(args, options: TrainOptions, dist: Distributed):
     if args.resume == "latest":
         if options.resume_path.is_file():
             return options.resume_path
+        previous = previous_state_path(options.resume_path)
+        if previous.is_file():  # the run stopped between setting the old checkpoint aside and writing the new one
+            dist.print(f"note: --resume latest: no {options.resume_path}, continuing from {previous}")
+            return previous
         dist.print(f"note: --resume latest: no {options.resume_path} yet, starting from scratch")
         return None
-    return Path(args.resume)
+    path = Path(args.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: " + ("is a directory; give the resume checkpoint file "
+                                                      f"(<prefix>_resume.pt) or 'latest'" if path.is_dir()
+                                                      else "no such resume checkpoint"))
+    return path
 
 
 def run(args, dist: Distributed) -> dict:

@@ -3,8 +3,11 @@
 A resume checkpoint holds everything an uninterrupted run still has in memory (model, optimizer, scheduler,
 gradient scaler, step, epoch, position in the epoch's data order, every process's RNG states, config), so
 `--resume` continues exactly where the run stopped. It is written by rank 0 through a temporary file and a
-rename and read back without executing pickled code.
+rename and read back without executing pickled code. It carries a SHA-256 of its contents, verified on load, and
+the checkpoint it replaces is kept beside it (`<prefix>_resume.prev.pt`), so that a corrupt file is refused and
+the run continues from the one before.
 """
+import hashlib
 import json
 import math
 import os
@@ -14,7 +17,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -120,20 +123,85 @@ def seed_everything(seed: int) -> None:
 
 # ---- resume checkpoints ------------------------------------------------------------------------------------
 
+class CorruptCheckpoint(CheckpointError):
+    """A resume checkpoint whose contents do not match the checksum written with it."""
+
+
+def state_checksum(value) -> str:
+    """SHA-256 over a resume state: every tensor's dtype, shape and bytes and every other value's repr, in key
+    order; changes wherever a byte of the saved contents changed."""
+    digest = hashlib.sha256()
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            digest.update(f"D{len(v)}".encode())
+            for k in sorted(v, key=repr):
+                digest.update(repr(k).encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"L{len(v)}".encode())
+            for item in v:
+                walk(item)
+        else:
+            digest.update(repr(v).encode())
+
+    walk(value)
+    return digest.hexdigest()
+
+
+def previous_state_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).stem + ".prev" + Path(path).suffix)
+
+
 def save_state(path: Path, state: Dict) -> None:
+    """Write the state atomically with its checksum; the checkpoint it replaces becomes the previous one."""
+    path = Path(path)
     state = dict(state, format=STATE_FORMAT, version=STATE_VERSION)
+    state["sha256"] = state_checksum(state)
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+        if path.is_file():  # the rename below replaces it: keep it, for when this one turns out corrupt
+            os.replace(path, previous_state_path(path))
+
+
+def load_resumable(path: Path) -> Tuple[Dict, Optional[str]]:
+    """`load_state(path)`, or, when `path` is corrupt and the previous checkpoint is intact, that one, with the
+    message saying so (None otherwise). The caller sets the corrupt file aside (`set_aside_corrupt`) once every
+    process has read, so that the next checkpoint does not keep it as the previous one."""
+    path = Path(path)
+    try:
+        return load_state(path), None
+    except CorruptCheckpoint as error:
+        previous = previous_state_path(path)
+        if not previous.is_file():
+            raise CheckpointError(f"{error}; there is no previous checkpoint ({previous}) to continue from") from None
+        state = load_state(previous)
+        return state, (f"warning: {error}: refused, kept as {corrupt_path(path)}; continuing from the previous "
+                       f"checkpoint {previous} (step {state['step']})")
+
+
+def corrupt_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".corrupt")
+
+
+def set_aside_corrupt(path: Path) -> None:
+    if Path(path).is_file():
+        os.replace(path, corrupt_path(path))
 
 
 def load_state(path: Path) -> Dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such resume checkpoint")
+        raise CheckpointError(f"{path}: no such resume checkpoint" + (" (it is a directory)" if path.is_dir()
+                                                                      else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable resume checkpoint (corrupt or truncated?): "
+        raise CorruptCheckpoint(f"{path}: not a readable resume checkpoint (corrupt or truncated?): "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a resume checkpoint written by train.py (export directories and "
@@ -141,6 +209,12 @@ def load_state(path: Path) -> Dict:
     if state.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: resume checkpoint version {state.get('version')!r}, this code reads "
                               f"{STATE_VERSION}")
+    recorded = state.pop("sha256", None)
+    if recorded is None:
+        print(f"note: {path} was written before resume checkpoints carried a checksum; it is loaded unverified",
+              flush=True)
+    elif state_checksum(state) != recorded:
+        raise CorruptCheckpoint(f"{path} is corrupt: its contents do not match the checksum written with it")
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "epoch", "epoch_samples", "data_order", "rng",
                            "config", "data") if k not in state]
     if missing:

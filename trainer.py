@@ -17,8 +17,17 @@ from tqdm import tqdm
 
 from captioning.runtime import FP32, Precision
 from models.checkpoint_io import CheckpointError, load_state_dict_strict
-from train_state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_state,
-                         remove_stale_temporaries, restore_rng, save_state)
+from train_state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
+                         remove_stale_temporaries, restore_rng, save_state, set_aside_corrupt)
+
+# Arguments that cannot change what is computed: where and how often things are written, how many processes load
+# images, and --resume itself (`--resume latest` after a run started without it).
+BOOKKEEPING_ARGS = ("resume", "num_workers", "cache_dir", "log_every", "save_every", "save_every_steps")
+
+
+def without_bookkeeping(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k not in BOOKKEEPING_ARGS}
+
 
 class CaptionLoss(nn.Module):
     """The model's loss as a forward pass, so DistributedDataParallel sees it and synchronises gradients."""
@@ -295,7 +304,12 @@ class Trainer:
         self.last_checkpoint = self.options.resume_path
 
     def restore(self, path: Path) -> None:
-        state = load_state(path)
+        state, refused = load_resumable(path)
+        self.dist.barrier()  # every process has read before a corrupt file is set aside
+        if refused:
+            if self.dist.is_main:
+                set_aside_corrupt(path)
+            self.dist.print(refused)
         diff = config_differences(state["config"], self.run_info["config"])
         if diff:
             raise CheckpointError(f"{path}: the checkpoint was made for another model: " + "; ".join(diff))
@@ -313,7 +327,7 @@ class Trainer:
                                   f"(was --only_prefix or --train_encoder different?): {e}") from e
         self.pos = Position(state["step"], state["epoch"], state["epoch_samples"])
         self.sampler.seed = state["data_order"]["seed"]  # each epoch's order is drawn from (seed, epoch)
-        changed = config_differences(state.get("args", {}), self.run_info.get("args", {}))
+        changed = config_differences(*(without_bookkeeping(d.get("args", {})) for d in (state, self.run_info)))
         if changed:
             self.dist.print("note: resuming with changed arguments (the run will not match an uninterrupted "
                             "one exactly): " + "; ".join(changed))

@@ -375,3 +375,56 @@ def test_optimizer_uses_the_original_adam_epsilon():
     for flags, eps in (([], 1e-6), (["--adam_eps", "1e-8"], 1e-8)):
         optimizer = train.build_optimizer(model, train.build_parser().parse_args(flags), torch.device("cpu"))
         assert [group["eps"] for group in optimizer.param_groups] == [eps]
+
+
+def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_previous_one(
+        tmp_path, features, gpt2_dir, monkeypatch, capsys):
+    common = ["--epochs", 3, "--bs", 4, "--save_every_steps", 0]  # 6 steps per epoch, a checkpoint after each
+    train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
+    out = tmp_path / "run"
+    real_step = trainer.Stepper.__call__
+    calls = []
+
+    def crashing(self, micro):
+        calls.append(1)
+        if len(calls) == 13:  # after the checkpoints of steps 6 and 12
+            raise Crash()
+        return real_step(self, micro)
+
+    monkeypatch.setattr(trainer.Stepper, "__call__", crashing)
+    with pytest.raises(Crash):
+        train.main(args_for(features, out, gpt2_dir, *common))
+    monkeypatch.setattr(trainer.Stepper, "__call__", real_step)
+    resume = out / "coco_prefix_resume.pt"
+    assert load_state(out / "coco_prefix_resume.prev.pt")["step"] == 6 and load_state(resume)["step"] == 12
+    data = bytearray(resume.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(b ^ 0xFF for b in data[middle:middle + 200])  # 200 flipped bytes
+    resume.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="coco_prefix_resume.pt"):
+        load_state(resume)
+    capsys.readouterr()
+    summary = train.main(args_for(features, out, gpt2_dir, *common, "--resume", "latest"))
+    printed = capsys.readouterr().out
+    assert f"coco_prefix_resume.pt" in printed and "refused, kept as" in printed
+    assert f"continuing from the previous checkpoint {out / 'coco_prefix_resume.prev.pt'} (step 6)" in printed
+    assert "changed arguments" not in printed  # --resume latest itself is no change
+    assert (out / "coco_prefix_resume.pt.corrupt").read_bytes() == bytes(data)
+    assert summary["step"] == 18 and load_state(resume)["step"] == 18
+    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(out / "coco_prefix_latest")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_checkpoints_without_a_checksum_still_load(tmp_path, features, gpt2_dir, capsys):
+    train.main(args_for(features, tmp_path, gpt2_dir, "--max_steps", 2))
+    path = tmp_path / "coco_prefix_resume.pt"
+    old = torch.load(path, weights_only=True)
+    del old["sha256"]  # as written before checksums
+    torch.save(old, path)
+    capsys.readouterr()
+    assert load_state(path)["step"] == 2
+    assert "was written before resume checkpoints carried a checksum; it is loaded unverified" in \
+        capsys.readouterr().out
+    (tmp_path / "a_directory").mkdir()
+    with pytest.raises(CheckpointError, match=r"--resume .*a_directory: is a directory; give the resume checkpoint"):
+        train.main(args_for(features, tmp_path, gpt2_dir, "--resume", tmp_path / "a_directory"))
