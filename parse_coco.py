@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from captioning import runtime
-from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, SEED, add_precision_argument, add_thread_arguments
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
 from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
@@ -95,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_image_pixels", type=POSITIVE, default=None,
                    help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the encoder's weights with --encoder_weights random (recorded in the metadata)")
     args = p.parse_args(argv)
     tag = (args.encoder or args.clip_model_type).replace("/", "_")
     args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
@@ -125,6 +127,7 @@ def build_encoder(args) -> ImageEncoder:
     config = EncoderConfig(name=args.encoder, **kwargs) if args.encoder else \
         EncoderConfig.for_clip_model_type(args.clip_model_type, **kwargs)
     try:
+        torch.manual_seed(args.seed)  # --encoder_weights random: the same seed, the same encoder
         encoder = ImageEncoder(config)
     except CheckpointError:
         raise
@@ -138,22 +141,14 @@ def build_encoder(args) -> ImageEncoder:
     return encoder
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_manifest(args, records, encoder, precision) -> dict:
     """Everything that decides the features of image i: a resumed run must match it exactly."""
     images = hashlib.sha256(json.dumps([(str(r.image_id), r.file_name) for r in records]).encode()).hexdigest()
-    weights = encoder.config.weights
+    # The weights' fingerprint (encoder.config.weights_sha256, inside "encoder") tells a resumed run whether the
+    # encoder is the one that made the partial results, whatever the weights' source, random ones included.
     return {"format_version": FORMAT_VERSION, "images_sha256": images, "num_images": len(records),
             "images_root": str(Path(args.images_root).resolve()), "encoder": encoder.config.to_dict(),
-            "weights_sha256": sha256_file(Path(weights)) if Path(weights).is_file() else None,
-            "dtype": args.dtype, "precision": precision.name}
+            "seed": args.seed, "dtype": args.dtype, "precision": precision.name}
 
 
 def features_metadata(args, encoder, precision, records, kept, failures, skipped_entries, num_captions) -> dict:
@@ -161,6 +156,7 @@ def features_metadata(args, encoder, precision, records, kept, failures, skipped
     return {
         "format_version": FORMAT_VERSION, "created_by": "parse_coco.py",
         "encoder": config.to_dict(), "encoder_name": config.name, "weights": config.weights,
+        "seed": args.seed if config.weights == "random" else None,
         "clip_model_type": None if args.encoder else args.clip_model_type,
         "preprocessing": config.data_config, "feature_type": config.feature_type,
         "feature_dim": encoder.feature_dim, "num_tokens": encoder.num_tokens if config.feature_type == "grid" else None,

@@ -76,10 +76,11 @@ def encoder_config_from_metadata(metadata: Dict, features: torch.Tensor, source)
 
 
 def same_encoder(a: Optional[Dict], b: Optional[Dict]) -> bool:
-    """Whether two metadata encoder configs describe one encoder; the resolved timm tag is compared only when
-    both record it (files written before it was recorded lack it)."""
-    if a and b and (a.get("resolved_name") is None or b.get("resolved_name") is None):
-        a, b = ({k: v for k, v in d.items() if k != "resolved_name"} for d in (a, b))
+    """Whether two metadata encoder configs describe one encoder; the resolved timm tag and the weights'
+    fingerprint are compared only when both record them (files written before they were recorded lack them)."""
+    if a and b:
+        later = [k for k in ("resolved_name", "weights_sha256") if a.get(k) is None or b.get(k) is None]
+        a, b = ({k: v for k, v in d.items() if k not in later} for d in (a, b))
     return a == b
 
 

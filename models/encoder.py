@@ -55,8 +55,9 @@ class EncoderConfig:
     # default tag, e.g. tiny_vit_21m_224 -> tiny_vit_21m_224.dist_in22k): the pretrained weights and the data
     # config come from it.
     resolved_name: Optional[str] = None
-    # SHA-256 of the weights loaded from a file (`weights_fingerprint`): a file found at the recorded path later
-    # must hold the same weights, or the features would silently differ from those the model was trained on.
+    # SHA-256 of the weights the encoder was built with (`weights_fingerprint`), whatever their source: a file
+    # found at the recorded path later must hold the same weights, or the features would silently differ from
+    # those the model was trained on.
     weights_sha256: Optional[str] = None
 
     def __post_init__(self):
@@ -182,10 +183,12 @@ class ImageEncoder(nn.Module):
         if config.pooled_output == "pre_logits":
             kwargs["num_classes"] = 0
         self.model = create_timm_model(config.name, pretrained, kwargs)
-        if load_weights and config.weights not in ("pretrained", "random"):
-            self.load_weights_file(config.weights)
+        if load_weights:
+            from_file = config.weights not in ("pretrained", "random")
+            if from_file:
+                self.load_weights_file(config.weights)
             digest = self.weights_fingerprint()
-            if config.weights_sha256 and digest != config.weights_sha256:
+            if from_file and config.weights_sha256 and digest != config.weights_sha256:
                 raise CheckpointError(
                     f"{config.weights}: these encoder weights (SHA-256 {digest[:16]}...) are not the ones recorded "
                     f"({config.weights_sha256[:16]}...): the file at that path was replaced since the features "

@@ -210,6 +210,34 @@ def test_resume_refuses_other_settings_unless_fresh(tree, reference, tmp_path, m
                                atol=1e-2, rtol=1e-3)
 
 
+def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree, tmp_path, monkeypatch):
+    def random_args(out, *extra):
+        argv = args_for(tree, out, "--batch_size", "4", *extra)
+        argv[argv.index("--encoder_weights") + 1] = "random"
+        return argv
+
+    parse_coco.main(random_args(tmp_path / "whole.pkl"))
+    whole = read_features(tmp_path / "whole.pkl")
+    assert whole["metadata"]["seed"] == 0 and whole["metadata"]["encoder"]["weights_sha256"]
+    out = tmp_path / "f.pkl"
+    original, calls = feature_extraction.LogWriter.append, []
+
+    def append(self, indices, features):
+        calls.append(indices)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        original(self, indices, features)
+
+    monkeypatch.setattr(feature_extraction.LogWriter, "append", append)
+    with pytest.raises(KeyboardInterrupt):
+        parse_coco.main(random_args(out))
+    monkeypatch.undo()
+    with pytest.raises(ExtractionError, match=r"other inputs or settings \(differing: encoder, seed\)"):
+        parse_coco.main(random_args(out, "--seed", "1"))  # other random weights: never mixed with the first
+    parse_coco.main(random_args(out))  # the same seed: the same encoder, the partial results are reused
+    assert torch.equal(read_features(out)["clip_embedding"], whole["clip_embedding"])
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
