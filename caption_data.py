@@ -42,6 +42,7 @@ ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 FILE_KEYS = ("file_name", "filename", "image", "path")
 CSV_CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")
+CSV_COLUMNS = (*FILE_KEYS, "image_id", *CSV_CAPTION_COLUMNS)
 FEATURES_KEYS = ("clip_embedding", "captions", "metadata")
 
 
@@ -227,20 +228,45 @@ def _karpathy_image(records: _Records, where: str, entry, wanted: Optional[set])
                         sentence.get("sentid") if isinstance(sentence, dict) else None)
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 (a byte-order mark is fine) is an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise AnnotationError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
+                              f"as UTF-8") from None
+
+
+def _csv_header(path: Path, records: _Records, line: int, row: List[str]):
+    """(file, image_id, caption) column indices when `row` is a header, None when it is data: a first row is a
+    header when none of its fields names an existing image file. A header's columns must all be known names."""
+    if any(field.strip() and (records.root / field.strip()).is_file() for field in row):
+        return None
+    header = [c.strip().lower() for c in row]
+    unknown = [c for c in header if c not in CSV_COLUMNS]
+    caption_col = next((header.index(k) for k in CSV_CAPTION_COLUMNS if k in header), None)
+    file_col = next((header.index(k) for k in FILE_KEYS if k in header), None)
+    id_col = header.index("image_id") if "image_id" in header else None
+    if unknown or caption_col is None or (file_col is None and id_col is None):
+        problem = (f"unknown column name(s) {unknown}" if unknown else "no caption column" if caption_col is None
+                   else "no file name column")
+        raise AnnotationError(f"{path}: line {line}: {row} is read as a header, since none of its fields names an "
+                              f"image file under {records.root}, and it has {problem}; header columns are a file "
+                              f"name ({', '.join(FILE_KEYS)}) or image_id, and a caption "
+                              f"({', '.join(CSV_CAPTION_COLUMNS)})")
+    return file_col, id_col, caption_col
+
+
 def _read_csv(path: Path, records: _Records) -> None:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader if row]
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    rows = [(reader.line_num, row) for row in reader if row]
     if not rows:
         raise AnnotationError(f"{path}: empty CSV file; expected rows of file name, caption")
-    header = [c.strip().lower() for c in rows[0][1]]
-    if any(c in CSV_CAPTION_COLUMNS for c in header):
-        file_col = next((header.index(k) for k in FILE_KEYS if k in header), None)
-        id_col = header.index("image_id") if "image_id" in header else None
-        caption_col = next(header.index(k) for k in CSV_CAPTION_COLUMNS if k in header)
-        if file_col is None and id_col is None:
-            raise AnnotationError(f"{path}: line {rows[0][0]}: header {rows[0][1]} has no file name column; "
-                                  f"expected one of {FILE_KEYS} (or image_id)")
+    columns = _csv_header(path, records, *rows[0])
+    if columns is not None:
+        file_col, id_col, caption_col = columns
         rows = rows[1:]
     else:
         file_col, id_col, caption_col = 0, None, 1
@@ -258,12 +284,9 @@ def _read_csv(path: Path, records: _Records) -> None:
 
 def _load_json(path: Path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a JSON file") from e
 
 
 def _detect_format(path: Path, data) -> str:
@@ -291,7 +314,8 @@ def read_annotations(path, split: Optional[str] = None, images_root="./data/coco
     if fmt not in ANNOTATION_FORMATS:
         raise AnnotationError(f"unknown annotation format {fmt!r}; expected one of {ANNOTATION_FORMATS}")
     if not path.is_file():
-        raise AnnotationError(f"{path}: no such annotation file")
+        raise AnnotationError(f"{path}: " + ("is a directory; expected an annotation file" if path.is_dir()
+                                             else "no such annotation file"))
     if fmt == "auto" and path.suffix.lower() == ".csv":
         fmt = "csv"
     records = _Records(path, images_root, errors)

@@ -96,9 +96,40 @@ def test_csv_with_and_without_header(tmp_path):
     records = read_annotations(tmp_path / "with_header.csv", images_root=tmp_path)
     assert [(r.image_id, r.captions) for r in records] == [("a.jpg", ["one, with a comma", "three"]),
                                                            ("b.jpg", ["two"])]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"")  # a first row naming an existing image is data
     plain = read_annotations(tmp_path / "plain.csv", images_root=tmp_path / "img")
     assert [(r.path, r.captions) for r in plain] == [(tmp_path / "img/a.jpg", ["one"]),
                                                      (tmp_path / "img/b.jpg", ["two"])]
+    (tmp_path / "bom.csv").write_bytes("\ufefffile_name,caption\na.jpg,caf\u00e9\n".encode("utf-8"))
+    assert read_annotations(tmp_path / "bom.csv", images_root=tmp_path / "img")[0].captions == ["caf\u00e9"]
+
+
+@pytest.mark.parametrize("header, problem", [
+    ("name,text_en", "unknown column name(s) ['name', 'text_en']"),
+    ("file_name,license", "unknown column name(s) ['license']"),
+    ("file_name,image_id", "no caption column"),
+    ("caption", "no file name column"),
+])
+def test_a_csv_header_must_name_known_columns(tmp_path, header, problem):
+    (tmp_path / "a.csv").write_text(f"{header}\na.jpg,a dog\n")
+    with pytest.raises(AnnotationError) as e:
+        read_annotations(tmp_path / "a.csv", images_root=tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'a.csv'}: line 1: ") and problem in str(e.value)
+    assert ("header columns are a file name (file_name, filename, image, path) or image_id, and a caption "
+            "(caption, captions, text, sentence)") in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a.csv", "a.json"])
+def test_a_file_that_is_not_utf8_is_an_error_naming_the_line(tmp_path, name):
+    text = "file_name,caption\na.jpg,un caf\u00e9\n" if name.endswith(".csv") else \
+        '[{"image_id": 1,\n "caption": "un caf\u00e9"}]'
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(AnnotationError, match=rf"{name}: line 2: not UTF-8 text \(invalid continuation byte at "
+                                              rf"byte \d+\); save the file as UTF-8"):
+        read_annotations(tmp_path / name, images_root=tmp_path)
+    with pytest.raises(AnnotationError, match=r": is a directory; expected an annotation file"):
+        read_annotations(tmp_path, images_root=tmp_path)
 
 
 @pytest.mark.parametrize("content, message", [
