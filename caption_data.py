@@ -24,6 +24,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import pickle
 import sys
 import warnings
@@ -121,6 +122,10 @@ class _Records:
         return ("id", image_id) if image_id is not None else ("file", file_name)
 
     def _new(self, where: str, image_id, file_name) -> ImageRecord:
+        if file_name is not None and not Path(file_name).is_absolute() and \
+                os.path.normpath(file_name).split(os.sep)[0] == os.pardir:
+            raise AnnotationError(f"{self.source}: {where}: file name {file_name!r} climbs out of the images root "
+                                  f"{self.root}; relative names must stay inside it (absolute paths are allowed)")
         if file_name is None:
             if not isinstance(image_id, int):
                 raise AnnotationError(f"{self.source}: {where}: image_id {image_id!r} is not a number and the entry "

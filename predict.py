@@ -345,11 +345,15 @@ class Captioner:
         return results
 
 
+# COCO's file names: COCO_val2014_000000391895.jpg (2014) and 000000391895.jpg (2017), twelve digits either way.
+COCO_FILE_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d{12})")
+
+
 def image_id_from_name(path) -> object:
-    """COCO's `image_id`: the last number in the file name (`COCO_val2014_000000391895.jpg` -> 391895), or
-    the file name itself when it holds no number."""
-    numbers = re.findall(r"\d+", Path(path).stem)
-    return int(numbers[-1]) if numbers else Path(path).name
+    """COCO's `image_id` for a COCO file name (`COCO_val2014_000000391895.jpg` -> 391895), else the file name
+    itself: a number taken from any other name could give two files one id (`gray16.png`, `rgb16.png`)."""
+    match = COCO_FILE_NAME.fullmatch(Path(path).stem)
+    return int(match[1]) if match else Path(path).name
 
 
 def list_images(directory: Path):
@@ -367,13 +371,17 @@ def list_images(directory: Path):
 
 
 def features_inputs(path):
-    """A features pickle (parse_coco.py) -> one feature row per image and its image_id."""
+    """A features pickle (parse_coco.py) -> one feature row per image, its image_id, and its image's file name
+    where the metadata records one per row (parse_coco.py's do), else None."""
     data = read_features(path)
     rows = {}
     for caption in data["captions"]:
         rows.setdefault(caption["clip_embedding"], caption["image_id"])
     order = sorted(rows)
-    return [data["clip_embedding"][row] for row in order], [rows[row] for row in order]
+    names = data["metadata"].get("file_names")
+    names = [str(names[row]) for row in order] if isinstance(names, list) and \
+        len(names) == data["clip_embedding"].shape[0] else None
+    return [data["clip_embedding"][row] for row in order], [rows[row] for row in order], names
 
 
 def write_json(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:
@@ -457,23 +465,28 @@ def parse_args(argv=None):
 
 
 def collect_inputs(args):
-    """(inputs for the Captioner, image ids, notices for stderr)."""
+    """(inputs for the Captioner, image ids, notices for stderr, the inputs' names where the Captioner cannot
+    know them: the file names of a features pickle's images)."""
     if args.features:
-        features, image_ids = features_inputs(args.features)
-        return features, image_ids, []
+        features, image_ids, names = features_inputs(args.features)
+        return features, image_ids, names, []
     if args.images_dir:
         paths, ignored = list_images(Path(args.images_dir))
         notes = [f"{len(ignored)} entries of {args.images_dir} are not image files and were not captioned: "
                  + ", ".join(p.name for p in ignored[:5]) + (" ..." if len(ignored) > 5 else "")] if ignored else []
     else:
         paths, notes = [Path(p) for p in args.image], []
+        directories = [str(p) for p in paths if p.is_dir()]
+        if directories:
+            raise ValueError(f"--image {directories[0]}: is a directory; caption a folder's images with "
+                             f"--images_dir")
     image_ids = [image_id_from_name(p) for p in paths]
     seen = {}
     for path, image_id in zip(paths, image_ids):
         if image_id in seen:
             notes.append(f"{seen[image_id].name} and {path.name} both give image_id {image_id!r}")
         seen.setdefault(image_id, path)
-    return [str(p) for p in paths], image_ids, notes
+    return [str(p) for p in paths], image_ids, None, notes
 
 
 def main(argv=None) -> int:
@@ -494,7 +507,7 @@ def caption_and_write(args, device: str) -> int:
         options = DecodingOptions(decoding=args.decoding, beam_size=args.beam_size,  # checked before loading
                                   max_length=args.max_length or DEFAULT_MAX_LENGTH, top_p=args.top_p,
                                   temperature=args.temperature, num_captions=args.num_captions, seed=args.seed)
-        inputs, image_ids, notes = collect_inputs(args)
+        inputs, image_ids, names, notes = collect_inputs(args)
         captioner = Captioner.from_pretrained(args.checkpoint, device=device, precision=args.precision,
                                               encoder_weights=args.encoder_weights)
         runtime.announce(captioner.precision, prefix="predict.py: ")
@@ -503,6 +516,8 @@ def caption_and_write(args, device: str) -> int:
             print(f"predict.py: note: {clipped}", file=sys.stderr)
         options = dataclasses.replace(options, max_length=max_length)
         results = captioner.predict(inputs, options, batch_size=args.batch_size, progress=len(inputs) > 1)
+        if names is not None:
+            results = [dataclasses.replace(r, source=name) for r, name in zip(results, names)]
     except (CheckpointError, FeaturesError, OutputError, ValueError) as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2

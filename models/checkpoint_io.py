@@ -21,6 +21,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, of the wrong kind or of mismatched sizes."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
@@ -35,6 +41,7 @@ def atomic_write(path):
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files 0600; outputs follow the umask, as open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,6 +62,7 @@ def atomic_directory(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes folders 0700
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

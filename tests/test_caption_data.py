@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import pickle
 import struct
 import zlib
@@ -328,3 +329,29 @@ def test_corrupt_and_missing_features_files(tmp_path):
     with pytest.raises(FeaturesError, match=r"metadata must be plain JSON-like data"):
         write_features(tmp_path / "g.pkl", torch.zeros(2, 3), captions_for([0]), {"s": {1, 2}})
     assert not (tmp_path / "g.pkl").exists()
+
+
+def test_relative_file_names_may_not_climb_out_of_the_images_root(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"file_name": "../../etc/passwd", "caption": "x"}])
+    with pytest.raises(AnnotationError, match=r"entry 0: file name '../../etc/passwd' climbs out of the images root"):
+        read_annotations(path, images_root=tmp_path / "images")
+    inside = write_json(tmp_path / "b.json", [{"file_name": "sub/../a.jpg", "caption": "x"},
+                                              {"file_name": str(tmp_path / "elsewhere.jpg"), "caption": "y"}])
+    records = read_annotations(inside, images_root=tmp_path / "images")  # absolute paths: the user's own choice
+    assert [r.path for r in records] == [tmp_path / "images" / "sub/../a.jpg", tmp_path / "elsewhere.jpg"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    from models.checkpoint_io import atomic_directory, atomic_write
+
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "g.txt").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode

@@ -233,10 +233,13 @@ def test_decoding_options_are_checked():
         DecodingOptions(decoding="nucleus", top_p=0.0)
 
 
-def test_image_ids_come_from_file_name_numbers():
+def test_image_ids_come_from_coco_file_names_only():
     assert image_id_from_name("val2014/COCO_val2014_000000391895.jpg") == 391895
     assert image_id_from_name("000000000007.png") == 7
     assert image_id_from_name("cat.png") == "cat.png"
+    # a number in any other name is no id: two files would share one, or the wrong number be taken
+    assert (image_id_from_name("gray16.png"), image_id_from_name("rgb16.png")) == ("gray16.png", "rgb16.png")
+    assert image_id_from_name("2513260012_03d33305cf.jpg") == "2513260012_03d33305cf.jpg"  # Flickr8k
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
@@ -381,3 +384,20 @@ def test_a_replaced_encoder_weights_file_is_refused(tokenizer, images, tmp_path)
         Captioner.from_pretrained(tmp_path / "e")
     moved = Captioner.from_pretrained(tmp_path / "e", encoder_weights=tmp_path / "encoder_export")
     assert moved.caption(paths, **FAST) == expected
+
+
+def test_features_predictions_name_the_pickles_images(exports, tmp_path, capsys):
+    write_features(tmp_path / "f.pkl", torch.randn(2, 96), [{"image_id": 5, "caption": "x", "clip_embedding": 0},
+                                                            {"image_id": 9, "caption": "y", "clip_embedding": 1}],
+                   {"file_names": ["train2014/a.jpg", "train2014/b.jpg"]})
+    out = tmp_path / "p.json"
+    assert main(["--checkpoint", str(exports["features_only"]), "--features", str(tmp_path / "f.pkl"), "--out",
+                 str(out), "--max_length", "5"]) == 0
+    assert [(e["image_id"], e["file_name"]) for e in json.loads(out.read_text())] == [(5, "train2014/a.jpg"),
+                                                                                      (9, "train2014/b.jpg")]
+
+
+def test_a_directory_given_as_an_image_says_so(exports, images, capsys):
+    assert main(["--checkpoint", str(exports["inside"]), "--image", str(images)]) == 2
+    assert f"predict.py: error: --image {images}: is a directory; caption a folder's images with --images_dir" in \
+        capsys.readouterr().err
