@@ -16,7 +16,7 @@ import sys
 
 from transformers import AutoTokenizer, GPT2Config
 
-from captioning.cli import POSITIVE
+from captioning.cli import POSITIVE, pretrained_source
 from models.checkpoint_io import CheckpointError, load_state_dict_file
 from models.captioner import ClipCaptionModel
 from models.encoder import EncoderConfig, ImageEncoder
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     src.add_argument("--checkpoint", help="state dict saved by the original train.py (keys gpt.*, clip_project.*)")
     src.add_argument("--tinyvit", help="official TinyViT release file ({'model': state_dict})")
     p.add_argument("--out_dir", required=True, help="export directory to write (replaced atomically)")
-    p.add_argument("--gpt2", default="distilgpt2",
+    p.add_argument("--gpt2", type=pretrained_source, default="distilgpt2",
                    help="hub name or directory of the GPT-2 the checkpoint was trained from: its config gives what "
                         "shapes cannot (number of heads) and its tokenizer is saved with the export")
     p.add_argument("--mapping_type", choices=["mlp", "transformer"], default=None,

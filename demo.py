@@ -26,7 +26,8 @@ import shapes_data
 import train
 from caption_data import read_annotations
 from captioning import runtime
-from captioning.cli import COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, integer, number
+from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
+                            integer, number)
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
 from predict import Captioner, write_json
@@ -168,7 +169,7 @@ def parse_args(argv=None):
     add_precision_argument(p, aliases=["--amp"], what="precision of training and captioning")
     add_thread_arguments(p, workers=False)
     p.add_argument("--beam_size", type=POSITIVE, default=3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     return p.parse_args(argv)
 
 

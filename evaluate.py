@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence
 
 from caption_data import AnnotationError, read_annotations
-from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's decoder holds after its prefix if fewer)")
     p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
-    p.add_argument("--device", default=None, help="--checkpoint: torch device (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None, help="--checkpoint: torch device (default: cuda when available)")
     add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
     add_thread_arguments(p, workers=False)
     return p

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from captioning import runtime
-from captioning.cli import POSITIVE, SEED, add_precision_argument, add_thread_arguments
+from captioning.cli import POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
 from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=POSITIVE, default=None,
                    help="images per encoder call; default 128 on CUDA, 4 on CPU (where small batches stay in cache)")
     add_thread_arguments(p)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_precision_argument(p, what="encoder compute precision (autocast)")
     p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
                    choices=sorted(STORAGE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
@@ -129,7 +129,7 @@ def build_encoder(args) -> ImageEncoder:
     try:
         torch.manual_seed(args.seed)  # --encoder_weights random: the same seed, the same encoder
         encoder = ImageEncoder(config)
-    except CheckpointError:
+    except (CheckpointError, ValueError):  # weights that do not fit, an unknown model name or argument
         raise
     except Exception as e:  # hub and network errors come in many classes
         if config.weights != "pretrained":
@@ -305,5 +305,5 @@ def main(argv=None) -> Optional[dict]:
 if __name__ == "__main__":
     try:
         main()
-    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError, OutputError) as e:
+    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError, OutputError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -29,7 +29,8 @@ from transformers import AutoTokenizer
 
 from caption_data import FeaturesError, ImageError, load_image, read_features
 from captioning import runtime
-from captioning.cli import POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments, number
+from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments,
+                            device_name, number)
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
@@ -115,9 +116,12 @@ def check_encoder(config: CaptionerConfig, encoder: ImageEncoder, source) -> Non
 def _load_pil(item, source: str):
     """An RGB PIL image, or the `ImageError` saying why there is none."""
     try:
-        return _to_pil(item, source)
+        image = _to_pil(item, source)
     except ImageError as e:
         return e
+    if 0 in image.size:  # preprocessing would divide by it
+        return ImageError(source, "empty", f"an image of {image.size[0]}x{image.size[1]} pixels; nothing to caption")
+    return image
 
 
 def _to_pil(item, source: str) -> Image.Image:
@@ -452,7 +456,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=SEED, default=None, help="nucleus sampling: makes the samples reproducible, "
                                                           "whatever the batch size")
     p.add_argument("--batch_size", type=POSITIVE, default=32, help="images decoded together")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=device_name, default=None, help="torch device (default: cuda when available, else cpu)")
     add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
     add_thread_arguments(p, workers=False)
     p.add_argument("--encoder_weights", default=None,
@@ -491,10 +495,7 @@ def collect_inputs(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"predict.py: error: --device {device}, but CUDA is not available here", file=sys.stderr)
-        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # --device is checked by argparse
     budget = runtime.plan_threads(device, loads_images=False, threads=args.threads)
     with runtime.thread_budget(budget):
         return caption_and_write(args, device)

@@ -7,6 +7,7 @@ of range is refused by argparse, naming the flag: `error: argument --temperature
 """
 import argparse
 import math
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
@@ -42,6 +43,39 @@ def number(low: float = 0.0, high: float = math.inf, low_open: bool = False,
         return value
     parse.__name__ = "number"
     return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device this machine has (`cpu`, `cuda`, `cuda:1`, `mps`), or `auto`."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but Apple's mps is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected cpu, cuda, cuda:N or mps")
+    return text
+
+
+def pretrained_source(text: str) -> str:
+    """An argparse type: a hub name (`distilgpt2`, `org/name`) or a local directory; a path that is not a
+    directory is refused here rather than sent to the hub as a malformed name."""
+    path = Path(text).expanduser()
+    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or path.exists()
+    if looks_local and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: " + ("is a file, not a directory" if path.exists() else
+                                         "no such directory") + "; give a directory written by save_pretrained, "
+                                         "or a hub name such as distilgpt2")
+    return text
 
 
 POSITIVE = integer(1)

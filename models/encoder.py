@@ -4,6 +4,7 @@ Preprocessing facts (input size, resize, crop, mean/std) come from the model's t
 in `EncoderConfig.data_config`, so whoever stores features records exactly how images were prepared.
 """
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -94,12 +95,20 @@ def create_timm_model(name: str, pretrained: bool, kwargs: Dict) -> nn.Module:
     """`timm.create_model`, taking `NAME` (timm's default tag) or `NAME.TAG`; a tag timm does not know is an error
     listing the ones it does."""
     architecture, tag = timm.models.split_model_name_tag(name)
-    if tag and timm.is_model(architecture):
+    if not timm.is_model(architecture):
+        close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+        raise ValueError(f"encoder {name!r}: timm has no model of that name" +
+                         (f"; the closest it knows: {', '.join(close)}" if close else "; see timm.list_models()"))
+    if tag:
         tags = [t.split(".", 1)[1] for t in timm.list_pretrained(architecture + ".*")]
         if tag not in tags:
             raise ValueError(f"encoder {name!r}: timm has no pretrained tag {tag!r} for {architecture}; its tags "
                              f"are {tags}")
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an argument the model's constructor does not take
+        raise ValueError(f"encoder {name!r}: timm cannot build it with these arguments (--encoder_kwargs): "
+                         f"{e}") from e
 
 
 def data_config_for(config: EncoderConfig, pretrained_cfg: Dict, dynamic_size: bool = False) -> Dict:

@@ -65,3 +65,39 @@ def test_good_numbers_pass_through():
     assert (args.temperature, args.top_p, args.seed, args.beam_size) == (0.5, 1.0, 0, 3)
     args = PARSERS["train"](["--lr", "0", "--val_fraction", "0.2", "--warmup_steps", "0"])
     assert (args.lr, args.val_fraction, args.warmup_steps) == (0.0, 0.2, 0)
+
+
+@pytest.mark.parametrize("script", ["train", "convert_checkpoint"])
+def test_a_decoder_path_that_is_not_a_directory_is_refused(tmp_path, capsys, script):
+    (tmp_path / "file").write_text("x")
+    for value, problem in ((str(tmp_path / "missing"), "no such directory"), (str(tmp_path / "file"),
+                                                                             "is a file, not a directory")):
+        with pytest.raises(SystemExit):
+            PARSERS[script](["--gpt2", value])
+        assert f"error: argument --gpt2: {value}: {problem}; give a directory written by save_pretrained" in \
+            capsys.readouterr().err
+    assert PARSERS[script](["--gpt2", "distilgpt2"]).gpt2 == "distilgpt2"
+    assert PARSERS[script](["--gpt2", str(tmp_path)]).gpt2 == str(tmp_path)
+
+
+def test_unknown_encoders_and_arguments_are_clear_errors():
+    from models.encoder import EncoderConfig, ImageEncoder
+
+    with pytest.raises(ValueError, match=r"encoder 'tiny_vit_21m': timm has no model of that name; the closest it "
+                                         r"knows: .*tiny_vit_21m_224"):
+        ImageEncoder(EncoderConfig(name="tiny_vit_21m", weights="random"))
+    with pytest.raises(ValueError, match=r"encoder 'test_resnet': timm cannot build it with these arguments "
+                                         r"\(--encoder_kwargs\): .*unexpected keyword argument 'colour'"):
+        ImageEncoder(EncoderConfig(name="test_resnet", weights="random", model_kwargs={"colour": 1}))
+
+
+def test_an_empty_image_array_is_an_error_result(tokenizer):
+    import numpy as np
+    from models.encoder import EncoderConfig, ImageEncoder
+    from predict import Captioner
+    from test_predict import tiny_captioner_model
+
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    captioner = Captioner(tiny_captioner_model(tokenizer, encoder=encoder), tokenizer)
+    results = captioner.predict([np.zeros((0, 0, 3), dtype=np.uint8)], on_error="keep")
+    assert results[0].error == "<array 0>: an image of 0x0 pixels; nothing to caption"

@@ -329,8 +329,11 @@ def test_cli_bad_checkpoints_are_clear_errors(exports, images, tmp_path, capsys,
 
 def test_cli_refuses_a_missing_cuda_device(exports, images, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    for device, message in (("cuda", "'cuda', but CUDA is not available here"),
+                            ("tpu", "unknown device 'tpu'; expected cpu, cuda, cuda:N or mps")):
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--device", device])
+        assert e.value.code == 2 and f"error: argument --device: {message}" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_unknown_output_format(exports, images):
