@@ -408,8 +408,18 @@ class _SchemaUnpickler(pickle.Unpickler):
         return self.ALLOWED[(module, name)]
 
 
-def validate_features(data, source="features") -> Dict:
-    """Check the schema; returns `data` with an empty metadata dict added where the file had none."""
+def _non_finite_rows(features: torch.Tensor) -> List[int]:
+    bad = []
+    for start in range(0, features.shape[0], 65536):  # in chunks: no second copy of a COCO-sized tensor
+        chunk = features[start:start + 65536]
+        finite = torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(dim=1)
+        bad += (torch.nonzero(~finite).flatten() + start).tolist()
+    return bad
+
+
+def validate_features(data, source="features", check_finite: bool = True) -> Dict:
+    """Check the schema (and, with `check_finite`, that every feature is a finite number); returns `data` with an
+    empty metadata dict added where the file had none."""
     if not isinstance(data, dict):
         raise FeaturesError(f"{source}: expected a dict with {FEATURES_KEYS[:2]}, got {type(data).__name__}")
     missing = [k for k in FEATURES_KEYS[:2] if k not in data]
@@ -423,6 +433,10 @@ def validate_features(data, source="features") -> Dict:
         raise FeaturesError(f"{source}: 'clip_embedding' is {shape}; expected a float tensor (N, D) or (N, T, D)")
     if features.shape[0] == 0 or features.shape[-1] == 0:
         raise FeaturesError(f"{source}: 'clip_embedding' has shape {tuple(features.shape)}; expected N, D > 0")
+    bad_rows = _non_finite_rows(features) if check_finite else []
+    if bad_rows:
+        raise FeaturesError(f"{source}: 'clip_embedding' row(s) {bad_rows[:5]}{' ...' if len(bad_rows) > 5 else ''} "
+                            f"({len(bad_rows)} in all) hold nan or inf values; extract those images again")
     if not isinstance(captions, list) or not captions:
         raise FeaturesError(f"{source}: 'captions' is empty or not a list; expected a list of caption dicts")
     rows = features.shape[0]
@@ -518,7 +532,9 @@ def write_features(path, features: torch.Tensor, captions: List[Dict], metadata:
     """Write the features pickle atomically (temp file + rename), after checking it against the schema."""
     # A clone: pickling a view would store its whole base storage.
     features = features.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    data = validate_features({"clip_embedding": features, "captions": captions, "metadata": metadata or {}}, path)
+    # Written even with non-finite rows, which reading names: the hours of extraction are not thrown away.
+    data = validate_features({"clip_embedding": features, "captions": captions, "metadata": metadata or {}}, path,
+                             check_finite=False)
     try:
         json.dumps(data["metadata"])
     except TypeError as e:

@@ -114,3 +114,14 @@ def test_predict_features_writes_one_caption_per_image_that_evaluate_scores(tmp_
     report = evaluate.main(["--predictions", str(out), "--annotations", str(tmp_path / "captions.json"),
                             "--metrics", "BLEU", "--allow_empty", "--out_dir", str(tmp_path / "eval")])
     assert report["num_images"] == N_IMAGES and np.isfinite(report["metrics"]["Bleu_4"])
+
+
+def test_features_with_nan_or_inf_name_their_rows(tmp_path):
+    features = torch.randn(6, 4)
+    features[2, 1], features[4, 0] = float("nan"), float("inf")
+    captions = [{"image_id": i, "caption": "x", "clip_embedding": i} for i in range(6)]
+    with open(tmp_path / "f.pkl", "wb") as f:
+        pickle.dump({"clip_embedding": features, "captions": captions}, f)
+    with pytest.raises(FeaturesError, match=r"f.pkl: 'clip_embedding' row\(s\) \[2, 4\] \(2 in all\) hold nan or inf "
+                                            r"values; extract those images again"):
+        read_features(tmp_path / "f.pkl")
