@@ -268,19 +268,26 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
         print(budget.describe(), file=sys.stderr)
     start = time.perf_counter()
     batch_size = args.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
-    with runtime.thread_budget(budget):
-        failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank, world_size),
-                           device=device, precision=precision, dtype=args.dtype, num_workers=budget.workers,
-                           decode_threads=budget.cores,
-                           channels_last=args.channels_last, on_error=args.on_error, max_pixels=args.max_image_pixels,
-                           rank=rank, show_progress=main_process)
-    if distributed:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, failures)
-        failures = sorted((f for part in gathered for f in part), key=lambda f: f.index)
-    seconds = time.perf_counter() - start
-    summary = finish(args, records, encoder, precision, partial, failures, skipped_entries, len(records) - len(done),
-                     seconds) if main_process else None
+    try:
+        with runtime.thread_budget(budget):
+            failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank,
+                                                                       world_size),
+                               device=device, precision=precision, dtype=args.dtype, num_workers=budget.workers,
+                               decode_threads=budget.cores, channels_last=args.channels_last,
+                               on_error=args.on_error, max_pixels=args.max_image_pixels, rank=rank,
+                               show_progress=main_process)
+        if distributed:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, failures)
+            failures = sorted((f for part in gathered for f in part), key=lambda f: f.index)
+        seconds = time.perf_counter() - start
+        summary = finish(args, records, encoder, precision, partial, failures, skipped_entries,
+                         len(records) - len(done), seconds) if main_process else None
+    except BaseException:
+        # A run that fails before finishing a batch leaves nothing to resume: its partial folder goes too.
+        if main_process and not resumed and partial.is_dir() and not done_indices(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if distributed:
         dist.barrier()
     return summary

@@ -152,6 +152,10 @@ def check_args(args) -> None:
     check_output_dir(args.out_dir, "--out_dir")
     if not args.train_encoder:
         args.data = args.data or DEFAULT_DATA
+        for flag, path in (("--data", args.data), ("--val_data", args.val_data)):
+            if path is not None and not Path(path).is_file():  # before the decoder is fetched
+                raise ValueError(f"{flag} {path}: " + ("is a directory; expected a features pickle"
+                                                       if Path(path).is_dir() else "no such features file"))
     if (args.val_data or args.val_annotations) and args.val_fraction is not None:
         raise ValueError("give validation data or --val_fraction, not both")
     if args.eval_every and not (args.val_data or args.val_annotations or args.val_fraction is not None):

@@ -377,3 +377,13 @@ def test_split_preprocessing_equals_the_encoders(tree, preprocessing):
     assert batch.dtype == torch.uint8
     assert torch.equal(feature_extraction.normalize_batch(batch, normalization),
                        torch.stack([encoder.preprocess(image) for image in images]))
+
+
+def test_a_run_that_reads_no_image_leaves_only_its_error_log(tree, tmp_path):
+    (tmp_path / "missing.json").write_text(json.dumps([{"image_id": 99999, "caption": "a dog"}]))
+    out = tmp_path / "out" / "f.pkl"
+    argv = args_for(tree, out)
+    argv[argv.index("--annotations") + 1] = str(tmp_path / "missing.json")
+    with pytest.raises(ExtractionError, match="none of the 1 images could be read"):
+        parse_coco.main(argv)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["f.errors.log"]  # no .partial folder, no temp file

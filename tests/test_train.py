@@ -428,3 +428,12 @@ def test_resume_checkpoints_without_a_checksum_still_load(tmp_path, features, gp
     (tmp_path / "a_directory").mkdir()
     with pytest.raises(CheckpointError, match=r"--resume .*a_directory: is a directory; give the resume checkpoint"):
         train.main(args_for(features, tmp_path, gpt2_dir, "--resume", tmp_path / "a_directory"))
+
+
+def test_a_missing_features_file_is_reported_before_the_decoder_is_fetched(tmp_path):
+    with pytest.raises(ValueError, match=r"--data .*missing.pkl: no such features file"):
+        train.main(["--data", str(tmp_path / "missing.pkl"), "--out_dir", str(tmp_path / "run"), "--gpt2",
+                    "distilgpt2", "--device", "cpu"])
+    with pytest.raises(ValueError, match=r"--data .*: is a directory; expected a features pickle"):
+        train.main(["--data", str(tmp_path), "--out_dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert not (tmp_path / "run").exists()
