@@ -75,6 +75,9 @@ def pretrained_source(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: " + ("is a file, not a directory" if path.exists() else
                                          "no such directory") + "; give a directory written by save_pretrained, "
                                          "or a hub name such as distilgpt2")
+    if looks_local and not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: holds no config.json, so it is not a model directory written by "
+                                         f"save_pretrained")
     return text
 
 

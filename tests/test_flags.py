@@ -76,6 +76,10 @@ def test_a_decoder_path_that_is_not_a_directory_is_refused(tmp_path, capsys, scr
             PARSERS[script](["--gpt2", value])
         assert f"error: argument --gpt2: {value}: {problem}; give a directory written by save_pretrained" in \
             capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        PARSERS[script](["--gpt2", str(tmp_path)])
+    assert f"error: argument --gpt2: {tmp_path}: holds no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
     assert PARSERS[script](["--gpt2", "distilgpt2"]).gpt2 == "distilgpt2"
     assert PARSERS[script](["--gpt2", str(tmp_path)]).gpt2 == str(tmp_path)
 
