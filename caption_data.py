@@ -36,10 +36,10 @@ from typing import Dict, List, Optional, Union
 import torch
 from PIL import Image, ImageOps
 
+from captioning.choices import ANNOTATION_FORMATS
 from models.checkpoint_io import atomic_write
 from models.encoder import to_rgb
 
-ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 FILE_KEYS = ("file_name", "filename", "image", "path")
 CSV_CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")

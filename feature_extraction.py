@@ -28,6 +28,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from caption_data import ImageError, ImageRecord, load_image
+from captioning.choices import FEATURE_DTYPES
 from captioning.runtime import FP32, Precision
 from models.checkpoint_io import atomic_write
 
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 LOG_SUFFIX = ".log"
 RECORD = struct.Struct("<4sIQI")  # magic, header length, data length, CRC32 of header + data
 MAGIC = b"TTF1"
-STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STORAGE_DTYPES = {name: getattr(torch, name) for name in FEATURE_DTYPES}
 
 
 class ExtractionError(RuntimeError):

@@ -86,7 +86,7 @@ COUNT = integer(0)  # a non-negative integer
 SEED = integer(0, 2 ** 32 - 1)  # numpy's seeds
 TEMPERATURE = number(0.01, 100)  # models.decoding's MIN_TEMPERATURE, MAX_TEMPERATURE
 
-from captioning.runtime import PRECISIONS, normalize_precision
+from captioning.choices import PRECISIONS, normalize_precision
 
 
 def precision_value(text: str) -> str:

@@ -23,10 +23,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# --amp none, --dtype float32, torch's names: each means one of PRECISIONS.
-PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
-                     "half": "fp16"}
+from captioning.choices import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 (re-exported)
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # What a software bf16 matrix product costs on a CPU without bf16 units (torch 2.14, 1024x1024 products; see the
@@ -72,15 +70,6 @@ class Precision:
 
 
 FP32 = Precision("fp32", "fp32", "as asked")  # what code given no precision computes in
-
-
-def normalize_precision(value: str) -> str:
-    """One of PRECISIONS, from it or from an alias; ValueError names the accepted spellings."""
-    name = PRECISION_ALIASES.get(str(value).lower(), str(value).lower())
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {value!r}: expected one of {', '.join(PRECISIONS)} (or "
-                         f"{', '.join(sorted(PRECISION_ALIASES))})")
-    return name
 
 
 def cpu_bf16_support() -> Tuple[bool, str]:

@@ -2,16 +2,22 @@
 
 Importing this package has no side effects: no downloads, no device selection, no file access.
 """
-from models.captioner import CaptionerConfig, ClipCaptionModel, CheckpointError
-from models.encoder import EncoderConfig, ImageEncoder
-from models.mapping import MLP, TransformerMapper
+import importlib
 
-__all__ = [
-    "CaptionerConfig",
-    "CheckpointError",
-    "ClipCaptionModel",
-    "EncoderConfig",
-    "ImageEncoder",
-    "MLP",
-    "TransformerMapper",
-]
+# Imported on first use (PEP 562), so that `models.choices` loads without torch.
+_EXPORTS = {
+    "CaptionerConfig": "models.captioner",
+    "CheckpointError": "models.captioner",
+    "ClipCaptionModel": "models.captioner",
+    "EncoderConfig": "models.encoder",
+    "ImageEncoder": "models.encoder",
+    "MLP": "models.mapping",
+    "TransformerMapper": "models.mapping",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -31,11 +31,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
-DECODINGS = ("beam", "greedy", "nucleus")
-DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
-# Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax); above 100 every token
-# is about equally likely.
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+from models.choices import DECODINGS, DEFAULT_MAX_LENGTH, MAX_TEMPERATURE, MIN_TEMPERATURE  # noqa: F401 (re-exported)
 
 
 def check_temperature(temperature: float) -> None:

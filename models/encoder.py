@@ -25,15 +25,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.checkpoint_io import (CheckpointError, atomic_directory, load_state_dict_file,
                                   load_state_dict_strict)
+from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES  # noqa: F401 (re-exported)
 
-FEATURE_TYPES = ("pooled", "grid")
-# The original scripts' OpenAI CLIP encoders, as timm image towers; their feature is the projected embedding.
-CLIP_MODEL_TYPES = {
-    "ViT-B/32": "vit_base_patch32_clip_224.openai",
-    "RN50": "resnet50_clip.openai",
-    "RN101": "resnet101_clip.openai",
-    "RN50x4": "resnet50x4_clip.openai",
-}
 ENCODER_CONFIG_FILE = "config.json"
 ENCODER_WEIGHTS_FILE = "model.safetensors"
 

@@ -1,0 +1,17 @@
+"""The choices the networks offer, importable without torch (flags are checked before torch is imported):
+decoding methods and their limits, feature types, and the original scripts' CLIP encoders."""
+
+DECODINGS = ("beam", "greedy", "nucleus")
+DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
+# Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax); above 100 every token
+# is about equally likely.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+FEATURE_TYPES = ("pooled", "grid")
+# The original scripts' OpenAI CLIP encoders, as timm image towers; their feature is the projected embedding.
+CLIP_MODEL_TYPES = {
+    "ViT-B/32": "vit_base_patch32_clip_224.openai",
+    "RN50": "resnet50_clip.openai",
+    "RN101": "resnet101_clip.openai",
+    "RN50x4": "resnet50x4_clip.openai",
+}
