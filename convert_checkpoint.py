@@ -14,12 +14,7 @@ records (`normalize_prefix`); `--normalize_prefix` / `--no-normalize_prefix` cho
 import argparse
 import sys
 
-from transformers import AutoTokenizer, GPT2Config
-
 from captioning.cli import POSITIVE, pretrained_source
-from models.checkpoint_io import CheckpointError, load_state_dict_file
-from models.captioner import ClipCaptionModel
-from models.encoder import EncoderConfig, ImageEncoder
 
 
 def parse_args(argv=None):
@@ -50,6 +45,16 @@ def parse_args(argv=None):
                         "as the original scripts; timm for --tinyvit)")
     p.add_argument("--feature_type", choices=["pooled", "grid"], default="pooled")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    parse_args()
+
+from transformers import AutoTokenizer, GPT2Config
+
+from models.checkpoint_io import CheckpointError, load_state_dict_file
+from models.captioner import ClipCaptionModel
+from models.encoder import EncoderConfig, ImageEncoder
 
 
 def encoder_config(args, default_preprocessing: str) -> EncoderConfig:

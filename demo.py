@@ -17,6 +17,48 @@ import sys
 import time
 from pathlib import Path
 
+from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
+                            integer, number)
+
+# The recipe: a small timm convnet trained end to end with a 3-layer GPT-2 and a transformer mapper, sized to learn
+# colour, shape and position within minutes on 2 CPU cores (how it was chosen: the README's demo section).
+ENCODER = "test_resnet"
+ENCODER_KWARGS = {"output_stride": 16}  # a 3x3 grid of tokens at 48x48
+IMAGE_SIZE = 48
+GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
+TOKENIZER_VOCAB = 400
+ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None,
+                   help="dataset folder (images/, captions_train.json, captions_test.json, captions_val.json "
+                        "optional); default: generate the shapes dataset into <out_dir>/shapes")
+    p.add_argument("--out_dir", default="./runs/demo", help="dataset, decoder, checkpoints, predictions, metrics")
+    p.add_argument("--num_train", type=POSITIVE, default=2000)
+    p.add_argument("--num_val", type=COUNT, default=100)
+    p.add_argument("--num_test", type=POSITIVE, default=300)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--image_size", type=integer(16), default=IMAGE_SIZE,
+                   help="pixels per side of the generated images and of the encoder's input")
+    p.add_argument("--steps", type=POSITIVE, default=1500,
+                   help="optimizer steps to train for, rounded to whole epochs (2.5-5 minutes on 2 CPU cores in fp32)")
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training captions (overrides --steps)")
+    p.add_argument("--bs", type=POSITIVE, default=64)
+    p.add_argument("--lr", type=number(0, low_open=True), default=2e-3)
+    p.add_argument("--encoder_lr", type=number(0, low_open=True), default=1e-2, help="the encoder's learning rate")
+    add_precision_argument(p, aliases=["--amp"], what="precision of training and captioning")
+    add_thread_arguments(p, workers=False)
+    p.add_argument("--beam_size", type=POSITIVE, default=3)
+    p.add_argument("--device", type=device_name, default="cpu")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    parse_args()
+
 import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -26,29 +68,10 @@ import shapes_data
 import train
 from caption_data import read_annotations
 from captioning import runtime
-from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
-                            integer, number)
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
 from predict import Captioner, write_json
 from shapes_data import parse_caption, same_scene_facts, scene_from_dict
-
-# The recipe. Measured on 2 CPU cores: frozen random-TinyViT features carry colour but not shape or position, and
-# TinyViT-5M end to end is too slow there; timm's test_resnet (0.37M parameters) with output stride 16 (a 3x3 grid
-# of tokens at 48x48) learns all three within minutes. TinyViT stays the default for COCO. Colour and position are
-# learned within a few hundred steps; shapes come last, after a plateau whose length varies with the seed. At
-# 48x48 with the encoder at 1e-2 (five times the rest), 1,500 steps learned every fact on seeds 0 and 1 (1,000
-# steps: on seed 0 only; at the shared 2e-3, 1,000 steps learned no shape). A step at 48x48 costs about 85% of one
-# at 64x64. Where captions may name either shape first ("B below A"), the decoder must look up where the shape it
-# just named sits, and that is what limits relations: after 3,000 steps, two-shape scenes were 64-70% right with 2
-# decoder layers and a prefix of 4, 71-91% with 3 layers, a prefix of 8 and no dropout.
-ENCODER = "test_resnet"
-ENCODER_KWARGS = {"output_stride": 16}
-IMAGE_SIZE = 48
-GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
-TOKENIZER_VOCAB = 400
-ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
 
 
 def build_decoder(captions, directory: Path, seed: int) -> Path:
@@ -146,31 +169,6 @@ def write_grid(path: Path, records, predictions, count: int = 12) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None,
-                   help="dataset folder (images/, captions_train.json, captions_test.json, captions_val.json "
-                        "optional); default: generate the shapes dataset into <out_dir>/shapes")
-    p.add_argument("--out_dir", default="./runs/demo", help="dataset, decoder, checkpoints, predictions, metrics")
-    p.add_argument("--num_train", type=POSITIVE, default=2000)
-    p.add_argument("--num_val", type=COUNT, default=100)
-    p.add_argument("--num_test", type=POSITIVE, default=300)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--image_size", type=integer(16), default=IMAGE_SIZE,
-                   help="pixels per side of the generated images and of the encoder's input")
-    p.add_argument("--steps", type=POSITIVE, default=1500,
-                   help="optimizer steps to train for, rounded to whole epochs (2.5-5 minutes on 2 CPU cores in fp32)")
-    p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training captions (overrides --steps)")
-    p.add_argument("--bs", type=POSITIVE, default=64)
-    p.add_argument("--lr", type=number(0, low_open=True), default=2e-3)
-    p.add_argument("--encoder_lr", type=number(0, low_open=True), default=1e-2, help="the encoder's learning rate")
-    add_precision_argument(p, aliases=["--amp"], what="precision of training and captioning")
-    add_thread_arguments(p, workers=False)
-    p.add_argument("--beam_size", type=POSITIVE, default=3)
-    p.add_argument("--device", type=device_name, default="cpu")
-    return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:

@@ -19,10 +19,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence
 
-from caption_data import AnnotationError, read_annotations
+from caption_metrics import ALL_METRICS
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score captions with the COCO caption metrics (pycocoevalcap).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help="COCO results file: [{\"image_id\", \"caption\", \"beams\"?}]")
+    source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
+    p.add_argument("--annotations", required=True,
+                   help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
+                        "or any format caption_data reads")
+    p.add_argument("--split", default=None,
+                   help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
+    p.add_argument("--images_root", default="./data/coco",
+                   help="--checkpoint: folder the annotation's file names are relative to (default ./data/coco)")
+    p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
+                                                   "default: <predictions>_eval or <checkpoint>_eval_<split>")
+    p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
+                   help="metrics to compute (default: all; SPICE is skipped with a note when not installed)")
+    p.add_argument("--allow_partial", action="store_true",
+                   help="score only the predicted images when some reference images have no prediction")
+    p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
+    p.add_argument("--original_bleu", action="store_true",
+                   help="also compute the original notebook's BLEU-4 (not comparable with papers)")
+    p.add_argument("--beam_size", type=POSITIVE, default=5, help="--checkpoint: beam width; every beam is kept")
+    p.add_argument("--max_length", type=POSITIVE, default=None,
+                   help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
+                        "checkpoint's decoder holds after its prefix if fewer)")
+    p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
+    p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
+    p.add_argument("--device", type=device_name, default=None, help="--checkpoint: torch device (default: cuda when available)")
+    add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
+    add_thread_arguments(p, workers=False)
+    return p
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    build_parser().parse_args()
+
+from caption_data import AnnotationError, read_annotations
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
-from caption_metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
+from caption_metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -280,39 +319,6 @@ def write_report(out_dir: Path, result: Dict, predictions: Sequence[Prediction],
 
 
 # -------------------------------------------------------------------------------------------------------- main
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score captions with the COCO caption metrics (pycocoevalcap).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help="COCO results file: [{\"image_id\", \"caption\", \"beams\"?}]")
-    source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
-    p.add_argument("--annotations", required=True,
-                   help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
-                        "or any format caption_data reads")
-    p.add_argument("--split", default=None,
-                   help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
-    p.add_argument("--images_root", default="./data/coco",
-                   help="--checkpoint: folder the annotation's file names are relative to (default ./data/coco)")
-    p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
-                                                   "default: <predictions>_eval or <checkpoint>_eval_<split>")
-    p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
-                   help="metrics to compute (default: all; SPICE is skipped with a note when not installed)")
-    p.add_argument("--allow_partial", action="store_true",
-                   help="score only the predicted images when some reference images have no prediction")
-    p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
-    p.add_argument("--original_bleu", action="store_true",
-                   help="also compute the original notebook's BLEU-4 (not comparable with papers)")
-    p.add_argument("--beam_size", type=POSITIVE, default=5, help="--checkpoint: beam width; every beam is kept")
-    p.add_argument("--max_length", type=POSITIVE, default=None,
-                   help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
-                        "checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
-    p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
-    p.add_argument("--device", type=device_name, default=None, help="--checkpoint: torch device (default: cuda when available)")
-    add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
-    add_thread_arguments(p, workers=False)
-    return p
-
 
 def _default_out_dir(args) -> Path:
     if args.checkpoint:

@@ -18,22 +18,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from captioning import runtime
+from captioning.choices import ANNOTATION_FORMATS, FEATURE_DTYPES
 from captioning.cli import POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name
-from captioning.outputs import OutputError, check_output_file, write_or_rescue
-from caption_data import (ANNOTATION_FORMATS, AnnotationError, FeaturesError, read_annotations, write_features)
-from feature_extraction import (STORAGE_DTYPES, ExtractionError, assemble, check_manifest, done_indices, extract,
-                                plan_batches, prepare_partial)
-from models.checkpoint_io import CheckpointError, atomic_write
-from models.encoder import CLIP_MODEL_TYPES, FEATURE_TYPES, EncoderConfig, ImageEncoder
+from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES
 
-FORMAT_VERSION = 1
-# Images per encoder call. On a CPU small batches stay in cache: TinyViT-21M at 224 px (channels-last, 2 cores)
-# ran 11-12% faster at 4 than at 8, on an AVX512-BF16 CPU and with torch and oneDNN limited to AVX2.
-BATCH_SIZES = {"cuda": 128, "cpu": 4}
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # flags without a fixed default say what they default to in words
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def json_object(text: str) -> dict:
@@ -44,11 +36,6 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"drop_path_rate\": 0}}', got {text!r}")
     return value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # flags without a fixed default say what they default to in words
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def feature_dtype(text: str) -> str:
@@ -86,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_precision_argument(p, what="encoder compute precision (autocast)")
     p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
-                   choices=sorted(STORAGE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
+                   choices=sorted(FEATURE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
     p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
                    help="channels-last memory format (TinyViT-21M on a CPU measured 26-36%% faster)")
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
@@ -102,6 +89,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.out_path = Path(args.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
     args.error_log = Path(args.error_log or args.out_path.with_suffix(".errors.log"))
     return args
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    parse_args()
+
+import torch
+import torch.distributed as dist
+
+from captioning import runtime
+from captioning.outputs import OutputError, check_output_file, write_or_rescue
+from caption_data import AnnotationError, FeaturesError, read_annotations, write_features
+from feature_extraction import (ExtractionError, assemble, check_manifest, done_indices, extract,
+                                plan_batches, prepare_partial)
+from models.checkpoint_io import CheckpointError, atomic_write
+from models.encoder import EncoderConfig, ImageEncoder
+
+FORMAT_VERSION = 1
+# Images per encoder call. On a CPU small batches stay in cache: TinyViT-21M at 224 px (channels-last, 2 cores)
+# ran 11-12% faster at 4 than at 8, on an AVX512-BF16 CPU and with torch and oneDNN limited to AVX2.
+BATCH_SIZES = {"cuda": 128, "cpu": 4}
 
 
 def setup_distributed(device_arg: str):

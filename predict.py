@@ -21,6 +21,57 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments,
+                            device_name, number)
+from models.choices import DECODINGS
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Caption images with a checkpoint exported by train.py or "
+                                            "convert_checkpoint.py.")
+    p.add_argument("--checkpoint", required=True, help="export directory (config.json, model.safetensors, "
+                                                       "tokenizer files)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", help="image file(s) to caption")
+    source.add_argument("--images_dir", help="caption every image file in this directory (not recursive)")
+    source.add_argument("--features", help="caption the precomputed features of a features pickle "
+                                           "written by parse_coco.py (one caption per image)")
+    p.add_argument("--out", help="write the captions to this file: .json (COCO results format) or .csv; "
+                                 "without it they are printed")
+    p.add_argument("--decoding", choices=DECODINGS, default="beam",
+                   help="beam search (default, the original's generate_beam), greedy (what the original's "
+                        "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
+                        "sampling (new: the original never sampled)")
+    p.add_argument("--beam_size", type=POSITIVE, default=5, help="beams per image for --decoding beam")
+    p.add_argument("--max_length", type=POSITIVE, default=None,
+                   help="most tokens per caption, stop token included (default: 67, the original's, or the most "
+                        "the checkpoint's decoder holds after its prefix if fewer)")
+    p.add_argument("--top_p", type=number(0, 1, low_open=True), default=0.8,
+                   help="nucleus sampling: draw from the most probable tokens holding this much probability")
+    p.add_argument("--temperature", type=TEMPERATURE, default=1.0,
+                   help="beam search and nucleus sampling divide the logits by it, as the original's beam search "
+                        "did; below 1 is more conservative, above 1 more diverse (greedy: no effect)")
+    p.add_argument("--num_captions", type=POSITIVE, default=1,
+                   help="captions per image: samples for nucleus, the best beams for beam search")
+    p.add_argument("--seed", type=SEED, default=None, help="nucleus sampling: makes the samples reproducible, "
+                                                          "whatever the batch size")
+    p.add_argument("--batch_size", type=POSITIVE, default=32, help="images decoded together")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="torch device (default: cuda when available, else cpu)")
+    add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
+    add_thread_arguments(p, workers=False)
+    p.add_argument("--encoder_weights", default=None,
+                   help="image encoder weights (file or encoder export directory) to use instead of those "
+                        "the checkpoint records, e.g. when the recorded file has moved")
+    args = p.parse_args(argv)
+    if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
+        p.error(f"--out {args.out}: the file name must end in .json or .csv")
+    return args
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    parse_args()
+
 import numpy as np
 import torch
 from PIL import Image
@@ -29,13 +80,11 @@ from transformers import AutoTokenizer
 
 from caption_data import FeaturesError, ImageError, load_image, read_features
 from captioning import runtime
-from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments,
-                            device_name, number)
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
-from models.decoding import DECODINGS, DEFAULT_MAX_LENGTH, DecodingOptions
+from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder, to_rgb
 
 PRECISION_OF_DTYPE = {dtype: name for name, dtype in runtime.TORCH_DTYPES.items()}
@@ -52,7 +101,6 @@ class CaptionResult:
     @property
     def caption(self) -> Optional[str]:
         return self.captions[0] if self.captions else None
-
 
 
 def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[ImageEncoder]:
@@ -424,48 +472,6 @@ def print_results(results: Sequence[CaptionResult], num_captions: int) -> None:
             print(f"{result.source}\tERROR: {result.error}")
         for caption in result.captions[:num_captions]:
             print(f"{result.source}\t{caption}")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Caption images with a checkpoint exported by train.py or "
-                                            "convert_checkpoint.py.")
-    p.add_argument("--checkpoint", required=True, help="export directory (config.json, model.safetensors, "
-                                                       "tokenizer files)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", nargs="+", help="image file(s) to caption")
-    source.add_argument("--images_dir", help="caption every image file in this directory (not recursive)")
-    source.add_argument("--features", help="caption the precomputed features of a features pickle "
-                                           "written by parse_coco.py (one caption per image)")
-    p.add_argument("--out", help="write the captions to this file: .json (COCO results format) or .csv; "
-                                 "without it they are printed")
-    p.add_argument("--decoding", choices=DECODINGS, default="beam",
-                   help="beam search (default, the original's generate_beam), greedy (what the original's "
-                        "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
-                        "sampling (new: the original never sampled)")
-    p.add_argument("--beam_size", type=POSITIVE, default=5, help="beams per image for --decoding beam")
-    p.add_argument("--max_length", type=POSITIVE, default=None,
-                   help="most tokens per caption, stop token included (default: 67, the original's, or the most "
-                        "the checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--top_p", type=number(0, 1, low_open=True), default=0.8,
-                   help="nucleus sampling: draw from the most probable tokens holding this much probability")
-    p.add_argument("--temperature", type=TEMPERATURE, default=1.0,
-                   help="beam search and nucleus sampling divide the logits by it, as the original's beam search "
-                        "did; below 1 is more conservative, above 1 more diverse (greedy: no effect)")
-    p.add_argument("--num_captions", type=POSITIVE, default=1,
-                   help="captions per image: samples for nucleus, the best beams for beam search")
-    p.add_argument("--seed", type=SEED, default=None, help="nucleus sampling: makes the samples reproducible, "
-                                                          "whatever the batch size")
-    p.add_argument("--batch_size", type=POSITIVE, default=32, help="images decoded together")
-    p.add_argument("--device", type=device_name, default=None, help="torch device (default: cuda when available, else cpu)")
-    add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
-    add_thread_arguments(p, workers=False)
-    p.add_argument("--encoder_weights", default=None,
-                   help="image encoder weights (file or encoder export directory) to use instead of those "
-                        "the checkpoint records, e.g. when the recorded file has moved")
-    args = p.parse_args(argv)
-    if args.out and Path(args.out).suffix.lower() not in (".json", ".csv"):
-        p.error(f"--out {args.out}: the file name must end in .json or .csv")
-    return args
 
 
 def collect_inputs(args):

@@ -15,11 +15,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from captioning.cli import COUNT, POSITIVE, SEED, integer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="./data/shapes", help="where images/ and captions_<split>.json go")
+    p.add_argument("--num_train", type=POSITIVE, default=2000)
+    p.add_argument("--num_val", type=COUNT, default=200)
+    p.add_argument("--num_test", type=POSITIVE, default=300)
+    p.add_argument("--image_size", type=integer(16), default=64)
+    p.add_argument("--seed", type=SEED, default=0, help="same seed, same images and captions")
+    p.add_argument("--either_order", action="store_true",
+                   help="captions may name either of two shapes first ('B below A' as well as 'A above B')")
+    return p
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    build_parser().parse_args()
+
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from captioning.cli import COUNT, POSITIVE, SEED, integer
 from models.checkpoint_io import atomic_write
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
@@ -234,19 +252,6 @@ def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64
 
 def scene_from_dict(d: Dict) -> Scene:
     return Scene([Thing(**t) for t in d["things"]], position=d.get("position"), relation=d.get("relation"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="./data/shapes", help="where images/ and captions_<split>.json go")
-    p.add_argument("--num_train", type=POSITIVE, default=2000)
-    p.add_argument("--num_val", type=COUNT, default=200)
-    p.add_argument("--num_test", type=POSITIVE, default=300)
-    p.add_argument("--image_size", type=integer(16), default=64)
-    p.add_argument("--seed", type=SEED, default=0, help="same seed, same images and captions")
-    p.add_argument("--either_order", action="store_true",
-                   help="captions may name either of two shapes first ('B below A' as well as 'A above B')")
-    return p
 
 
 def main(argv=None) -> int:

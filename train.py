@@ -14,26 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
-
-from caption_data import ANNOTATION_FORMATS, ImageError
-from captioning import runtime
+from captioning.choices import ANNOTATION_FORMATS
 from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
                             number, pretrained_source)
-from captioning.outputs import OutputError, check_output_dir
-from models.captioner import CaptionerConfig, ClipCaptionModel
-from models.checkpoint_io import CheckpointError, atomic_write
-from train_eval import build_caption_evaluation
-from train_init import adopt_export_config, flags_given, load_tokenizer, model_from_export
-from train_state import Distributed, TrainingError, previous_state_path, seed_everything
-from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
-from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
-from training_inputs import build_feature_inputs, build_image_inputs
-
-DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(group)
     add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
     return p
+
 
 
 def add_original_flags(a) -> None:
@@ -67,6 +51,7 @@ def add_original_flags(a) -> None:
       help="L2-normalise image features before the mapper; saved in the config, so inference does the same")
 
 
+
 def add_runtime_flags(p) -> None:
     add_precision_argument(p, aliases=["--amp"],
                            what="autocast mixed precision of training (fp16: CUDA only, with loss scaling)")
@@ -74,6 +59,7 @@ def add_runtime_flags(p) -> None:
         "DataLoader workers per process (default: none for features, which sit in memory, or cached images; "
         "for images on a CPU none below 8 usable cores, since the model needs them; on a GPU every core but "
         "one, at most 8)"))
+
 
 
 def add_training_flags(a) -> None:
@@ -109,6 +95,7 @@ def add_training_flags(a) -> None:
       help="with --eval_every: the first N distinct validation images, scored against all their captions")
 
 
+
 def add_encoder_flags(e) -> None:
     e("--train_encoder", action="store_true",
       help="train the image encoder too, on the images of --annotations; the export holds the encoder")
@@ -138,6 +125,29 @@ def add_encoder_flags(e) -> None:
            "measured 2x for test_resnet under bf16 on an AMX CPU")
     e("--cache_images", action="store_true",
       help="preprocess every image once and keep it in memory (small datasets)")
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    build_parser().parse_args()
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from caption_data import ImageError
+from captioning import runtime
+from captioning.outputs import OutputError, check_output_dir
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError, atomic_write
+from train_eval import build_caption_evaluation
+from train_init import adopt_export_config, flags_given, load_tokenizer, model_from_export
+from train_state import Distributed, TrainingError, previous_state_path, seed_everything
+from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
+from training_inputs import build_feature_inputs, build_image_inputs
+
+DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 
 
 def check_args(args) -> None:

@@ -105,3 +105,32 @@ def test_an_empty_image_array_is_an_error_result(tokenizer):
     captioner = Captioner(tiny_captioner_model(tokenizer, encoder=encoder), tokenizer)
     results = captioner.predict([np.zeros((0, 0, 3), dtype=np.uint8)], on_error="keep")
     assert results[0].error == "<array 0>: an image of 0x0 pixels; nothing to caption"
+
+
+HELP_CHECK = """
+import runpy, sys
+heavy = ("torch", "timm", "transformers", "numpy", "PIL")
+for script, argv in {cases!r}:
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        print("CHECK", script, e.code, [m for m in heavy if m in sys.modules])
+"""
+
+
+def test_help_and_flag_errors_come_before_the_heavy_imports():
+    """`--help` and a bad flag answer without importing torch, timm, transformers, numpy or PIL (seconds)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cases = [(f"{name}.py", ["--help"]) for name in PARSERS] + [("predict.py", ["--checkpoint", "x", "--image", "a",
+                                                                              "--temperature", "nan"]),
+                                                             ("train.py", ["--bs", "0"])]
+    out = subprocess.run([sys.executable, "-c", HELP_CHECK.format(cases=cases)], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("CHECK ")]
+    assert lines == [f"CHECK {script} {0 if argv == ['--help'] else 2} []" for script, argv in cases], \
+        out.stderr[-2000:]
