@@ -68,6 +68,7 @@ import shapes_data
 import train
 from caption_data import read_annotations
 from captioning import runtime
+from captioning.outputs import OutputError, check_output_dir
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
 from predict import Captioner, write_json
@@ -173,8 +174,7 @@ def write_grid(path: Path, records, predictions, count: int = 12) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out_dir, "--out_dir")
     stage_seconds, start = {}, time.time()
 
     def stage(name):
@@ -186,6 +186,7 @@ def main(argv=None) -> dict:
             if not (data / needed).exists():
                 raise FileNotFoundError(f"{data}: {needed} is missing (expected images/, captions_train.json, "
                                         f"captions_test.json in official COCO format)")
+        out.mkdir(parents=True, exist_ok=True)
     else:
         data = shapes_data.generate(out / "shapes", num_train=args.num_train, num_val=args.num_val,
                                     num_test=args.num_test, seed=args.seed, size=args.image_size)
@@ -258,5 +259,5 @@ def result_line(result: dict, extra: str = "") -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, OutputError) as error:
         sys.exit(f"error: {error}")

@@ -110,3 +110,4 @@ def test_demo_rejects_a_folder_without_the_coco_files(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(FileNotFoundError, match="captions_train.json is missing"):
         demo.main(["--data", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # a run that cannot start leaves nothing behind
