@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--mapping_type", choices=["mlp", "transformer"], default=None,
                    help="mapper kind; inferred from the weights when omitted, checked when given")
     p.add_argument("--prefix_length", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
-    p.add_argument("--prefix_length_clip", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
+    p.add_argument("--prefix_length_clip", type=POSITIVE, default=None,
+                   help="inferred when omitted, checked when given")
     p.add_argument("--num_layers", type=POSITIVE, default=None, help="inferred when omitted, checked when given")
     p.add_argument("--normalize_prefix", default=None, action=argparse.BooleanOptionalAction,
                    help="L2-normalise each image feature before the mapper (default: as the original inference "

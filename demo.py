@@ -45,7 +45,8 @@ def parse_args(argv=None):
                    help="pixels per side of the generated images and of the encoder's input")
     p.add_argument("--steps", type=POSITIVE, default=1500,
                    help="optimizer steps to train for, rounded to whole epochs (2.5-5 minutes on 2 CPU cores in fp32)")
-    p.add_argument("--epochs", type=POSITIVE, default=None, help="passes over the training captions (overrides --steps)")
+    p.add_argument("--epochs", type=POSITIVE, default=None,
+                   help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=POSITIVE, default=64)
     p.add_argument("--lr", type=number(0, low_open=True), default=2e-3)
     p.add_argument("--encoder_lr", type=number(0, low_open=True), default=1e-2, help="the encoder's learning rate")

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's decoder holds after its prefix if fewer)")
     p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
     p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
-    p.add_argument("--device", type=device_name, default=None, help="--checkpoint: torch device (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="--checkpoint: torch device (default: cuda when available)")
     add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
     add_thread_arguments(p, workers=False)
     return p

@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip_model_type", default="tinyvit", choices=["tinyvit", *CLIP_MODEL_TYPES],
                    help="image encoder: TinyViT-21M, or an OpenAI CLIP image tower (timm) as in the original")
     p.add_argument("--encoder", default=None,
-                   help="timm model as NAME (timm's default tag) or NAME.TAG (e.g. tiny_vit_21m_224.dist_in22k_ft_in1k); "
-                        "overrides --clip_model_type")
+                   help="timm model as NAME (timm's default tag) or NAME.TAG (e.g. "
+                        "tiny_vit_21m_224.dist_in22k_ft_in1k); overrides --clip_model_type")
     p.add_argument("--encoder_weights", default="pretrained",
                    help="'pretrained' (timm hub or cache), 'random', or a checkpoint file (timm or official TinyViT)")
     p.add_argument("--encoder_kwargs", type=json_object, default={},
@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=POSITIVE, default=None,
                    help="images per encoder call; default 128 on CUDA, 4 on CPU (where small batches stay in cache)")
     add_thread_arguments(p)
-    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_precision_argument(p, what="encoder compute precision (autocast)")
     p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
                    choices=sorted(FEATURE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")

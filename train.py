@@ -63,7 +63,8 @@ def add_runtime_flags(p) -> None:
 
 
 def add_training_flags(a) -> None:
-    a("--gpt2", type=pretrained_source, default="distilgpt2", help="GPT-2 decoder and tokenizer: hub name or local directory")
+    a("--gpt2", type=pretrained_source, default="distilgpt2",
+      help="GPT-2 decoder and tokenizer: hub name or local directory")
     a("--lr", type=number(0), default=2e-5, help="peak learning rate (AdamW), after linear warmup, then linear decay")
     a("--warmup_steps", type=COUNT, default=5000, help="optimizer steps of linear learning-rate warmup")
     a("--weight_decay", type=number(0), default=0.0, help="AdamW weight decay on weight matrices (not biases, norms)")
@@ -72,7 +73,8 @@ def add_training_flags(a) -> None:
     a("--grad_clip", type=number(0), default=0.0, help="clip the gradient norm to this value (0: off)")
     a("--grad_accum", type=POSITIVE, default=1, help="micro-batches accumulated per optimizer step")
     a("--seed", type=SEED, default=0, help="seed of initialisation, data order, dropout and augmentation")
-    a("--device", type=device_name, default=None, help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
+    a("--device", type=device_name, default=None,
+      help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
     a("--val_data", default=None, help="validation features pickle; validation loss reported per epoch")
     a("--val_fraction", type=number(0, 1, low_open=True, high_open=True), default=None,
       help="hold out this fraction of the training images (all their captions) for validation instead")

@@ -124,7 +124,7 @@ def seed_everything(seed: int) -> None:
 # ---- resume checkpoints ------------------------------------------------------------------------------------
 
 class CorruptCheckpoint(CheckpointError):
-    """A resume checkpoint whose contents do not match the checksum written with it."""
+    """A resume checkpoint that cannot be read, or whose contents do not match the checksum written with it."""
 
 
 def state_checksum(value) -> str:
@@ -136,7 +136,7 @@ def state_checksum(value) -> str:
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu().contiguous()
             digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
         elif isinstance(v, dict):
             digest.update(f"D{len(v)}".encode())
             for k in sorted(v, key=repr):

@@ -57,9 +57,9 @@ def check_output_dir(path, flag: str) -> Path:
 
 
 def write_or_rescue(path, write: Callable[[Path], T], flag: str) -> T:
-    """`write(path)`, returning what it returns; when that raises OSError, `write` to a rescue file beside `path`, else in the temporary
-    directory, and raise OutputError saying where the results are. `write` must write atomically (a temporary
-    file, then a rename), so a failed attempt leaves nothing behind."""
+    """`write(path)`, returning what it returns; when that raises OSError, `write` to a rescue file beside `path`,
+    else in the temporary directory, and raise OutputError saying where the results are. `write` must write
+    atomically (a temporary file, then a rename), so a failed attempt leaves nothing behind."""
     path = Path(path)
     try:
         return write(path)

@@ -224,7 +224,7 @@ class ImageEncoder(nn.Module):
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
     @property
