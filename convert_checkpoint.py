@@ -53,6 +53,7 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
 
 from transformers import AutoTokenizer, GPT2Config
 
+from captioning.outputs import OutputError, check_output_dir
 from models.checkpoint_io import CheckpointError, load_state_dict_file
 from models.captioner import ClipCaptionModel
 from models.encoder import EncoderConfig, ImageEncoder
@@ -88,6 +89,7 @@ def convert_captioner(args) -> ClipCaptionModel:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_output_dir(args.out_dir, "--out_dir")
         if args.checkpoint:
             model = convert_captioner(args)
             c = model.config
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
             encoder = ImageEncoder(config)
             encoder.save_pretrained(args.out_dir)
             print(f"wrote {args.out_dir}: {config.name}, {encoder.feature_dim}-d {config.feature_type} features")
-    except CheckpointError as e:
+    except (CheckpointError, OutputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -412,7 +412,8 @@ def list_images(directory: Path):
     """Image files directly inside `directory` (by the extensions PIL can open), sorted, and the other
     entries, which are reported rather than silently skipped."""
     if not directory.is_dir():
-        raise ValueError(f"--images_dir {directory}: no such directory")
+        raise ValueError(f"--images_dir {directory}: " + ("is a file, not a directory" if directory.exists()
+                                                          else "no such directory"))
     extensions = set(Image.registered_extensions())
     images, ignored = [], []
     for path in sorted(directory.iterdir()):

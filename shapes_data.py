@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.outputs import OutputError, check_output_dir
 from models.checkpoint_io import atomic_write
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
@@ -256,6 +257,11 @@ def scene_from_dict(d: Dict) -> Scene:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_output_dir(args.out_dir, "--out_dir")
+    except OutputError as e:
+        print(f"shapes_data.py: error: {e}", file=sys.stderr)
+        return 2
     generate(args.out_dir, args.num_train, args.num_val, args.num_test, args.seed, args.image_size,
              args.either_order)
     print(f"wrote {args.num_train}/{args.num_val}/{args.num_test} train/val/test images to {args.out_dir}")

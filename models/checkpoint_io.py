@@ -58,6 +58,8 @@ def atomic_directory(path):
     or beside it (as `.<name>.old`).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():  # never replace a file with a directory
+        raise NotADirectoryError(20, f"{path} exists and is not a directory; nothing was written", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -144,3 +144,22 @@ def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree
     rescued = Path(str(e.value).rsplit("saved to ", 1)[1].removesuffix(" instead"))
     assert rescued.parent == out.parent and read_features(rescued)["clip_embedding"].shape[0] > 0
     assert not out.exists()
+
+
+def test_an_export_never_replaces_a_file(tmp_path, capsys):
+    import convert_checkpoint
+    import shapes_data
+    from conftest import FIXTURES
+    from models.checkpoint_io import atomic_directory
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("a user's file")
+    with pytest.raises(NotADirectoryError, match="notes.txt exists and is not a directory; nothing was written"):
+        with atomic_directory(precious) as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"), "--out_dir",
+                                    str(precious)]) == 1
+    assert f"--out_dir {precious}: exists and is not a directory" in capsys.readouterr().err
+    assert shapes_data.main(["--out_dir", str(precious), "--num_train", "2", "--num_test", "1"]) == 2
+    assert f"shapes_data.py: error: --out_dir {precious}: exists and is not a directory" in capsys.readouterr().err
+    assert precious.read_text() == "a user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
