@@ -356,7 +356,7 @@ def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
     path = Path(path)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     if not path.is_file():
-        raise ImageError(path, "missing", "file not found")
+        raise ImageError(path, "missing", "is a directory, not an image file" if path.is_dir() else "file not found")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses

@@ -177,7 +177,10 @@ def _to_pil(item, source: str) -> Image.Image:
         return load_image(item)
     if isinstance(item, Image.Image):
         return to_rgb(item)
-    array = np.asarray(item)
+    if not isinstance(item, np.ndarray):
+        raise ImageError(source, "unreadable", f"expected an image path, a PIL image, a numpy array or a features "
+                                               f"tensor, got {type(item).__name__}")
+    array = item
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ImageError(source, "unreadable", f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
                                                f"{array.shape}")
@@ -186,10 +189,10 @@ def _to_pil(item, source: str) -> Image.Image:
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-            raise ImageError(source, "unreadable", "a float image array must hold values in [0, 1] "
+        if array.size and (not np.isfinite(array).all() or array.min() < 0 or array.max() > 1):
+            raise ImageError(source, "unreadable", "a float image array must hold finite values in [0, 1] "
                                                    "(as scikit-image's); convert it to uint8")
-        array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+        array = np.round(array * 255).astype(np.uint8)
     elif array.dtype != np.uint8 and not (array.ndim == 2 and array.dtype == np.uint16):
         raise ImageError(source, "unreadable", f"unsupported image array dtype {array.dtype}; expected uint8, "
                                                f"uint16 (grayscale), bool or float in [0, 1]")
@@ -289,7 +292,7 @@ class Captioner:
         more than one is asked for. A single input (not a list) gives a single result. Keyword arguments
         are `DecodingOptions` fields: `caption(images, decoding="nucleus", num_captions=3, seed=0)`.
         An unreadable image raises `ImageError`."""
-        options = dataclasses.replace(options or DecodingOptions(), **kwargs)
+        options = self._options(options, kwargs)
         items, single = self._as_list(images)
         results = self.predict(items, options, batch_size, progress, on_error="raise")
         out = [r.captions[0] if options.num_captions == 1 else r.captions[:options.num_captions]
@@ -301,7 +304,7 @@ class Captioner:
         """One `CaptionResult` per input, with every beam (or sample) and its score. With `on_error="keep"`
         an unreadable image gets a result with its `error` and the others are captioned as usual; with
         "raise" it raises `ImageError`. Keyword arguments are `DecodingOptions` fields, as for `caption`."""
-        options = dataclasses.replace(options or DecodingOptions(), **kwargs)
+        options = self._options(options, kwargs)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if on_error not in ("keep", "raise"):
@@ -318,6 +321,13 @@ class Captioner:
                 results += self._predict_batch(items[start:start + batch_size], start, options, on_error)
                 bar.update(min(batch_size, len(items) - start))
         return results
+
+    def _options(self, options: Optional[DecodingOptions], kwargs) -> DecodingOptions:
+        """`options` with `kwargs` applied; without either naming a max_length, the default fits the checkpoint
+        (the original's 67, or what its decoder holds after the prefix)."""
+        if options is None and "max_length" not in kwargs:
+            kwargs = dict(kwargs, max_length=self.fit_max_length(None)[0])
+        return dataclasses.replace(options or DecodingOptions(), **kwargs)
 
     # ---- one batch -----------------------------------------------------------------------------------------
 
@@ -360,6 +370,8 @@ class Captioner:
             elif tuple(item.shape) != self._feature_shape():
                 raise ValueError(f"{source}: features of shape {tuple(item.shape)}, the model expects "
                                  f"{self._feature_shape()}")
+            elif not torch.isfinite(item).all():
+                raise ValueError(f"{source}: the features hold nan or inf values")
             else:
                 features.append(item.to(param.device, torch.float32))
                 positions.append(j)

@@ -404,3 +404,22 @@ def test_a_directory_given_as_an_image_says_so(exports, images, capsys):
     assert main(["--checkpoint", str(exports["inside"]), "--image", str(images)]) == 2
     assert f"predict.py: error: --image {images}: is a directory; caption a folder's images with --images_dir" in \
         capsys.readouterr().err
+
+
+def test_the_api_refuses_inputs_that_are_no_image_and_fits_its_defaults(tokenizer, tmp_path):
+    captioner = Captioner(tiny_captioner_model(tokenizer, n_positions=20), tokenizer)  # 16 caption tokens at most
+    features = torch.randn(2, 96)
+    result = captioner.predict(features, beam_size=2)  # the default max_length (67) is cut to what fits: 16
+    assert len(result) == 2 and all(isinstance(r.caption, str) and r.error is None for r in result)
+    with pytest.raises(ValueError, match="exceeds the decoder's 20 positions"):
+        captioner.predict(features, max_length=67)  # an explicit length that does not fit
+    with pytest.raises(ValueError, match=r"<features 0>: the features hold nan or inf values"):
+        captioner.predict(torch.full((1, 96), float("nan")))
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    with_encoder = Captioner(tiny_captioner_model(tokenizer, encoder=encoder), tokenizer)
+    results = with_encoder.predict([None, np.full((8, 8, 3), np.nan, dtype=np.float32), str(tmp_path)],
+                                   max_length=5)
+    assert [r.error for r in results] == [
+        "<array 0>: expected an image path, a PIL image, a numpy array or a features tensor, got NoneType",
+        "<array 1>: a float image array must hold finite values in [0, 1] (as scikit-image's); convert it to uint8",
+        f"{tmp_path}: is a directory, not an image file"]
