@@ -72,7 +72,8 @@ from captioning import runtime
 from captioning.outputs import OutputError, check_output_dir
 from caption_metrics import score_captions
 from models.decoding import DecodingOptions
-from predict import Captioner, write_json
+from captioning.inference import Captioner
+from predict import write_json
 from shapes_data import parse_caption, same_scene_facts, scene_from_dict
 
 

@@ -209,7 +209,7 @@ def caption_records(records, checkpoint, device: str, precision: str, beam_size:
     from tqdm import tqdm
 
     from captioning import runtime
-    from predict import Captioner, DecodingOptions
+    from captioning.inference import Captioner, DecodingOptions
 
     budget = runtime.plan_threads(device, loads_images=True, threads=threads)
     with runtime.thread_budget(budget):

@@ -17,7 +17,7 @@ from captioning.runtime import Precision
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory
 from models.decoding import DecodingOptions
-from predict import Captioner
+from captioning.inference import Captioner
 
 BEST_DIR = "best"
 BEST_INFO = "eval.json"  # inside best/: the scores of the export held there

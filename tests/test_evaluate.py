@@ -172,7 +172,7 @@ def test_parser_defaults():
 # ---------------------------------------------------------------------------------------------- --checkpoint mode
 
 class StubCaptioner:
-    """Stands in for predict.Captioner: reads the image id back from the image's width."""
+    """Stands in for the Captioner: reads the image id back from the image's width."""
     loaded = []
     encoder = "an image encoder"
     precision = runtime.Precision("fp32", "auto", "auto: a stub")
@@ -208,10 +208,10 @@ def coco_images(tmp_path):
 
 @pytest.fixture
 def stub_predict(monkeypatch):
-    module = types.ModuleType("predict")
+    module = types.ModuleType("captioning.inference")
     module.Captioner = StubCaptioner
     module.DecodingOptions = lambda **kw: types.SimpleNamespace(**kw)
-    monkeypatch.setitem(__import__("sys").modules, "predict", module)
+    monkeypatch.setitem(__import__("sys").modules, "captioning.inference", module)
     StubCaptioner.loaded = []
 
 

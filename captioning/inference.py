@@ -1,0 +1,351 @@
+"""The Captioner API: images (paths, PIL images, numpy arrays) or precomputed features -> captions, with the encoder,
+preprocessing, prefix normalisation and stop tokens an export records. predict.py, evaluate.py, the training-time
+evaluation, the demo and the notebook caption through it.
+
+    from captioning.inference import Captioner      # also `from predict import Captioner`
+    captioner = Captioner.from_pretrained("checkpoints/coco_prefix_latest", device="cuda")
+    captioner.caption(["a.jpg", "b.jpg"])        # ['A man riding a wave on a surfboard.', ...]
+"""
+import dataclasses
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from caption_data import ImageError, load_image
+from captioning import runtime
+from models import decoding
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError
+from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
+from models.encoder import EncoderConfig, ImageEncoder, to_rgb
+
+__all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder"]
+
+PRECISION_OF_DTYPE = {dtype: name for name, dtype in runtime.TORCH_DTYPES.items()}
+
+
+@dataclass
+class CaptionResult:
+    source: str  # the file path, or "<image 3>" / "<array 3>" / "<features 3>" for in-memory inputs
+    captions: List[str]  # best first for beam search (every beam); in drawing order for sampling
+    scores: List[float]  # mean log-probability per token under the model, stop token included
+    error: Optional[str] = None  # why the image could not be captioned (captions are then empty)
+
+    @property
+    def caption(self) -> Optional[str]:
+        return self.captions[0] if self.captions else None
+
+
+def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[ImageEncoder]:
+    """The image encoder that made the features this model was trained on, as `config.encoder` records it
+    (timm name, preprocessing, weights source); `weights` (file or encoder export directory) overrides the
+    recorded source. None when the checkpoint records no encoder: the model then takes features only."""
+    if config.encoder is None:
+        if weights is not None:
+            raise CheckpointError(f"{directory}: config.json records no image encoder (encoder is null), so "
+                                  f"encoder weights cannot be used with it: caption precomputed features")
+        return None
+    try:
+        encoder_config = EncoderConfig.from_dict(config.encoder)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}/config.json: invalid encoder config: {e}") from e
+    if weights is not None:
+        weights = Path(weights)
+        encoder_config.weights = str(weights / "model.safetensors" if weights.is_dir() else weights)
+    if encoder_config.weights == "random":
+        raise CheckpointError(
+            f"{directory}: the model was trained on features of a randomly initialised {encoder_config.name} "
+            f"whose weights were not saved; pass its weights (--encoder_weights) or precomputed features")
+    try:
+        encoder = ImageEncoder(encoder_config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: cannot load the image encoder weights ({e}); pass the right "
+                              f"file with --encoder_weights") from e
+    except (OSError, RuntimeError, ValueError) as e:  # hub downloads fail with several types when offline
+        raise CheckpointError(f"{directory}: cannot load the pretrained weights of image encoder "
+                              f"{encoder_config.name!r} from the Hugging Face hub or its cache "
+                              f"({e.__class__.__name__}: {e}); download them once, or pass --encoder_weights")
+    check_encoder(config, encoder, directory)
+    return encoder
+
+
+# A fast tokenizer's one file, or a slow GPT-2 tokenizer's two.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """An export holds its tokenizer: without one, transformers builds an empty tokenizer that decodes every
+    caption to an empty string."""
+    if not any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        raise CheckpointError(f"{directory}: the tokenizer files are missing (tokenizer.json, or vocab.json and "
+                              f"merges.txt); an export holds its tokenizer: save it with "
+                              f"model.save_pretrained(dir, tokenizer) or copy the files of the GPT-2 it was "
+                              f"trained from")
+
+
+def check_encoder(config: CaptionerConfig, encoder: ImageEncoder, source) -> None:
+    if encoder.config.feature_type != config.feature_type or encoder.feature_dim != config.prefix_size:
+        raise CheckpointError(
+            f"{source}: the image encoder gives {encoder.config.feature_type} features of dimension "
+            f"{encoder.feature_dim}, but the mapping network expects {config.feature_type} features of "
+            f"dimension {config.prefix_size}")
+    if config.feature_type == "grid" and encoder.num_tokens != config.num_grid_tokens:
+        raise CheckpointError(f"{source}: the image encoder gives {encoder.num_tokens} grid tokens, but the "
+                              f"mapping network expects {config.num_grid_tokens}")
+
+
+def _load_pil(item, source: str):
+    """An RGB PIL image, or the `ImageError` saying why there is none."""
+    try:
+        image = _to_pil(item, source)
+    except ImageError as e:
+        return e
+    if 0 in image.size:  # preprocessing would divide by it
+        return ImageError(source, "empty", f"an image of {image.size[0]}x{image.size[1]} pixels; nothing to caption")
+    return image
+
+
+def _to_pil(item, source: str) -> Image.Image:
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if not isinstance(item, np.ndarray):
+        raise ImageError(source, "unreadable", f"expected an image path, a PIL image, a numpy array or a features "
+                                               f"tensor, got {type(item).__name__}")
+    array = item
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageError(source, "unreadable", f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
+                                               f"{array.shape}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (not np.isfinite(array).all() or array.min() < 0 or array.max() > 1):
+            raise ImageError(source, "unreadable", "a float image array must hold finite values in [0, 1] "
+                                                   "(as scikit-image's); convert it to uint8")
+        array = np.round(array * 255).astype(np.uint8)
+    elif array.dtype != np.uint8 and not (array.ndim == 2 and array.dtype == np.uint16):
+        raise ImageError(source, "unreadable", f"unsupported image array dtype {array.dtype}; expected uint8, "
+                                               f"uint16 (grayscale), bool or float in [0, 1]")
+    return to_rgb(Image.fromarray(array))
+
+
+class Captioner:
+    """Images (paths, PIL images, numpy arrays) or precomputed features -> captions, in batches.
+
+    Images go through the encoder and preprocessing recorded in the checkpoint; prefixes are normalised
+    exactly when training normalised them; captions end at the checkpoint's `eos_token_ids`.
+    """
+
+    def __init__(self, model: ClipCaptionModel, tokenizer, encoder: Optional[ImageEncoder] = None,
+                 eos_token_ids: Optional[Sequence[int]] = None, precision: Optional[runtime.Precision] = None):
+        self.model = model.eval()
+        dtype = next(model.parameters()).dtype
+        self.precision = precision or runtime.Precision(PRECISION_OF_DTYPE.get(dtype, "fp32"), "as loaded",
+                                                        "the model's dtype")
+        # Image files are decoded between model calls, while torch's threads wait: every usable core may decode.
+        self.loader_threads = min(runtime.MAX_WORKERS, runtime.plan_threads(self.device, loads_images=True).cores)
+        self.tokenizer = tokenizer
+        self.encoder = (encoder if encoder is not None else model.encoder)
+        if self.encoder is not None:
+            self.encoder.eval()
+        if eos_token_ids is None:
+            eos_token_ids = model.config.eos_token_ids
+            if not eos_token_ids and tokenizer.eos_token_id is not None:
+                warnings.warn(f"the checkpoint records no eos_token_ids; captions end at the tokenizer's "
+                              f"{tokenizer.eos_token!r}")
+                eos_token_ids = [tokenizer.eos_token_id]
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, precision: Union[str, torch.dtype] = "auto",
+                        encoder_weights=None, dtype: Union[str, torch.dtype, None] = None) -> "Captioner":
+        """Load an export directory written by train.py or convert_checkpoint.py (strictly: a missing, foreign
+        or mismatched checkpoint raises `CheckpointError`, never falls back to random weights).
+
+        `precision`: auto (the rule of captioning/runtime.py for `device`), fp32, bf16, fp16 or a torch dtype;
+        `dtype` is its earlier name. The choice and its reason are in `captioner.precision`."""
+        directory = Path(directory)
+        device = torch.device(device) if device is not None else torch.device("cpu")  # None: where weights load
+        choice = dtype if dtype is not None else precision
+        choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice
+        resolved = runtime.resolve_precision(choice, device, training=False)
+        model = ClipCaptionModel.from_pretrained(directory)
+        check_tokenizer_files(directory)
+        try:
+            # The decoder's config names the tokenizer type; config.json describes the whole captioner.
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), config=model.gpt.config)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory}: cannot load the tokenizer ({e}); an export holds its tokenizer "
+                                  f"files (save_pretrained(dir, tokenizer))") from e
+        if len(tokenizer) > model.gpt.config.vocab_size:
+            raise CheckpointError(f"{directory}: the tokenizer has {len(tokenizer)} tokens but the decoder's "
+                                  f"vocabulary has {model.gpt.config.vocab_size}")
+        encoder = model.encoder
+        if encoder is None:
+            encoder = build_encoder(model.config, directory, encoder_weights)
+        elif encoder_weights is not None:
+            raise CheckpointError(f"{directory}: the checkpoint holds its own image encoder weights; "
+                                  f"--encoder_weights does not apply")
+        model.to(device=device, dtype=resolved.dtype)
+        if encoder is not None:
+            encoder.eval().fold_batch_norms()  # inference only: this captioner never trains or saves it
+            encoder.to(device=device, dtype=resolved.dtype)
+        return cls(model, tokenizer, encoder, precision=resolved)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def longest_caption(self) -> int:
+        """The most tokens a caption can have: the decoder's positions left after the prefix."""
+        return self.model.gpt.config.n_positions - self.model.config.prefix_length
+
+    def fit_max_length(self, requested: Optional[int], flag: str = "--max_length") -> Tuple[int, Optional[str]]:
+        """`requested`, or the default (the original's 67) clipped to what the decoder holds, with a note saying
+        so; a requested length that does not fit is an error naming `flag`."""
+        longest = self.longest_caption
+        holds = (f"the decoder has {self.model.gpt.config.n_positions} positions, {self.model.config.prefix_length} "
+                 f"of them for the prefix")
+        if requested is None:
+            if DEFAULT_MAX_LENGTH <= longest:
+                return DEFAULT_MAX_LENGTH, None
+            return longest, f"captions of at most {longest} tokens instead of {DEFAULT_MAX_LENGTH}: {holds}"
+        if not 1 <= requested <= longest:
+            raise ValueError(f"{flag} {requested} does not fit this checkpoint: {holds}, so a caption holds 1 to "
+                             f"{longest} tokens")
+        return requested, None
+
+    def caption(self, images, options: Optional[DecodingOptions] = None, batch_size: int = 32,
+                progress: bool = False, **kwargs):
+        """Captions in input order: one string per image, or a list of `num_captions` strings per image when
+        more than one is asked for. A single input (not a list) gives a single result. Keyword arguments
+        are `DecodingOptions` fields: `caption(images, decoding="nucleus", num_captions=3, seed=0)`.
+        An unreadable image raises `ImageError`."""
+        options = self._options(options, kwargs)
+        items, single = self._as_list(images)
+        results = self.predict(items, options, batch_size, progress, on_error="raise")
+        out = [r.captions[0] if options.num_captions == 1 else r.captions[:options.num_captions]
+               for r in results]
+        return out[0] if single else out
+
+    def predict(self, images, options: Optional[DecodingOptions] = None, batch_size: int = 32,
+                progress: bool = False, on_error: str = "keep", **kwargs) -> List[CaptionResult]:
+        """One `CaptionResult` per input, with every beam (or sample) and its score. With `on_error="keep"`
+        an unreadable image gets a result with its `error` and the others are captioned as usual; with
+        "raise" it raises `ImageError`. Keyword arguments are `DecodingOptions` fields, as for `caption`."""
+        options = self._options(options, kwargs)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if on_error not in ("keep", "raise"):
+            raise ValueError(f"on_error must be 'keep' or 'raise', got {on_error!r}")
+        items, _ = self._as_list(images)
+        if self.encoder is None and not all(torch.is_tensor(x) for x in items):
+            shape = self._feature_shape()
+            raise ValueError(f"this checkpoint records no image encoder (config.json: encoder is null), so it "
+                             f"captions precomputed features only: pass torch tensors of shape {shape} (one "
+                             f"image) or (N, {', '.join(map(str, shape))})")
+        results = []
+        with tqdm(total=len(items), unit="image", disable=not progress) as bar:
+            for start in range(0, len(items), batch_size):
+                results += self._predict_batch(items[start:start + batch_size], start, options, on_error)
+                bar.update(min(batch_size, len(items) - start))
+        return results
+
+    def _options(self, options: Optional[DecodingOptions], kwargs) -> DecodingOptions:
+        """`options` with `kwargs` applied; without either naming a max_length, the default fits the checkpoint
+        (the original's 67, or what its decoder holds after the prefix)."""
+        if options is None and "max_length" not in kwargs:
+            kwargs = dict(kwargs, max_length=self.fit_max_length(None)[0])
+        return dataclasses.replace(options or DecodingOptions(), **kwargs)
+
+    # ---- one batch -----------------------------------------------------------------------------------------
+
+    def _feature_shape(self):
+        config = self.model.config
+        return (config.prefix_size,) if config.feature_type == "pooled" else (config.num_grid_tokens,
+                                                                              config.prefix_size)
+
+    def _as_list(self, images):
+        """(list of single inputs, whether one input was given)."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            return [images], True
+        if isinstance(images, np.ndarray):
+            return (list(images), False) if images.ndim == 4 else ([images], True)
+        if torch.is_tensor(images):
+            single = len(self._feature_shape())
+            if images.ndim not in (single, single + 1):
+                raise ValueError(f"features must have shape {self._feature_shape()} or (N, ...) of it, got "
+                                 f"{tuple(images.shape)}")
+            return ([images], True) if images.ndim == single else (list(images), False)
+        if isinstance(images, (list, tuple)):
+            return list(images), False
+        raise TypeError(f"expected image paths, PIL images, numpy arrays or feature tensors (or a list of "
+                        f"them), got {type(images).__name__}")
+
+    def _source(self, item, index: int) -> str:
+        if isinstance(item, (str, os.PathLike)):
+            return str(item)
+        kind = "features" if torch.is_tensor(item) else "image" if isinstance(item, Image.Image) else "array"
+        return f"<{kind} {index}>"
+
+    def _features(self, items, start: int, on_error: str):
+        """Features (n, ...) of the inputs that could be read, their positions, and errors by position."""
+        param = next(self.model.parameters())
+        features, positions, errors, jobs = [], [], {}, []
+        for j, item in enumerate(items):
+            source = self._source(item, start + j)
+            if not torch.is_tensor(item):
+                jobs.append((j, item, source))
+            elif tuple(item.shape) != self._feature_shape():
+                raise ValueError(f"{source}: features of shape {tuple(item.shape)}, the model expects "
+                                 f"{self._feature_shape()}")
+            elif not torch.isfinite(item).all():
+                raise ValueError(f"{source}: the features hold nan or inf values")
+            else:
+                features.append(item.to(param.device, torch.float32))
+                positions.append(j)
+        # Files are decoded in threads (PIL releases the GIL); tensor work stays in this thread, as torch ops
+        # from several threads would each start their own OpenMP team and oversubscribe the cores.
+        with ThreadPoolExecutor(self.loader_threads) as pool:
+            loaded = list(pool.map(lambda job: _load_pil(*job[1:]), jobs))
+        pixels = []
+        for (j, _, _), image in zip(jobs, loaded):
+            if isinstance(image, ImageError):
+                if on_error == "raise":
+                    raise image
+                errors[j] = str(image)
+            else:
+                pixels.append(self.encoder.preprocess(image))  # (3, H, W)
+                positions.append(j)
+        if pixels:
+            with torch.inference_mode():
+                features += list(self.encoder(torch.stack(pixels).to(param.device, param.dtype)).float())
+        return features, positions, errors
+
+    def _predict_batch(self, items, start: int, options: DecodingOptions, on_error: str) -> List[CaptionResult]:
+        features, positions, errors = self._features(items, start, on_error)
+        results = [CaptionResult(self._source(x, start + j), [], [], errors.get(j)) for j, x in enumerate(items)]
+        if not features:
+            return results
+        with torch.inference_mode():
+            prefix = self.model.prefix_embeddings(torch.stack(features))  # (n, P, C)
+            decoded = decoding.decode(self.model.gpt, prefix, self.eos_token_ids, options,
+                                       [start + j for j in positions])
+        for j, sequences, scores in zip(positions, decoded.sequences(), decoded.scores.tolist()):
+            texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+            results[j].captions = [" ".join(text.split()) for text in texts]  # one line, single spaces
+            results[j].scores = scores
+        return results
