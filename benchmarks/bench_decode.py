@@ -25,7 +25,7 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.original_decoding import original_beam_search  # noqa: E402
+from captioning.original_decoding import original_beam_search  # noqa: E402
 from captioning import runtime  # noqa: E402
 from models.decoding import beam_search  # noqa: E402
 

@@ -21,7 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+
+# Words of the synthetic captions: COCO-like sentences from a small vocabulary.
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table"]
+PLACES = ["on a street", "in a field", "next to a tree", "on a table", "in the kitchen", "at the beach"]
 
 
 def rss_gb() -> float:
@@ -37,7 +41,6 @@ def generate(path: Path, images: int, per_image: int, seed: int) -> None:
     import numpy as np
     import torch
     from caption_data import write_features
-    from conftest import COLOURS, PLACES, THINGS
 
     rng = np.random.default_rng(seed)
     words = [f"{c} {t} {p}" for c in COLOURS for t in THINGS for p in PLACES]
@@ -52,10 +55,10 @@ def generate(path: Path, images: int, per_image: int, seed: int) -> None:
 def make_tokenizer(directory: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
-    from conftest import caption_corpus
 
+    corpus = [f"A {c} {t} {p}." for c in COLOURS for t in THINGS for p in PLACES]
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(caption_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     tok.save_pretrained(str(directory))
 
@@ -70,8 +73,9 @@ def measure(path: Path, tokenizer_dir: Path, out_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     base = current_rss_gb()
-    args = ap.Namespace(data=str(path), out_dir=str(out_dir), val_data=None, val_fraction=0.01, seed=0,
-                        mapping_type="transformer", train_encoder=False, cache_images=False, num_workers=0, bs=40)
+    args = ap.Namespace(data=str(path), out_dir=str(out_dir), cache_dir=str(out_dir), val_data=None,
+                        val_fraction=0.01, seed=0, mapping_type="transformer", train_encoder=False,
+                        cache_images=False, num_workers=0, bs=40)
     start = time.perf_counter()
     inputs = build_feature_inputs(args, tokenizer, Distributed())  # tokenizes and writes the token cache
     tokenize_s, first_peak = time.perf_counter() - start, rss_gb()
@@ -79,7 +83,7 @@ def measure(path: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     inputs = build_feature_inputs(args, tokenizer, Distributed())  # reads the token cache
     cached_s = time.perf_counter() - start
-    loader, _, _ = train.make_loaders(args, inputs, Distributed(), tokenizer.eos_token_id)
+    loader, _, _ = train.make_loaders(args, inputs, Distributed(), tokenizer.eos_token_id, workers=0)
     for _ in zip(range(50), loader):  # draw 50 batches: the collate path counts in the peak
         continue
     print(f"{len(inputs.train)} training captions, {len(inputs.val)} validation captions, "

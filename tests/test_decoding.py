@@ -5,7 +5,7 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from benchmarks.original_decoding import original_beam_search
+from captioning.original_decoding import original_beam_search
 from models.decoding import DecodingOptions, beam_search, greedy, nucleus_pick, sample, sampling_noise
 
 VOCAB = 300

@@ -1,4 +1,4 @@
-"""The original ClipCap `generate_beam`, kept as the baseline of bench_decode.py and the reference of the tests.
+"""The original ClipCap `generate_beam`, the baseline of benchmarks/bench_decode.py and the reference of the tests.
 
 One image at a time, and at every step GPT-2 runs over the whole prefix and every token generated so far,
 once per beam, with no key/value cache. Changes from the original, none of which alter its results: stop
