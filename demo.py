@@ -67,7 +67,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 import evaluate
 import shapes_data
 import train
-from caption_data import read_annotations
+from captioning.data.annotations import read_annotations
 from captioning import runtime
 from captioning.outputs import OutputError, check_output_dir
 from caption_metrics import score_captions

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
     p.add_argument("--annotations", required=True,
                    help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
-                        "or any format caption_data reads")
+                        "or any format captioning.data.annotations reads")
     p.add_argument("--split", default=None,
                    help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
     p.add_argument("--images_root", default="./data/coco",
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     build_parser().parse_args()
 
-from caption_data import AnnotationError, read_annotations
+from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from caption_metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -153,7 +153,7 @@ def write_predictions(path, predictions: Sequence[Prediction]) -> None:
 # -------------------------------------------------------------------------------------------------- references
 
 def load_references(annotations, split: Optional[str], images_root="./data/coco"):
-    """Annotation records (any format caption_data reads) and {image_id: [reference, ...]} for those with captions."""
+    """Annotation records (any format captioning.data.annotations reads) and {image_id: [reference, ...]} for those with captions."""
     records = read_annotations(annotations, split=split, images_root=images_root)
     if not any(r.captions for r in records):
         where = f"split {split!r} of " if split else ""
@@ -190,7 +190,7 @@ def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_pa
 # ------------------------------------------------------------------------------------------- --checkpoint mode
 
 def _load(record):
-    from caption_data import ImageError, load_image
+    from captioning.data.images import ImageError, load_image
 
     try:
         return load_image(record.path)

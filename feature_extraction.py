@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
-from caption_data import ImageError, ImageRecord, load_image
+from captioning.data.annotations import ImageRecord
+from captioning.data.images import ImageError, load_image
 from captioning.choices import FEATURE_DTYPES
 from captioning.runtime import FP32, Precision
 from models.checkpoint_io import atomic_write

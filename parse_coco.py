@@ -100,7 +100,8 @@ import torch.distributed as dist
 
 from captioning import runtime
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
-from caption_data import AnnotationError, FeaturesError, read_annotations, write_features
+from captioning.data.annotations import AnnotationError, read_annotations
+from captioning.data.features import FeaturesError, write_features
 from feature_extraction import (ExtractionError, assemble, check_manifest, done_indices, extract,
                                 plan_batches, prepare_partial)
 from models.checkpoint_io import CheckpointError, atomic_write

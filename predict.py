@@ -72,7 +72,7 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
 import torch
 from PIL import Image
 
-from caption_data import FeaturesError, read_features
+from captioning.data.features import FeaturesError, read_features
 from captioning import runtime
 from captioning.inference import CaptionResult, Captioner, DecodingOptions, build_encoder  # noqa: F401 (the API)
 from captioning.outputs import OutputError, check_output_file, write_or_rescue

@@ -137,7 +137,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from caption_data import ImageError
+from captioning.data.images import ImageError
 from captioning import runtime
 from captioning.outputs import OutputError, check_output_dir
 from models.captioner import CaptionerConfig, ClipCaptionModel
@@ -221,7 +221,7 @@ def resume_path(args, options: TrainOptions, dist: Distributed):
     path = Path(args.resume)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: " + ("is a directory; give the resume checkpoint file "
-                                                      f"(<prefix>_resume.pt) or 'latest'" if path.is_dir()
+                                                      "(<prefix>_resume.pt) or 'latest'" if path.is_dir()
                                                       else "no such resume checkpoint"))
     return path
 

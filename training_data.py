@@ -34,7 +34,7 @@ class CaptionTable:
 
 
 def caption_table_from_features(data: dict, source) -> CaptionTable:
-    """The caption table of a features pickle as `caption_data.read_features` returns it (schema and row
+    """The caption table of a features pickle as `captioning.data.features.read_features` returns it (schema and row
     indices already checked there); a caption that is only whitespace is an error naming its index."""
     captions = [entry["caption"].strip() for entry in data["captions"]]
     empty = [i for i, c in enumerate(captions) if not c]

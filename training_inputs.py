@@ -1,6 +1,6 @@
 """What train.py feeds the model: datasets built from a features pickle or from images and their annotations.
 
-Files are read through `caption_data` (one reader per format); this module turns them into training and
+Files are read through `captioning.data` (one reader per format); this module turns them into training and
 validation datasets, records where the features came from (the encoder config the export must carry) and
 fingerprints the data so a resume checkpoint is never continued on other data.
 """
@@ -18,7 +18,9 @@ from torchvision import transforms as T
 from timm.data.transforms import str_to_interp_mode
 from tqdm import tqdm
 
-from caption_data import load_image, read_annotations, read_features
+from captioning.data.annotations import read_annotations
+from captioning.data.features import read_features
+from captioning.data.images import load_image
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig, ImageEncoder
 from training_data import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,

@@ -81,7 +81,7 @@ def original(config: EncoderConfig, root: Path, annotations: Path, out: Path, de
 
 
 def preload(encoder: ImageEncoder, root: Path, num_images: int) -> torch.Tensor:
-    from caption_data import load_image
+    from captioning.data.images import load_image
     return torch.stack([encoder.preprocess(load_image(root / f"train2014/COCO_train2014_{i:012d}.jpg"))
                         for i in range(1, num_images + 1)])
 

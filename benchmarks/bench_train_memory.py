@@ -40,7 +40,7 @@ def current_rss_gb() -> float:
 def generate(path: Path, images: int, per_image: int, seed: int) -> None:
     import numpy as np
     import torch
-    from caption_data import write_features
+    from captioning.data.features import write_features
 
     rng = np.random.default_rng(seed)
     words = [f"{c} {t} {p}" for c in COLOURS for t in THINGS for p in PLACES]

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from caption_data import ImageError, load_image
+from captioning.data.images import ImageError, load_image
 from captioning import runtime
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel

@@ -12,7 +12,7 @@ import evaluate
 import parse_coco
 import predict
 import train
-from caption_data import read_features, write_features
+from captioning.data.features import read_features, write_features
 from captioning import outputs
 from captioning.outputs import OutputError, check_output_dir, check_output_file
 from test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)

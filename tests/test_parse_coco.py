@@ -20,7 +20,9 @@ from PIL import Image
 import feature_extraction
 import parse_coco
 from captioning import runtime
-from caption_data import AnnotationError, load_image, read_annotations, read_features
+from captioning.data.annotations import AnnotationError, read_annotations
+from captioning.data.features import read_features
+from captioning.data.images import load_image
 from feature_extraction import ExtractionError
 from models.encoder import EncoderConfig, ImageEncoder
 

@@ -10,7 +10,7 @@ import torch
 import evaluate
 import predict
 import train_eval
-from caption_data import FeaturesError, read_features
+from captioning.data.features import FeaturesError, read_features
 from training_data import FeatureCaptionDataset, caption_table_from_features, split_by_image
 from test_predict import tiny_captioner_model
 

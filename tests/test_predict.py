@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from caption_data import ImageError, write_features
+from captioning.data.features import write_features
+from captioning.data.images import ImageError
 from models import CaptionerConfig, CheckpointError, ClipCaptionModel, EncoderConfig, ImageEncoder
 from models.decoding import beam_search
 from predict import Captioner, DecodingOptions, image_id_from_name, main

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train
 import trainer
 import training_data
-from caption_data import write_features
+from captioning.data.features import write_features
 from captioning import runtime
 from captioning.runtime import Precision
 from conftest import COLOURS, PLACES, THINGS

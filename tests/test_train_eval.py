@@ -10,7 +10,7 @@ import torch
 
 import train
 import train_eval
-from caption_data import read_features
+from captioning.data.features import read_features
 from predict import Captioner
 from training_data import FeatureCaptionDataset, caption_table_from_features
 from test_train import ROOT, args_for, make_pickle

@@ -144,7 +144,7 @@ def test_frozen_decoder_gets_no_gradients(tiny_model, tokenizer):
 
 def test_augmentation_depends_on_seed_epoch_and_caption_only(tmp_path):
     from PIL import Image
-    from caption_data import load_image
+    from captioning.data.images import load_image
     from training_data import ImageCaptionDataset
     from training_inputs import augmentation
 

@@ -1,6 +1,4 @@
-"""The captioner's data: annotation files -> `ImageRecord`s, image files -> RGB images, and the features pickle.
-
-Every script reads data through this module, so each file format is read in one place and written in one place.
+"""Annotation files -> `ImageRecord`s: every format read in one place.
 
 Annotation formats (`read_annotations(..., fmt=...)`, "auto" detects them):
 - "list": a JSON list of caption entries, such as the original `train_caption.json`
@@ -14,56 +12,26 @@ Annotation formats (`read_annotations(..., fmt=...)`, "auto" detects them):
 An image's path is `images_root / file_name` when the annotation names the file; otherwise it follows COCO's
 naming: `train2014/COCO_train2014_{id:012d}.jpg`, then `val2014/COCO_val2014_...`, then the 2017 names
 `train2017/{id:012d}.jpg` and `val2017/{id:012d}.jpg`, the first that exists.
-
-The features pickle is the original ClipCap schema, readable by the original training code:
-`{"clip_embedding": Tensor (N, D) or (N, T, D), "captions": [{"image_id", "caption", "id"?, "clip_embedding":
-row}], "metadata": {...}}`, one row per distinct image. `read_features` never runs pickled code, and reads the
-original's one-row-per-caption pickles as one row per image.
 """
 import contextlib
 import csv
 import io
 import json
 import os
-import pickle
-import sys
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-import torch
-from PIL import Image, ImageOps
-
 from captioning.choices import ANNOTATION_FORMATS
-from models.checkpoint_io import atomic_write
-from models.encoder import to_rgb
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 FILE_KEYS = ("file_name", "filename", "image", "path")
 CSV_CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")
 CSV_COLUMNS = (*FILE_KEYS, "image_id", *CSV_CAPTION_COLUMNS)
-FEATURES_KEYS = ("clip_embedding", "captions", "metadata")
 
 
 class AnnotationError(ValueError):
     """An annotation file that is missing, malformed, or holds an entry that cannot be used."""
-
-
-class FeaturesError(ValueError):
-    """A features pickle that is missing, unsafe to load, or does not follow the schema."""
-
-
-class ImageError(Exception):
-    """An image file that cannot be used; `kind` is one of missing, unreadable, truncated, too_large."""
-
-    def __init__(self, path, kind: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.kind, self.reason = Path(path), kind, reason
-
-    def __reduce__(self):  # DataLoader workers send exceptions across processes
-        return ImageError, (self.path, self.kind, self.reason)
 
 
 @dataclass
@@ -74,8 +42,6 @@ class ImageRecord:
     file_name: str  # relative to the images root, as in the annotation (or as found by COCO naming)
     caption_ids: List[Optional[int]] = field(default_factory=list)  # per caption: the source's id, if any
 
-
-# ---------------------------------------------------------------------------------------------------- annotations
 
 def coco_image_candidates(image_id: int) -> List[str]:
     """COCO's file names for an image id, in lookup order (2014 train, 2014 val, 2017 train, 2017 val)."""
@@ -343,203 +309,3 @@ def read_annotations(path, split: Optional[str] = None, images_root="./data/coco
     else:
         _read_list(data, records)
     return list(records.by_key.values())
-
-
-# ---------------------------------------------------------------------------------------------------------- images
-
-def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
-    """An image file as 8-bit RGB, EXIF orientation applied; raises `ImageError` naming the file and reason.
-
-    Grayscale, CMYK, RGBA, palette and 16-bit images are converted. Images larger than `max_pixels`
-    (default: PIL's `Image.MAX_IMAGE_PIXELS`) are refused before decoding, as are truncated files.
-    """
-    path = Path(path)
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if not path.is_file():
-        raise ImageError(path, "missing", "is a directory, not an image file" if path.is_dir() else "file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses
-            with Image.open(path) as image:
-                width, height = image.size
-                if limit and width * height > limit:
-                    raise ImageError(path, "too_large", f"decompression bomb: {width}x{height} = "
-                                     f"{width * height:,} pixels exceeds the limit of {limit:,}")
-                image.load()
-                if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation, as phone photos carry it
-                    image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, "too_large", f"decompression bomb: {e}") from e
-    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ... for broken files
-        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
-        raise ImageError(path, kind, f"{kind}: {e.__class__.__name__}: {e}") from e
-
-
-# -------------------------------------------------------------------------------------------------- features pickle
-
-def _load_storage_from_bytes(b: bytes):
-    # Plain `pickle.dump` of a tensor stores its storage as `torch.save` bytes, rebuilt by
-    # `torch.storage._load_from_bytes`, which calls `torch.load` without weights_only; this is the same with it.
-    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *args):
-    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)) or backward_hooks or \
-            any(a for a in args):
-        raise pickle.UnpicklingError("a tensor with hooks or metadata, or built from something other than a storage")
-    from torch._utils import _rebuild_tensor_v2
-    return _rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
-
-
-class _SchemaUnpickler(pickle.Unpickler):
-    """Unpickles only what the features schema holds: dicts, lists, strings, numbers and plain CPU tensors."""
-
-    ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-               ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
-               ("collections", "OrderedDict"): dict}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the features schema holds only "
-                                         f"tensors, lists, dicts, strings and numbers")
-        return self.ALLOWED[(module, name)]
-
-
-def _non_finite_rows(features: torch.Tensor) -> List[int]:
-    bad = []
-    for start in range(0, features.shape[0], 65536):  # in chunks: no second copy of a COCO-sized tensor
-        chunk = features[start:start + 65536]
-        finite = torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(dim=1)
-        bad += (torch.nonzero(~finite).flatten() + start).tolist()
-    return bad
-
-
-def validate_features(data, source="features", check_finite: bool = True) -> Dict:
-    """Check the schema (and, with `check_finite`, that every feature is a finite number); returns `data` with an
-    empty metadata dict added where the file had none."""
-    if not isinstance(data, dict):
-        raise FeaturesError(f"{source}: expected a dict with {FEATURES_KEYS[:2]}, got {type(data).__name__}")
-    missing = [k for k in FEATURES_KEYS[:2] if k not in data]
-    unknown = [k for k in data if k not in FEATURES_KEYS]
-    if missing or unknown:
-        raise FeaturesError(f"{source}: " + (f"missing key(s) {missing}" if missing else f"unknown key(s) {unknown}")
-                            + f"; expected {FEATURES_KEYS}")
-    features, captions = data["clip_embedding"], data["captions"]
-    if not isinstance(features, torch.Tensor) or features.ndim not in (2, 3) or not features.is_floating_point():
-        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-        raise FeaturesError(f"{source}: 'clip_embedding' is {shape}; expected a float tensor (N, D) or (N, T, D)")
-    if features.shape[0] == 0 or features.shape[-1] == 0:
-        raise FeaturesError(f"{source}: 'clip_embedding' has shape {tuple(features.shape)}; expected N, D > 0")
-    bad_rows = _non_finite_rows(features) if check_finite else []
-    if bad_rows:
-        raise FeaturesError(f"{source}: 'clip_embedding' row(s) {bad_rows[:5]}{' ...' if len(bad_rows) > 5 else ''} "
-                            f"({len(bad_rows)} in all) hold nan or inf values; extract those images again")
-    if not isinstance(captions, list) or not captions:
-        raise FeaturesError(f"{source}: 'captions' is empty or not a list; expected a list of caption dicts")
-    rows = features.shape[0]
-    for i, c in enumerate(captions):
-        if not isinstance(c, dict) or not isinstance(c.get("caption"), str) or "image_id" not in c:
-            raise FeaturesError(f"{source}: captions[{i}]: expected a dict with 'image_id', 'caption' (str) and "
-                                f"'clip_embedding' (row index)")
-        row = c.get("clip_embedding")
-        if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row < rows:
-            raise FeaturesError(f"{source}: captions[{i}]: 'clip_embedding' is {row!r}; expected a row index "
-                                f"in [0, {rows})")
-    metadata = data.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise FeaturesError(f"{source}: 'metadata' is {type(metadata).__name__}; expected a dict")
-    return {"clip_embedding": features, "captions": captions, "metadata": metadata}
-
-
-def read_features(path) -> Dict:
-    """Load a features pickle without running pickled code: `{"clip_embedding", "captions", "metadata"}`.
-
-    Reads this project's files, the original ClipCap pickles (plain `pickle.dump` of CPU tensors) and
-    `torch.save` files of the same schema.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FeaturesError(f"{path}: no such features file")
-    try:
-        if zipfile.is_zipfile(path):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            with open(path, "rb") as f:
-                data = _SchemaUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise FeaturesError(f"{path}: unsafe or corrupt features file: {e}") from e
-    except (EOFError, OSError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise FeaturesError(f"{path}: not a readable features pickle (corrupt or truncated?): "
-                            f"{e.__class__.__name__}: {e}") from e
-    return one_row_per_image(validate_features(data, path), path)
-
-
-# Rows holding the same image must agree to this fraction of the row's largest magnitude: the original script
-# encoded the same file once per caption, which gives equal rows (up to GPU rounding); rows that differ more
-# mean that two different images share an image_id.
-SAME_IMAGE_TOLERANCE = 1e-2
-
-
-def one_row_per_image(data: Dict, source="features") -> Dict:
-    """`data` with one feature row per distinct `image_id`, every caption pointing at its image's row.
-
-    The original parse_coco.py wrote one row per caption (the same image encoded five times); an image is its
-    `image_id`, so such rows are merged here, once, for everything that reads features: the training split holds
-    out images rather than captions, evaluation sees all of an image's captions, and predictions are one per
-    image. Rows that share an image_id but hold different features are an error naming both captions.
-    """
-    captions, features = data["captions"], data["clip_embedding"]
-    first_row: Dict = {}  # image_id -> the row of its first caption
-    for i, c in enumerate(captions):
-        try:
-            first_row.setdefault(c["image_id"], c["clip_embedding"])
-        except TypeError as e:
-            raise FeaturesError(f"{source}: captions[{i}]['image_id'] is {c['image_id']!r}; expected a number or "
-                                f"a string") from e
-    rows = torch.tensor([c["clip_embedding"] for c in captions])
-    firsts = torch.tensor([first_row[c["image_id"]] for c in captions])
-    if torch.equal(rows, firsts) and len(set(first_row.values())) == len(first_row):
-        return data  # already one row per image
-    # Otherwise rows repeat an image, or one row serves several image_ids (each then gets its own copy).
-    repeated = torch.nonzero(rows != firsts).flatten()
-    for start in range(0, len(repeated), 65536):  # in chunks: a COCO pickle repeats about 470k rows
-        chunk = repeated[start:start + 65536]
-        a, b = features[rows[chunk]].float(), features[firsts[chunk]].float()
-        dims = tuple(range(1, a.ndim))
-        bad = (a - b).abs().amax(dim=dims) > SAME_IMAGE_TOLERANCE * b.abs().amax(dim=dims).clamp_min(1e-12)
-        if bad.any():
-            i = int(chunk[bad.nonzero()[0, 0]])
-            j = next(k for k, c in enumerate(captions) if c["image_id"] == captions[i]["image_id"])
-            raise FeaturesError(
-                f"{source}: captions[{j}] and captions[{i}] have the same image_id {captions[i]['image_id']!r} but "
-                f"their 'clip_embedding' rows ({int(firsts[i])} and {int(rows[i])}) hold different features; "
-                f"an image_id must name one image")
-    images = list(first_row)
-    new_row = {image_id: n for n, image_id in enumerate(images)}
-    merged = [{**c, "clip_embedding": new_row[c["image_id"]]} for c in captions]
-    if len(repeated):
-        print(f"note: {source} repeats images: {features.shape[0]:,} feature rows for {len(images):,} "
-              f"images (one row per caption, as the original parse_coco.py wrote them); they are read as one row "
-              f"per image. parse_coco.py stores each image once (one row per image_id).", file=sys.stderr)
-    kept = torch.tensor([first_row[image_id] for image_id in images])
-    return {**data, "clip_embedding": features[kept], "captions": merged}
-
-
-def write_features(path, features: torch.Tensor, captions: List[Dict], metadata: Optional[Dict] = None) -> None:
-    """Write the features pickle atomically (temp file + rename), after checking it against the schema."""
-    # A clone: pickling a view would store its whole base storage.
-    features = features.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-    # Written even with non-finite rows, which reading names: the hours of extraction are not thrown away.
-    data = validate_features({"clip_embedding": features, "captions": captions, "metadata": metadata or {}}, path,
-                             check_finite=False)
-    try:
-        json.dumps(data["metadata"])
-    except TypeError as e:
-        raise FeaturesError(f"{path}: metadata must be plain JSON-like data (the reader accepts nothing else): "
-                            f"{e}") from e
-    with atomic_write(path) as tmp:
-        with open(tmp, "wb") as f:
-            pickle.dump(data, f, protocol=4)

@@ -1,4 +1,4 @@
-"""caption_data: annotation readers, image loading and the features pickle."""
+"""captioning.data: annotation readers, image loading and the features pickle."""
 import csv
 import io
 import json
@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from caption_data import (AnnotationError, FeaturesError, ImageError, ImageRecord, load_image, read_annotations,
-                          read_features, write_features)
+from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
+from captioning.data.features import FeaturesError, read_features, write_features
+from captioning.data.images import ImageError, load_image
 
 
 @pytest.fixture

@@ -1,0 +1,51 @@
+"""Image files -> 8-bit RGB PIL images, with the reason when a file cannot be used."""
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image, ImageOps
+
+from models.encoder import to_rgb
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; `kind` is one of missing, unreadable, truncated, too_large,
+    empty."""
+
+    def __init__(self, path, kind: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.kind, self.reason = Path(path), kind, reason
+
+    def __reduce__(self):  # DataLoader workers send exceptions across processes
+        return ImageError, (self.path, self.kind, self.reason)
+
+
+def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
+    """An image file as 8-bit RGB, EXIF orientation applied; raises `ImageError` naming the file and reason.
+
+    Grayscale, CMYK, RGBA, palette and 16-bit images are converted. Images larger than `max_pixels`
+    (default: PIL's `Image.MAX_IMAGE_PIXELS`) are refused before decoding, as are truncated files.
+    """
+    path = Path(path)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if not path.is_file():
+        raise ImageError(path, "missing", "is a directory, not an image file" if path.is_dir() else "file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses
+            with Image.open(path) as image:
+                width, height = image.size
+                if limit and width * height > limit:
+                    raise ImageError(path, "too_large", f"decompression bomb: {width}x{height} = "
+                                     f"{width * height:,} pixels exceeds the limit of {limit:,}")
+                image.load()
+                if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation, as phone photos carry it
+                    image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, "too_large", f"decompression bomb: {e}") from e
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ... for broken files
+        kind = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        raise ImageError(path, kind, f"{kind}: {e.__class__.__name__}: {e}") from e
