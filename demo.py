@@ -70,7 +70,7 @@ import train
 from captioning.data.annotations import read_annotations
 from captioning import runtime
 from captioning.outputs import OutputError, check_output_dir
-from caption_metrics import score_captions
+from captioning.metrics import score_captions
 from models.decoding import DecodingOptions
 from captioning.inference import Captioner
 from predict import write_json

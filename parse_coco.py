@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=4 parse_coco.py --annotations data/coco/annotations/dataset_coco.json \
         --split train+restval --out_path data/coco/karpathy_train.pkl
 
-Interrupted runs resume: rerun the same command. See feature_extraction.py for how.
+Interrupted runs resume: rerun the same command. See captioning/extraction.py for how.
 """
 import argparse
 import datetime
@@ -102,7 +102,7 @@ from captioning import runtime
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import FeaturesError, write_features
-from feature_extraction import (ExtractionError, assemble, check_manifest, done_indices, extract,
+from captioning.extraction import (ExtractionError, assemble, check_manifest, done_indices, extract,
                                 plan_batches, prepare_partial)
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.encoder import EncoderConfig, ImageEncoder

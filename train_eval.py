@@ -12,7 +12,7 @@ from typing import Dict, Hashable, List, Optional
 
 import torch
 
-from caption_metrics import score_captions
+from captioning.metrics import score_captions
 from captioning.runtime import Precision
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory

@@ -1,4 +1,4 @@
-"""Time `caption_metrics.score_captions` against the COCO caption toolkit's own pipeline on a Karpathy-test-
+"""Time `metrics.score_captions` against the COCO caption toolkit's own pipeline on a Karpathy-test-
 sized synthetic set (5,000 images, 5 references each), and check that both give the same numbers.
 
 The baseline is what `pycocoevalcap.eval.COCOEvalCap.evaluate` runs: the PTB tokenizer once for the references
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caption_metrics import score_captions  # noqa: E402
+from captioning.metrics import score_captions  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "brown", "grey"]
 THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table", "train", "bird", "boat", "child"]

@@ -1,6 +1,6 @@
 """evaluate.py end to end through main([...]) on small hand-made COCO and Karpathy files.
 
-The CLI runs score BLEU and CIDEr only (METEOR starts a JVM for seconds); test_caption_metrics checks every
+The CLI runs score BLEU and CIDEr only (METEOR starts a JVM for seconds); test_metrics checks every
 metric against pycocoevalcap itself."""
 import json
 import types
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import caption_metrics
+from captioning import metrics
 import evaluate
 from captioning import runtime
-from caption_metrics import score_captions
-from tests.test_caption_metrics import PREDICTIONS, REFERENCES
+from captioning.metrics import score_captions
+from tests.test_metrics import PREDICTIONS, REFERENCES
 
 FAST = ["--metrics", "BLEU", "CIDEr"]
 # Karpathy-style ids: 6 test images (ids 1-6 with the references above), 2 val, 2 train, 1 restval.
@@ -72,7 +72,7 @@ def test_scores_a_results_file_against_coco_annotations(tmp_path, coco_file, cap
     rows = {row["image_id"]: row for row in saved["per_image"]}
     assert rows[3]["caption"] == PREDICTIONS[3]
     assert rows[3]["CIDEr"] == pytest.approx(direct["per_image"][3]["CIDEr"])
-    original = caption_metrics.original_bleu(beams, REFERENCES)
+    original = metrics.original_bleu(beams, REFERENCES)
     assert saved["original_bleu"]["Bleu_4"] == pytest.approx(original["Bleu_4"])
     assert rows[2]["original_Bleu_4"] == pytest.approx(original["per_image"][2])
     assert (out_dir / "scores_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -154,7 +154,7 @@ def test_other_user_errors(tmp_path, coco_file, karpathy_file, capsys, monkeypat
     monkeypatch.setitem(__import__("sys").modules, "nltk", None)  # an import of it now fails
     err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu"])
     assert "nltk is not installed: `pip install nltk`" in err
-    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file)])
     assert "Java was not found on PATH" in err
     assert not (tmp_path / "results_eval").exists()
@@ -239,7 +239,7 @@ def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--images_root", str(coco_images), "--annotations",
             str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "out"), *FAST]
     with monkeypatch.context() as m:  # no captioning when the metrics could not run afterwards
-        m.setattr(caption_metrics.shutil, "which", lambda name: None)
+        m.setattr(metrics.shutil, "which", lambda name: None)
         assert "Java was not found" in run_error(capsys, argv)
     (coco_images / "val2014" / "COCO_val2014_000000000005.jpg").unlink()
     err = run_error(capsys, argv)

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import evaluate
 from captioning.data.annotations import read_annotations
 from captioning.data.images import load_image
-from caption_metrics import score_captions
+from captioning.metrics import score_captions
 from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
 from tests.test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-import feature_extraction
+from captioning import extraction
 import parse_coco
 from captioning import runtime
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import read_features
 from captioning.data.images import load_image
-from feature_extraction import ExtractionError
+from captioning.extraction import ExtractionError
 from models.encoder import EncoderConfig, ImageEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,14 +174,14 @@ def assert_same_file(path, reference):
 
 def interrupted_run(tree, out, monkeypatch, batches: int) -> None:
     """A run (batches of 4) stopped by Ctrl-C while the batch after `batches` finished ones is in flight."""
-    original, calls = feature_extraction.LogWriter.append, []
+    original, calls = extraction.LogWriter.append, []
 
     def append(self, indices, features):
         calls.append(indices)
         if len(calls) > batches:
             raise KeyboardInterrupt
         original(self, indices, features)
-    monkeypatch.setattr(feature_extraction.LogWriter, "append", append)
+    monkeypatch.setattr(extraction.LogWriter, "append", append)
     with pytest.raises(KeyboardInterrupt):
         parse_coco.main(args_for(tree, out, "--batch_size", "4"))
     monkeypatch.undo()
@@ -194,7 +194,7 @@ def test_resume_after_interrupt_and_torn_write(tree, reference, tmp_path, monkey
     assert not out.exists() and len(logs) == 1
     with open(logs[0], "ab") as f:  # power loss in the middle of writing the third record
         f.write(b"TTF1" + b"\x00" * 9)
-    assert feature_extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
+    assert extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
     parse_coco.main(args_for(tree, out, "--batch_size", "4"))
     assert_same_file(out, reference)
 
@@ -222,7 +222,7 @@ def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree,
     whole = read_features(tmp_path / "whole.pkl")
     assert whole["metadata"]["seed"] == 0 and whole["metadata"]["encoder"]["weights_sha256"]
     out = tmp_path / "f.pkl"
-    original, calls = feature_extraction.LogWriter.append, []
+    original, calls = extraction.LogWriter.append, []
 
     def append(self, indices, features):
         calls.append(indices)
@@ -230,7 +230,7 @@ def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree,
             raise KeyboardInterrupt
         original(self, indices, features)
 
-    monkeypatch.setattr(feature_extraction.LogWriter, "append", append)
+    monkeypatch.setattr(extraction.LogWriter, "append", append)
     with pytest.raises(KeyboardInterrupt):
         parse_coco.main(random_args(out))
     monkeypatch.undo()
@@ -243,14 +243,15 @@ def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree,
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import feature_extraction, parse_coco
-original, calls = feature_extraction.LogWriter.append, []
+import parse_coco
+from captioning import extraction
+original, calls = extraction.LogWriter.append, []
 def append(self, indices, features):
     calls.append(indices)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     original(self, indices, features)
-feature_extraction.LogWriter.append = append
+extraction.LogWriter.append = append
 parse_coco.main({argv!r})
 """
 
@@ -264,7 +265,7 @@ def test_resume_after_kill_9(tree, reference, tmp_path):
         proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), argv=argv)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
-    assert not out.exists() and feature_extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
+    assert not out.exists() and extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
     parse_coco.main(argv)
     assert_same_file(out, reference)
 
@@ -372,12 +373,12 @@ def test_default_output_paths():
 def test_split_preprocessing_equals_the_encoders(tree, preprocessing):
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=40,
                                          preprocessing=preprocessing))
-    transform, normalization = feature_extraction.split_transform(encoder.transform)
+    transform, normalization = extraction.split_transform(encoder.transform)
     assert normalization is not None
     images = [load_image(tree / coco_name(i)) for i in (1, 4, 11)]  # RGB, CMYK, 16-bit sources
     batch = torch.stack([transform(image) for image in images])
     assert batch.dtype == torch.uint8
-    assert torch.equal(feature_extraction.normalize_batch(batch, normalization),
+    assert torch.equal(extraction.normalize_batch(batch, normalization),
                        torch.stack([encoder.preprocess(image) for image in images]))
 
 

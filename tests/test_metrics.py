@@ -1,11 +1,11 @@
-"""caption_metrics against direct pycocoevalcap and NLTK calls. The Java scorers cost seconds per call, so
+"""captioning.metrics against direct pycocoevalcap and NLTK calls. The Java scorers cost seconds per call, so
 each is run once per module through fixtures."""
 import math
 
 import pytest
 
-import caption_metrics
-from caption_metrics import JavaNotFoundError, MetricsError, original_bleu, ptb_tokenize, score_captions
+from captioning import metrics
+from captioning.metrics import JavaNotFoundError, MetricsError, original_bleu, ptb_tokenize, score_captions
 
 REFERENCES = {
     1: ["A man riding a brown horse on a beach.", "A person rides a horse along the shore.",
@@ -103,16 +103,16 @@ def test_ptb_tokenize_equals_pycocoevalcap_and_keeps_lines_aligned():
 
 
 def test_java_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
     with pytest.raises(JavaNotFoundError, match="Java was not found on PATH.*PTB tokenizer and METEOR"):
         score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU",))
 
 
 def test_spice_skipped_with_a_note_when_corenlp_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(caption_metrics, "_pycocoevalcap_dir", lambda: str(tmp_path))
-    assert "SPICE skipped: it needs Stanford CoreNLP 3.6.0" in caption_metrics.spice_status()
-    monkeypatch.setattr(caption_metrics, "spice_status", lambda: "SPICE skipped: reason")
-    monkeypatch.setattr(caption_metrics, "ptb_tokenize", lambda caps: {k: [c.lower() for c in v]
+    monkeypatch.setattr(metrics, "_pycocoevalcap_dir", lambda: str(tmp_path))
+    assert "SPICE skipped: it needs Stanford CoreNLP 3.6.0" in metrics.spice_status()
+    monkeypatch.setattr(metrics, "spice_status", lambda: "SPICE skipped: reason")
+    monkeypatch.setattr(metrics, "ptb_tokenize", lambda caps: {k: [c.lower() for c in v]
                                                                         for k, v in caps.items()})
     result = score_captions(PREDICTIONS, REFERENCES, metrics=("CIDEr", "SPICE"))
     assert result["notes"] == ["SPICE skipped: reason"] and set(result["metrics"]) == {"CIDEr"}
@@ -127,9 +127,9 @@ def test_spice_failure_becomes_a_note(monkeypatch):
         def compute_score(self, gts, res):
             raise subprocess.CalledProcessError(1, ["java", "-jar", "spice-1.0.jar"])
 
-    monkeypatch.setattr(caption_metrics, "spice_status", lambda: None)
+    monkeypatch.setattr(metrics, "spice_status", lambda: None)
     monkeypatch.setattr(spice, "Spice", FailingSpice)
-    monkeypatch.setattr(caption_metrics, "ptb_tokenize", lambda caps: {k: [c.lower() for c in v]
+    monkeypatch.setattr(metrics, "ptb_tokenize", lambda caps: {k: [c.lower() for c in v]
                                                                         for k, v in caps.items()})
     result = score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "SPICE"))
     assert "Bleu_4" in result["metrics"] and "SPICE" not in result["metrics"]
