@@ -142,12 +142,12 @@ from captioning import runtime
 from captioning.outputs import OutputError, check_output_dir
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
-from train_eval import build_caption_evaluation
-from train_init import adopt_export_config, flags_given, load_tokenizer, model_from_export
-from train_state import Distributed, TrainingError, previous_state_path, seed_everything
-from trainer import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
-from training_data import CaptionCollator, ResumableDistributedSampler, validation_shard
-from training_inputs import build_feature_inputs, build_image_inputs
+from captioning.training.evaluation import build_caption_evaluation
+from captioning.training.finetune import adopt_export_config, flags_given, load_tokenizer, model_from_export
+from captioning.training.state import Distributed, TrainingError, previous_state_path, seed_everything
+from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
+from captioning.training.inputs import build_feature_inputs, build_image_inputs
 
 DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 

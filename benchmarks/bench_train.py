@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from captioning import runtime  # noqa: E402
 from models.captioner import CaptionerConfig, ClipCaptionModel  # noqa: E402
 import train  # noqa: E402
-from train_state import Distributed  # noqa: E402
-from trainer import CaptionLoss, Stepper  # noqa: E402
-from training_data import CaptionCollator  # noqa: E402
+from captioning.training.state import Distributed  # noqa: E402
+from captioning.training.loop import CaptionLoss, Stepper  # noqa: E402
+from captioning.training.datasets import CaptionCollator  # noqa: E402
 
 VOCAB, EOS, PREFIX, FEATURE_DIM = 50257, 50256, 40, 576
 

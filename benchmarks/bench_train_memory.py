@@ -68,8 +68,8 @@ def measure(path: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     import train
-    from train_state import Distributed
-    from training_inputs import build_feature_inputs
+    from captioning.training.state import Distributed
+    from captioning.training.inputs import build_feature_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     base = current_rss_gb()

@@ -9,9 +9,9 @@ import torch
 
 import evaluate
 import predict
-import train_eval
+from captioning.training import evaluation
 from captioning.data.features import FeaturesError, read_features
-from training_data import FeatureCaptionDataset, caption_table_from_features, split_by_image
+from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features, split_by_image
 from test_predict import tiny_captioner_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +90,7 @@ def test_val_fraction_holds_out_images_and_evaluation_has_every_reference(tmp_pa
     assert len(train_ids) == 80 and len(val_ids) == 20
 
     val = FeatureCaptionDataset(data["clip_embedding"], table, None, val_ids)
-    images = train_eval.select_eval_images(val, 10)
+    images = evaluation.select_eval_images(val, 10)
     assert len(images.ids) == 4
     assert all(len(refs) == PER_IMAGE for refs in images.references.values())
     for row, refs in images.references.items():

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-import trainer
-import training_data
+from captioning.training import loop
+from captioning.training import datasets
 from captioning.data.features import write_features
 from captioning import runtime
 from captioning.runtime import Precision
@@ -22,7 +22,7 @@ from conftest import COLOURS, PLACES, THINGS
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig
-from train_state import TrainingError, load_state
+from captioning.training.state import TrainingError, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER_META = EncoderConfig(name="tiny_vit_21m_224", weights="pretrained",
@@ -154,7 +154,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gp
     common = ["--epochs", 3, "--bs", 2, "--grad_accum", 2, "--save_every_steps", 2]  # 6 steps per epoch
     train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
 
-    real_step = trainer.Stepper.__call__
+    real_step = loop.Stepper.__call__
     calls = []
 
     def crashing(self, micro):
@@ -163,10 +163,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gp
             raise Crash()
         return real_step(self, micro)
 
-    monkeypatch.setattr(trainer.Stepper, "__call__", crashing)
+    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(Crash):
         train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common))
-    monkeypatch.setattr(trainer.Stepper, "__call__", real_step)
+    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     assert load_state(tmp_path / "crashed" / "coco_prefix_resume.pt")["step"] == 8
     summary = train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
     assert summary["step"] == 18
@@ -178,7 +178,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gp
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, features, gpt2_dir, monkeypatch):
-    real_forward = trainer.CaptionLoss.forward
+    real_forward = loop.CaptionLoss.forward
     calls = []
 
     def poisoned(self, *args):
@@ -186,7 +186,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, features, g
         loss = real_forward(self, *args)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(trainer.CaptionLoss, "forward", poisoned)
+    monkeypatch.setattr(loop.CaptionLoss, "forward", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"became nan at step 3 \(epoch 0\).*coco_prefix_resume.pt"):
         train.main(args_for(features, out, gpt2_dir, "--max_steps", 5, "--save_every_steps", 2))
@@ -223,13 +223,13 @@ def test_a_changed_pickle_is_retokenized(tmp_path, gpt2_dir, tokenizer):
 def test_an_unwritable_cache_dir_falls_back_to_the_run_directory(tmp_path, gpt2_dir, monkeypatch):
     data = make_pickle(tmp_path / "data" / "train.pkl")
     cache = tmp_path / "cache"
-    real = training_data.atomic_write
+    real = datasets.atomic_write
 
     def refuse_the_cache(path):  # tests run as root, where permissions do not stop writes
         if Path(path).parent == cache:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
-    monkeypatch.setattr(training_data, "atomic_write", refuse_the_cache)
+    monkeypatch.setattr(datasets, "atomic_write", refuse_the_cache)
     train.main(args_for(data, tmp_path / "run", gpt2_dir, "--max_steps", 1, "--cache_dir", cache))
     assert len(list((tmp_path / "run").glob("train.pkl.tokens-*.npz"))) == 1
     assert not cache.exists() or not list(cache.iterdir())
@@ -321,7 +321,7 @@ def test_bf16_on_the_cpu_uses_the_math_attention_kernel():
     model = torch.nn.Linear(2, 2)
     for name, math_only in (("bf16", True), ("fp32", False)):
         precision = Precision(name, name, "as asked")
-        stepper = trainer.Stepper(model, torch.optim.SGD(model.parameters(), 0.1), None, dist, precision=precision)
+        stepper = loop.Stepper(model, torch.optim.SGD(model.parameters(), 0.1), None, dist, precision=precision)
         with stepper.autocast():
             assert torch.is_autocast_enabled("cpu") == (name == "bf16")
             assert torch.backends.cuda.flash_sdp_enabled() != math_only
@@ -382,7 +382,7 @@ def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_p
     common = ["--epochs", 3, "--bs", 4, "--save_every_steps", 0]  # 6 steps per epoch, a checkpoint after each
     train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
     out = tmp_path / "run"
-    real_step = trainer.Stepper.__call__
+    real_step = loop.Stepper.__call__
     calls = []
 
     def crashing(self, micro):
@@ -391,10 +391,10 @@ def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_p
             raise Crash()
         return real_step(self, micro)
 
-    monkeypatch.setattr(trainer.Stepper, "__call__", crashing)
+    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(Crash):
         train.main(args_for(features, out, gpt2_dir, *common))
-    monkeypatch.setattr(trainer.Stepper, "__call__", real_step)
+    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     resume = out / "coco_prefix_resume.pt"
     assert load_state(out / "coco_prefix_resume.prev.pt")["step"] == 6 and load_state(resume)["step"] == 12
     data = bytearray(resume.read_bytes())

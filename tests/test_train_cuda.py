@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-import trainer
+from captioning.training import loop
 from models.captioner import ClipCaptionModel
 from test_train import ROOT, args_for, log_records, make_images, make_pickle, weights
 
@@ -37,7 +37,7 @@ def test_mixed_precision_trains_and_exports_fp32_weights(tmp_path, data, gpt2_di
 def test_resume_on_the_gpu_continues_the_run(tmp_path, data, gpt2_dir, monkeypatch):
     common = ["--epochs", 3, "--save_every_steps", 3]  # 6 steps per epoch
     train.main(cuda_args(data, tmp_path / "whole", gpt2_dir, *common))
-    real_step, calls = trainer.Stepper.__call__, []
+    real_step, calls = loop.Stepper.__call__, []
 
     def crashing(self, micro):
         calls.append(1)
@@ -45,10 +45,10 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path, data, gpt2_dir, monkeypat
             raise KeyboardInterrupt
         return real_step(self, micro)
 
-    monkeypatch.setattr(trainer.Stepper, "__call__", crashing)
+    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(KeyboardInterrupt):
         train.main(cuda_args(data, tmp_path / "crashed", gpt2_dir, *common))
-    monkeypatch.setattr(trainer.Stepper, "__call__", real_step)
+    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     train.main(cuda_args(data, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
     a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "crashed" / "coco_prefix_latest")
     # GPU kernels need not be bitwise reproducible (atomics in some backward passes): close, not equal

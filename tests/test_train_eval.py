@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train
-import train_eval
+from captioning.training import evaluation
 from captioning.data.features import read_features
 from predict import Captioner
-from training_data import FeatureCaptionDataset, caption_table_from_features
+from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features
 from test_train import ROOT, args_for, make_pickle
 
 
@@ -51,7 +51,7 @@ def test_eval_images_are_the_first_distinct_images_with_all_their_captions(data)
     raw = read_features(data[1])
     table = caption_table_from_features(raw, data[1])
     val = FeatureCaptionDataset(raw["clip_embedding"], table, None, np.arange(len(table)))
-    images = train_eval.select_eval_images(val, 2)
+    images = evaluation.select_eval_images(val, 2)
     assert images.ids == [0, 1]
     assert images.references == {i: [c for c, j in zip(table.captions, table.image_index) if j == i] for i in (0, 1)}
     assert torch.equal(images.items[1], raw["clip_embedding"][1].float())

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from models.captioner import CaptionerConfig, ClipCaptionModel
-from train_state import Distributed
-from trainer import CaptionLoss, Stepper
-from training_data import (CaptionCollator, CaptionTable, CaptionTokens, FeatureCaptionDataset,
+from captioning.training.state import Distributed
+from captioning.training.loop import CaptionLoss, Stepper
+from captioning.training.datasets import (CaptionCollator, CaptionTable, CaptionTokens, FeatureCaptionDataset,
                            ResumableDistributedSampler, cached_tokens, split_by_image, token_cache_key,
                            tokenize_captions)
 
@@ -145,8 +145,8 @@ def test_frozen_decoder_gets_no_gradients(tiny_model, tokenizer):
 def test_augmentation_depends_on_seed_epoch_and_caption_only(tmp_path):
     from PIL import Image
     from captioning.data.images import load_image
-    from training_data import ImageCaptionDataset
-    from training_inputs import augmentation
+    from captioning.training.datasets import ImageCaptionDataset
+    from captioning.training.inputs import augmentation
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     config = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}

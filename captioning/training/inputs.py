@@ -23,7 +23,7 @@ from captioning.data.features import read_features
 from captioning.data.images import load_image
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig, ImageEncoder
-from training_data import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
+from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                            caption_table_from_features, captions_fingerprint, default_cache_dir, split_by_image)
 
 

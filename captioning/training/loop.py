@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from captioning.runtime import FP32, Precision
 from models.checkpoint_io import CheckpointError, load_state_dict_strict
-from train_state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
+from captioning.training.state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
                          remove_stale_temporaries, restore_rng, save_state, set_aside_corrupt)
 
 # Arguments that cannot change what is computed: where and how often things are written, how many processes load
