@@ -1,6 +1,6 @@
 """The whole pipeline on a fresh machine, without pretrained weights or COCO: `make demo`.
 
-Generates the synthetic shapes dataset (shapes_data.py), trains a byte-level BPE tokenizer on its captions, builds a
+Generates the synthetic shapes dataset (captioning/data/shapes.py), trains a byte-level BPE tokenizer on its captions, builds a
 small GPT-2, trains a small timm encoder end to end with the mapper and the decoder (train.py --train_encoder),
 captions the test split (predict.py's Captioner), scores it (evaluate.py) and checks each caption's colours, shapes
 and positions against the scene. Any folder holding `images/`, `captions_train.json` and `captions_test.json` in
@@ -65,7 +65,7 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 import evaluate
-import shapes_data
+from captioning.data import shapes
 import train
 from captioning.data.annotations import read_annotations
 from captioning import runtime
@@ -74,7 +74,7 @@ from captioning.metrics import score_captions
 from models.decoding import DecodingOptions
 from captioning.inference import Captioner
 from predict import write_json
-from shapes_data import parse_caption, same_scene_facts, scene_from_dict
+from captioning.data.shapes import parse_caption, same_scene_facts, scene_from_dict
 
 
 def build_decoder(captions, directory: Path, seed: int) -> Path:
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
                                         f"captions_test.json in official COCO format)")
         out.mkdir(parents=True, exist_ok=True)
     else:
-        data = shapes_data.generate(out / "shapes", num_train=args.num_train, num_val=args.num_val,
+        data = shapes.generate(out / "shapes", num_train=args.num_train, num_val=args.num_val,
                                     num_test=args.num_test, seed=args.seed, size=args.image_size)
     stage("data")
     root = images_root(data)

@@ -4,8 +4,8 @@ import json
 import pytest
 
 import demo
-import shapes_data
-from shapes_data import same_scene_facts, scene_from_dict
+from captioning.data import shapes
+from captioning.data.shapes import same_scene_facts, scene_from_dict
 
 
 def test_demo_runs_the_whole_pipeline_and_learns(tmp_path, capsys, monkeypatch):
@@ -30,7 +30,7 @@ def files_in(folder):
 
 @pytest.mark.parametrize("convention", ["relative to images/, as COCO", "relative to the dataset folder"])
 def test_a_dataset_brought_by_a_user_is_read_and_left_untouched(tmp_path, convention):
-    data = shapes_data.generate(tmp_path / "theirs", num_train=20, num_val=2, num_test=4, seed=5)
+    data = shapes.generate(tmp_path / "theirs", num_train=20, num_val=2, num_test=4, seed=5)
     if convention.startswith("relative to images/"):
         for name in demo.ANNOTATION_FILES:
             raw = json.loads((data / name).read_text())
@@ -45,7 +45,7 @@ def test_a_dataset_brought_by_a_user_is_read_and_left_untouched(tmp_path, conven
 
 
 def test_images_found_under_neither_root_are_a_clear_error(tmp_path):
-    data = shapes_data.generate(tmp_path / "theirs", num_train=3, num_val=0, num_test=2, seed=5)
+    data = shapes.generate(tmp_path / "theirs", num_train=3, num_val=0, num_test=2, seed=5)
     next((data / "images").iterdir()).unlink()
     with pytest.raises(FileNotFoundError, match=r"the annotations' images are neither under .*images \(5 of 5 "
                                                 r"missing, e.g. 'images/.*'\) nor under .* \(1 missing\)"):
@@ -66,7 +66,7 @@ def strip_scenes(data, unreadable_image=None):
 
 
 def test_ground_truth_comes_from_the_references_without_a_scene(tmp_path):
-    data = shapes_data.generate(tmp_path, num_train=0, num_val=0, num_test=30, seed=3)
+    data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=30, seed=3)
     first = json.loads((data / "captions_test.json").read_text())["images"][0]["id"]
     truth = strip_scenes(data, unreadable_image=first)
     records = demo.read_annotations(data / "captions_test.json", images_root=data)
@@ -89,7 +89,7 @@ def test_the_recipe_is_a_step_budget():
 
 
 def test_demo_on_another_dataset_without_scenes(tmp_path, capsys):
-    data = shapes_data.generate(tmp_path / "other", num_train=20, num_val=2, num_test=4, seed=5)
+    data = shapes.generate(tmp_path / "other", num_train=20, num_val=2, num_test=4, seed=5)
     strip_scenes(data)
     result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out"), "--epochs", "1", "--bs", "16",
                         "--beam_size", "1"])

@@ -5,13 +5,14 @@ import numpy as np
 from PIL import Image
 
 import shapes_data
-from shapes_data import COLOURS, Scene, Thing, captions_for, parse_caption, same_scene_facts, scene_from_dict
+from captioning.data import shapes
+from captioning.data.shapes import COLOURS, Scene, Thing, captions_for, parse_caption, same_scene_facts, scene_from_dict
 
 
 def test_generation_is_deterministic(tmp_path):
-    a = shapes_data.generate(tmp_path / "a", num_train=12, num_val=3, num_test=4, seed=7)
-    b = shapes_data.generate(tmp_path / "b", num_train=12, num_val=3, num_test=4, seed=7)
-    c = shapes_data.generate(tmp_path / "c", num_train=12, num_val=3, num_test=4, seed=8)
+    a = shapes.generate(tmp_path / "a", num_train=12, num_val=3, num_test=4, seed=7)
+    b = shapes.generate(tmp_path / "b", num_train=12, num_val=3, num_test=4, seed=7)
+    c = shapes.generate(tmp_path / "c", num_train=12, num_val=3, num_test=4, seed=8)
     for split in ("train", "val", "test"):
         assert (a / f"captions_{split}.json").read_text() == (b / f"captions_{split}.json").read_text()
     files = sorted(p.name for p in (a / "images").iterdir())
@@ -21,7 +22,7 @@ def test_generation_is_deterministic(tmp_path):
 
 
 def test_coco_format_and_captions_parse_back_to_the_scene(tmp_path):
-    out = shapes_data.generate(tmp_path, num_train=40, num_val=0, num_test=0, seed=0)
+    out = shapes.generate(tmp_path, num_train=40, num_val=0, num_test=0, seed=0)
     data = json.loads((out / "captions_train.json").read_text())
     assert {"images", "annotations"} <= set(data)
     by_id = {im["id"]: im for im in data["images"]}
@@ -39,8 +40,8 @@ def test_images_show_the_scene_with_the_first_shape_left_or_on_top(tmp_path):
     rng = random.Random(0)
     checked = 0
     while checked < 20:
-        scene = shapes_data.random_scene(rng)
-        pixels = np.asarray(shapes_data.draw_scene(scene, rng, 64)).astype(int)
+        scene = shapes.random_scene(rng)
+        pixels = np.asarray(shapes.draw_scene(scene, rng, 64)).astype(int)
         if scene.position or scene.things[0].colour == scene.things[1].colour:
             continue
 
@@ -104,7 +105,7 @@ def test_main_writes_the_splits(tmp_path, capsys):
 
 
 def test_either_order_captions_name_either_shape_first_and_parse_back(tmp_path):
-    out = shapes_data.generate(tmp_path, num_train=60, num_val=0, num_test=0, seed=3, either_order=True)
+    out = shapes.generate(tmp_path, num_train=60, num_val=0, num_test=0, seed=3, either_order=True)
     data = json.loads((out / "captions_train.json").read_text())
     scenes = {im["id"]: scene_from_dict(im["scene"]) for im in data["images"]}
     second_first = 0
@@ -114,7 +115,7 @@ def test_either_order_captions_name_either_shape_first_and_parse_back(tmp_path):
         if scene.relation and parsed.things[0] == scene.things[1] and not ann["caption"].endswith(" it"):
             second_first += 1  # "B below A": the right/lower shape named first
     assert second_first > 20
-    plain = json.loads((shapes_data.generate(tmp_path / "plain", num_train=60, num_val=0, num_test=0,
+    plain = json.loads((shapes.generate(tmp_path / "plain", num_train=60, num_val=0, num_test=0,
                                               seed=3) / "captions_train.json").read_text())
     scenes = {im["id"]: scene_from_dict(im["scene"]) for im in plain["images"]}
     for ann in plain["annotations"]:  # reading order only
