@@ -16,18 +16,14 @@ The last line is `RESULT ratio_single=<b/a> ratio_batched=<c/a> ratio_batched_bf
 """
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from captioning.original_decoding import original_beam_search  # noqa: E402
-from captioning import runtime  # noqa: E402
-from models.decoding import beam_search  # noqa: E402
+from captioning.original_decoding import original_beam_search
+from captioning import runtime
+from models.decoding import beam_search
 
 
 def parse_args(argv=None):

@@ -5,11 +5,8 @@ Runs demo.py's pipeline (generate, tokenizer, train, caption, evaluate) and ends
 Pass `--data DIR` to measure the recipe on another dataset in the same COCO format.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import demo  # noqa: E402
+import demo
 
 
 def main(argv=None) -> None:

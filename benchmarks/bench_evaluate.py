@@ -13,13 +13,9 @@ max_abs_diff=...
 """
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from captioning.metrics import score_captions  # noqa: E402
+from captioning.metrics import score_captions
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white", "brown", "grey"]
 THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table", "train", "bird", "boat", "child"]

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pickle
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,11 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import parse_coco  # noqa: E402
-from captioning import runtime  # noqa: E402
-from models.encoder import EncoderConfig, ImageEncoder  # noqa: E402
+import parse_coco
+from captioning import runtime
+from models.encoder import EncoderConfig, ImageEncoder
 
 
 def make_dataset(root: Path, num_images: int, captions_per_image: int) -> Path:

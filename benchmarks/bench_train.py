@@ -17,22 +17,19 @@ labelled positions, frozen decoder under --only_prefix).
 Last line: RESULT ratio_only_prefix=<ours/original samples/s> ratio_finetune=<...> [ratio_*_<precision>=<...>]
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from captioning import runtime  # noqa: E402
-from models.captioner import CaptionerConfig, ClipCaptionModel  # noqa: E402
-import train  # noqa: E402
-from captioning.training.state import Distributed  # noqa: E402
-from captioning.training.loop import CaptionLoss, Stepper  # noqa: E402
-from captioning.training.datasets import CaptionCollator  # noqa: E402
+from captioning import runtime
+from models.captioner import CaptionerConfig, ClipCaptionModel
+import train
+from captioning.training.state import Distributed
+from captioning.training.loop import CaptionLoss, Stepper
+from captioning.training.datasets import CaptionCollator
 
 VOCAB, EOS, PREFIX, FEATURE_DIM = 50257, 50256, 40, 576
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Words of the synthetic captions: COCO-like sentences from a small vocabulary.
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]

@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, saved to disk and loaded back through
 the same `from_pretrained` paths users take with `distilgpt2`. Nothing is downloaded."""
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,8 +14,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # Caption-token caches of the tests' runs go to a directory of their own, not the user's cache.
 os.environ["TINYTINY_CACHE"] = tempfile.mkdtemp(prefix="tinytiny-test-cache-")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 FIXTURES = Path(__file__).parent / "fixtures"
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]

@@ -4,7 +4,6 @@ import io
 import json
 import multiprocessing
 import os
-import pickle
 import signal
 import struct
 import subprocess
@@ -26,7 +25,6 @@ from captioning.data.images import load_image
 from captioning.extraction import ExtractionError
 from models.encoder import EncoderConfig, ImageEncoder
 
-REPO = Path(__file__).resolve().parents[1]
 GOOD = 12  # readable images 1..12, in several modes and folders
 BAD = {13: "missing", 14: "truncated", 15: "unreadable", 16: "too_large"}
 
@@ -241,8 +239,7 @@ def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree,
 
 
 KILL_SCRIPT = """
-import os, signal, sys
-sys.path.insert(0, {repo!r})
+import os, signal
 import parse_coco
 from captioning import extraction
 original, calls = extraction.LogWriter.append, []
@@ -262,7 +259,7 @@ def test_resume_after_kill_9(tree, reference, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO), argv=argv)], env=env,
+        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(argv=argv)], env=env,
                               stdout=log, stderr=subprocess.STDOUT, timeout=120)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
     assert not out.exists() and extraction.done_indices(Path(f"{out}.partial")) == set(range(8))

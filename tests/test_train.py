@@ -332,7 +332,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, 
     common = ["--max_steps", 3, "--save_every_steps", 0, "--val_fraction", 0.25]
     one = args_for(features, tmp_path / "one", gpt2_nodrop_dir, *common, "--bs", 4)
     two = args_for(features, tmp_path / "two", gpt2_nodrop_dir, *common, "--bs", 2)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train.py"), *two], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -66,7 +66,7 @@ def test_end_to_end_with_workers_and_augmentation(tmp_path, gpt2_dir):
 
 
 def test_torchrun_with_nccl(tmp_path, data, gpt2_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(torch.cuda.device_count()), str(ROOT / "train.py"),
                              *map(str, cuda_args(data, tmp_path, gpt2_dir, "--max_steps", 4))],

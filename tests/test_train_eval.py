@@ -77,7 +77,7 @@ def test_eval_every_without_validation_data_is_an_error(tmp_path, data, gpt2_dir
 def test_two_processes_evaluate_once_without_deadlock(tmp_path, data, gpt2_dir):
     flags = args_for(data[0], tmp_path, gpt2_dir, "--bs", 2, "--epochs", 2, "--val_fraction", 0.25,
                      "--eval_every", 1, "--eval_images", 4)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train.py"), *flags], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
