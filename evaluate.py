@@ -21,6 +21,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 from captioning.metrics import ALL_METRICS
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
+from models.choices import DEFAULT_BEAM_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
     p.add_argument("--original_bleu", action="store_true",
                    help="also compute the original notebook's BLEU-4 (not comparable with papers)")
-    p.add_argument("--beam_size", type=POSITIVE, default=5, help="--checkpoint: beam width; every beam is kept")
+    p.add_argument("--beam_size", type=POSITIVE, default=DEFAULT_BEAM_SIZE,
+                   help="--checkpoint: beam width; every beam is kept")
     p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
                         "checkpoint's decoder holds after its prefix if fewer)")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     build_parser().parse_args()
 
-from captioning.data.annotations import AnnotationError, read_annotations
+from captioning.data.annotations import AnnotationError, image_id_key, read_annotations
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -86,12 +88,11 @@ class Prediction:
 # ------------------------------------------------------------------------------------------------ predictions file
 
 def _normalise_id(value, where: str):
-    """Digit strings become ints, as the annotation reader does, so '391895' and 391895 are the same image."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip():
-        return int(value) if value.strip().isdigit() else value
-    raise EvaluationError(f"{where}: image_id {value!r} is not usable; expected an integer or a string")
+    """The annotation readers' key (image_id_key): '391895' and 391895 are the same image."""
+    key = image_id_key(value)
+    if key is None:
+        raise EvaluationError(f"{where}: image_id {value!r} is not usable; expected an integer or a string")
+    return key
 
 
 def _parse_entry(entry, where: str, allow_empty: bool) -> Prediction:
@@ -153,7 +154,8 @@ def write_predictions(path, predictions: Sequence[Prediction]) -> None:
 # -------------------------------------------------------------------------------------------------- references
 
 def load_references(annotations, split: Optional[str], images_root="./data/coco"):
-    """Annotation records (any format captioning.data.annotations reads) and {image_id: [reference, ...]} for those with captions."""
+    """Annotation records (any format captioning.data.annotations reads) and {image_id: [reference, ...]} for
+    those with captions."""
     records = read_annotations(annotations, split=split, images_root=images_root)
     if not any(r.captions for r in records):
         where = f"split {split!r} of " if split else ""

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments,
                             device_name, number)
-from models.choices import DECODINGS
+from models.choices import DECODINGS, DEFAULT_BEAM_SIZE, DEFAULT_TOP_P
 
 
 def parse_args(argv=None):
@@ -39,11 +39,11 @@ def parse_args(argv=None):
                    help="beam search (default, the original's generate_beam), greedy (what the original's "
                         "generate2 did in effect: its top-p filter was followed by an argmax), or nucleus "
                         "sampling (new: the original never sampled)")
-    p.add_argument("--beam_size", type=POSITIVE, default=5, help="beams per image for --decoding beam")
+    p.add_argument("--beam_size", type=POSITIVE, default=DEFAULT_BEAM_SIZE, help="beams per image for --decoding beam")
     p.add_argument("--max_length", type=POSITIVE, default=None,
                    help="most tokens per caption, stop token included (default: 67, the original's, or the most "
                         "the checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--top_p", type=number(0, 1, low_open=True), default=0.8,
+    p.add_argument("--top_p", type=number(0, 1, low_open=True), default=DEFAULT_TOP_P,
                    help="nucleus sampling: draw from the most probable tokens holding this much probability")
     p.add_argument("--temperature", type=TEMPERATURE, default=1.0,
                    help="beam search and nucleus sampling divide the logits by it, as the original's beam search "

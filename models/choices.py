@@ -3,6 +3,8 @@ decoding methods and their limits, feature types, and the original scripts' CLIP
 
 DECODINGS = ("beam", "greedy", "nucleus")
 DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
+DEFAULT_BEAM_SIZE = 5  # the original's beam_size
+DEFAULT_TOP_P = 0.8  # nucleus sampling's probability mass: the original generate2's top_p
 # Logits divided by less than 0.01 overflow to inf in fp16 and bf16 (nan after the softmax); above 100 every token
 # is about equally likely.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0

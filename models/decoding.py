@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache, GPT2LMHeadModel
 
-from models.choices import DECODINGS, DEFAULT_MAX_LENGTH, MAX_TEMPERATURE, MIN_TEMPERATURE  # noqa: F401 (re-exported)
+from models.choices import (DECODINGS, DEFAULT_BEAM_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_TOP_P,  # noqa: F401 (re-exported)
+                            MAX_TEMPERATURE, MIN_TEMPERATURE)
 
 
 def check_temperature(temperature: float) -> None:
@@ -43,9 +44,9 @@ def check_temperature(temperature: float) -> None:
 @dataclass
 class DecodingOptions:
     decoding: str = "beam"  # "beam" | "greedy" | "nucleus"
-    beam_size: int = 5
+    beam_size: int = DEFAULT_BEAM_SIZE
     max_length: int = DEFAULT_MAX_LENGTH
-    top_p: float = 0.8  # nucleus: probability mass sampled from (the original's default)
+    top_p: float = DEFAULT_TOP_P  # nucleus: probability mass sampled from
     temperature: float = 1.0  # nucleus and beam (as the original's beam search): logits are divided by it
     num_captions: int = 1  # nucleus: samples per image; beam: best beams returned by `caption`
     seed: Optional[int] = None  # nucleus: reproducible samples, whatever the batch
@@ -110,7 +111,8 @@ def _eos_tensor(eos_token_ids: Sequence[int], device) -> Tuple[torch.Tensor, int
 
 @torch.no_grad()
 def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
-                beam_size: int = 5, max_length: int = 67, temperature: float = 1.0) -> Decoded:
+                beam_size: int = DEFAULT_BEAM_SIZE, max_length: int = DEFAULT_MAX_LENGTH,
+                temperature: float = 1.0) -> Decoded:
     """Batched beam search with the original ClipCap scoring, `beam_size` sequences per image, best first.
 
     As the original `generate_beam`, beams compete on their mean log-probability per token (of the logits
@@ -292,8 +294,8 @@ def sampling_noise(seed: int, image_indices: Sequence[int], num_samples: int, ma
 
 @torch.no_grad()
 def sample(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
-           num_samples: int = 1, top_p: float = 0.8, temperature: float = 1.0, max_length: int = 67,
-           noise: Optional[torch.Tensor] = None) -> Decoded:
+           num_samples: int = 1, top_p: float = DEFAULT_TOP_P, temperature: float = 1.0,
+           max_length: int = DEFAULT_MAX_LENGTH, noise: Optional[torch.Tensor] = None) -> Decoded:
     """Nucleus sampling: `num_samples` captions per image, each token drawn from the tempered distribution
     restricted to its top-`top_p` nucleus. `noise` (B, N, max_length) uniforms in [0, 1) make it
     reproducible (see `sampling_noise`); without it, torch's global generator draws them."""

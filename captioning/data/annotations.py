@@ -101,15 +101,25 @@ class _Records:
         return ImageRecord(image_id if image_id is not None else file_name, self.root / file_name, [], file_name)
 
 
-def _image_id(value, where: str, source: Path):
-    """An int id (digit strings too), a non-empty str id, or None; anything else is an error."""
-    if value is None:
-        return None
+def image_id_key(value) -> Optional[Union[int, str]]:
+    """An image_id as every reader keys it (annotations and predictions alike): an int, a digit string as that int
+    (so '391895' and 391895 are one image), another non-empty string as it is; None for anything else."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip():
         return int(value) if value.strip().isdigit() else value
-    raise AnnotationError(f"{source}: {where}: image_id {value!r} is not usable; expected an integer or a string")
+    return None
+
+
+def _image_id(value, where: str, source: Path):
+    """The entry's image_id key, or None when it has none; an unusable one is an error."""
+    if value is None:
+        return None
+    key = image_id_key(value)
+    if key is None:
+        raise AnnotationError(f"{source}: {where}: image_id {value!r} is not usable; expected an integer or a "
+                              f"string")
+    return key
 
 
 def _file_name(entry: Dict, where: str, source: Path) -> Optional[str]:
