@@ -14,10 +14,8 @@ and predictions.json with --checkpoint.
 import argparse
 import json
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from captioning.metrics import ALL_METRICS
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
@@ -62,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     build_parser().parse_args()
 
-from captioning.data.annotations import AnnotationError, image_id_key, read_annotations
+from captioning.data.annotations import AnnotationError, read_annotations
+from captioning.data.results import Prediction, ResultsError, read_results, write_results
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -76,79 +75,6 @@ NOT_COMPARABLE = "not comparable with published results"
 
 class EvaluationError(Exception):
     """A user's mistake (bad file, ids that do not match, missing coverage): reported without a stack trace."""
-
-
-@dataclass
-class Prediction:
-    image_id: Hashable
-    caption: str
-    beams: List[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------ predictions file
-
-def _normalise_id(value, where: str):
-    """The annotation readers' key (image_id_key): '391895' and 391895 are the same image."""
-    key = image_id_key(value)
-    if key is None:
-        raise EvaluationError(f"{where}: image_id {value!r} is not usable; expected an integer or a string")
-    return key
-
-
-def _parse_entry(entry, where: str, allow_empty: bool) -> Prediction:
-    if not isinstance(entry, dict):
-        raise EvaluationError(f"{where}: expected an object {{\"image_id\", \"caption\"}}, got "
-                              f"{type(entry).__name__}")
-    for key in ("image_id", "caption"):
-        if key not in entry:
-            raise EvaluationError(f"{where}: missing key {key!r}")
-    image_id = _normalise_id(entry["image_id"], where)
-    caption = entry["caption"]
-    if not isinstance(caption, str):
-        raise EvaluationError(f"{where} (image_id {image_id!r}): caption is {type(caption).__name__}; "
-                              f"expected a string")
-    if not caption.strip() and not allow_empty:
-        raise EvaluationError(f"{where} (image_id {image_id!r}): empty caption; every image needs a caption "
-                              f"(--allow_empty scores empty captions as 0)")
-    key = "beams" if "beams" in entry else "captions"  # predict.py writes every beam as "captions"
-    beams = entry.get(key, [])
-    if not isinstance(beams, list) or not all(isinstance(b, str) for b in beams):
-        raise EvaluationError(f"{where} (image_id {image_id!r}): {key!r} must be a list of strings")
-    return Prediction(image_id, caption, beams)
-
-
-def read_predictions(path, allow_empty: bool = False) -> List[Prediction]:
-    """A COCO results file -> predictions, refusing malformed entries, empty captions and duplicate ids."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"{path}: no such predictions file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise EvaluationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not isinstance(data, list):
-        raise EvaluationError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects (the COCO "
-                              f"results format), got a JSON {type(data).__name__}")
-    if not data:
-        raise EvaluationError(f"{path}: the list of predictions is empty")
-    predictions = [_parse_entry(entry, f"{path}: entry {i}", allow_empty) for i, entry in enumerate(data)]
-    counts = Counter(p.image_id for p in predictions)
-    duplicates = [i for i, n in counts.items() if n > 1]
-    if duplicates:
-        first = duplicates[0]
-        where = [i for i, p in enumerate(predictions) if p.image_id == first]
-        raise EvaluationError(f"{path}: {len(duplicates)} image id(s) have several captions, e.g. image_id "
-                              f"{first!r} at entries {where}; expected one caption per image")
-    return predictions
-
-
-def write_predictions(path, predictions: Sequence[Prediction]) -> None:
-    entries = [{"image_id": p.image_id, "caption": p.caption, **({"beams": p.beams} if p.beams else {})}
-               for p in predictions]
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(entries, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 # -------------------------------------------------------------------------------------------------- references
@@ -345,7 +271,7 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
                                           args.max_length, args.batch_size, args.threads)
     path = out_dir / "predictions.json"
     # kept even when some images failed: captioning may have taken hours
-    write_or_rescue(path, lambda p: write_predictions(p, predictions), "--out_dir")
+    write_or_rescue(path, lambda p: write_results(p, predictions), "--out_dir")
     print(f"wrote {path}")
     failed = [f"{r.path}: file not found" for r in missing] + failed
     if failed and not args.allow_partial:
@@ -367,7 +293,7 @@ def run(args) -> Dict:
             references = {r.image_id: references[r.image_id] for r in records if r.image_id in references}
         predictions = _predict(args, records, out_dir)
     else:
-        predictions = read_predictions(args.predictions, allow_empty=args.allow_empty)
+        predictions = read_results(args.predictions, allow_empty=args.allow_empty)
     empty = sum(not p.caption.strip() for p in predictions)
     if empty:
         print(f"warning: {empty:,} empty caption(s) score 0", file=sys.stderr)
@@ -399,7 +325,7 @@ def main(argv=None) -> Dict:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (EvaluationError, AnnotationError, MetricsError, CheckpointError, OutputError) as e:
+    except (EvaluationError, AnnotationError, MetricsError, CheckpointError, OutputError, ResultsError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -12,7 +12,6 @@ also importable from here).
 import argparse
 import csv
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
@@ -74,6 +73,7 @@ from PIL import Image
 
 from captioning.data.features import FeaturesError, read_features
 from captioning import runtime
+from captioning.data.results import Prediction, write_results
 from captioning.inference import CaptionResult, Captioner, DecodingOptions, build_encoder  # noqa: F401 (the API)
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -124,19 +124,13 @@ def features_inputs(path):
 
 
 def write_json(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:
-    """COCO results format, `[{"image_id", "caption"}]`, plus the file name (and the other captions when
-    several were asked for). Images that failed are not entries; they are reported on stderr."""
-    entries = []
-    for result, image_id in zip(results, image_ids):
-        if result.error is not None:
-            continue
-        entry = {"image_id": image_id, "caption": result.caption, "file_name": result.source}
-        if num_captions > 1:
-            entry["captions"] = result.captions[:num_captions]
-            entry["scores"] = [round(s, 5) for s in result.scores[:num_captions]]
-        entries.append(entry)
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(entries, indent=1, ensure_ascii=False))
+    """COCO results format, `[{"image_id", "caption"}]`, plus the file name (and the other captions and their
+    scores when several were asked for), written by captioning/data/results.py. Images that failed are not
+    entries; they are reported on stderr."""
+    several = num_captions > 1
+    write_results(path, [Prediction(image_id, r.caption, r.captions[:num_captions] if several else [], r.source,
+                                    r.scores[:num_captions] if several else [])
+                         for r, image_id in zip(results, image_ids) if r.error is None], beams_key="captions")
 
 
 def write_csv(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:

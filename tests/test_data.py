@@ -356,3 +356,19 @@ def test_outputs_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == file_mode
     assert (tmp_path / "d").stat().st_mode & 0o777 == dir_mode
+
+
+@pytest.mark.parametrize("beams_key", ["beams", "captions"])
+def test_results_file_round_trip(tmp_path, beams_key):
+    from captioning.data.results import Prediction, read_results, write_results
+
+    predictions = [Prediction(391895, "a dog", ["a dog", "a cat"], "val2014/x.jpg", [-0.5, -0.75]),
+                   Prediction("photo.png", "a café", [])]
+    write_results(tmp_path / "r.json", predictions, beams_key=beams_key)
+    entries = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert entries[0] == {"image_id": 391895, "caption": "a dog", "file_name": "val2014/x.jpg",
+                          beams_key: ["a dog", "a cat"], "scores": [-0.5, -0.75]}
+    assert entries[1] == {"image_id": "photo.png", "caption": "a café"}
+    back = read_results(tmp_path / "r.json")
+    assert [(p.image_id, p.caption, p.beams, p.file_name) for p in back] == [
+        (391895, "a dog", ["a dog", "a cat"], "val2014/x.jpg"), ("photo.png", "a café", [], None)]

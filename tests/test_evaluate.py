@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from captioning import metrics
 import evaluate
-from captioning import runtime
+from captioning import metrics, runtime
+from captioning.data.results import read_results
 from captioning.metrics import score_captions
 from tests.test_metrics import PREDICTIONS, REFERENCES
 
@@ -261,4 +261,4 @@ def test_predict_py_captions_list_is_read_as_the_beams(tmp_path):
     path = write_json(tmp_path / "p.json", [{"image_id": 1, "caption": "a", "file_name": "1.jpg",
                                              "captions": ["a", "b"], "scores": [-0.1, -0.2]},
                                             {"image_id": 2, "caption": "c", "beams": ["c", "d"], "captions": ["x"]}])
-    assert [p.beams for p in evaluate.read_predictions(path)] == [["a", "b"], ["c", "d"]]
+    assert [p.beams for p in read_results(path)] == [["a", "b"], ["c", "d"]]
