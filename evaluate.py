@@ -117,25 +117,13 @@ def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_pa
 
 # ------------------------------------------------------------------------------------------- --checkpoint mode
 
-def _load(record):
-    from captioning.data.images import ImageError, load_image
-
-    try:
-        return load_image(record.path)
-    except ImageError as e:
-        return e
-
-
 def caption_records(records, checkpoint, device: str, precision: str, beam_size: int, max_length: Optional[int],
                     batch_size: int, threads: Optional[int] = None):
-    """Caption every record's image with predict.py's Captioner (beam search, every beam kept).
+    """Caption every record's image with the Captioner (beam search, every beam kept); its batches decode images
+    ahead where the device leaves cores free.
 
     Returns the predictions and one message per image that could not be read.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
     from captioning import runtime
     from captioning.inference import Captioner, DecodingOptions
 
@@ -156,32 +144,11 @@ def caption_records(records, checkpoint, device: str, precision: str, beam_size:
             print(f"note: {clipped}", file=sys.stderr)
         options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size,
                                   max_length=max_length)
-        predictions, failed = [], []
-        batches = [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
-        # With spare cores (a GPU run) the next batch's images decode in threads while this one is captioned;
-        # on a CPU, whose cores the model needs, they decode between batches, on every core.
-        prefetch = budget.workers > 0
-        with ThreadPoolExecutor(budget.workers if prefetch else budget.cores) as pool, \
-                tqdm(total=len(records), desc="captioning", unit="img") as bar:
-            pending = [pool.submit(_load, r) for r in batches[0]] if batches else []
-            for i, batch in enumerate(batches):
-                images = [f.result() for f in pending]
-                following = batches[i + 1] if i + 1 < len(batches) else []
-                pending = [pool.submit(_load, r) for r in following] if prefetch else []
-                ok = [(r, im) for r, im in zip(batch, images) if not isinstance(im, Exception)]
-                failed += [str(im) for im in images if isinstance(im, Exception)]
-                if ok:
-                    results = captioner.predict([im for _, im in ok], options, batch_size=len(ok), on_error="keep")
-                    for (record, _), result in zip(ok, results):
-                        if result.error is not None:
-                            failed.append(f"{record.path}: {result.error}")
-                        else:
-                            predictions.append(Prediction(record.image_id, result.captions[0],
-                                                          list(result.captions)))
-                if not prefetch:
-                    pending = [pool.submit(_load, r) for r in following]
-                bar.update(len(batch))
-    return predictions, failed
+        results = captioner.predict([str(r.path) for r in records], options, batch_size=batch_size, progress=True,
+                                    on_error="keep")
+    predictions = [Prediction(r.image_id, res.captions[0], list(res.captions))
+                   for r, res in zip(records, results) if res.error is None]
+    return predictions, [res.error for res in results if res.error is not None]
 
 
 # ------------------------------------------------------------------------------------------------------ report

@@ -154,8 +154,11 @@ class Captioner:
         dtype = next(model.parameters()).dtype
         self.precision = precision or runtime.Precision(PRECISION_OF_DTYPE.get(dtype, "fp32"), "as loaded",
                                                         "the model's dtype")
-        # Image files are decoded between model calls, while torch's threads wait: every usable core may decode.
-        self.loader_threads = min(runtime.MAX_WORKERS, runtime.plan_threads(self.device, loads_images=True).cores)
+        # Where the model leaves cores free (a GPU), the next batch's images decode in threads while this batch is
+        # captioned; on a CPU, whose cores the model needs, they decode between model calls, on every core.
+        budget = runtime.plan_threads(self.device, loads_images=True)
+        self.prefetch_images = budget.workers > 0
+        self.loader_threads = min(runtime.MAX_WORKERS, budget.workers if self.prefetch_images else budget.cores)
         self.tokenizer = tokenizer
         self.encoder = (encoder if encoder is not None else model.encoder)
         if self.encoder is not None:
@@ -258,11 +261,27 @@ class Captioner:
                              f"captions precomputed features only: pass torch tensors of shape {shape} (one "
                              f"image) or (N, {', '.join(map(str, shape))})")
         results = []
-        with tqdm(total=len(items), unit="image", disable=not progress) as bar:
-            for start in range(0, len(items), batch_size):
-                results += self._predict_batch(items[start:start + batch_size], start, options, on_error)
+        starts = range(0, len(items), batch_size)
+        with ThreadPoolExecutor(self.loader_threads) as pool, \
+                tqdm(total=len(items), unit="image", disable=not progress) as bar:
+            loads = self._submit_loads(pool, items[:batch_size], 0)
+            for start in starts:
+                loaded = [future.result() for future in loads]  # images (or their ImageError) of this batch
+                following = start + batch_size
+                if self.prefetch_images:
+                    loads = self._submit_loads(pool, items[following:following + batch_size], following)
+                results += self._predict_batch(items[start:start + batch_size], start, options, on_error, loaded)
+                if not self.prefetch_images:
+                    loads = self._submit_loads(pool, items[following:following + batch_size], following)
                 bar.update(min(batch_size, len(items) - start))
         return results
+
+    def _submit_loads(self, pool: ThreadPoolExecutor, items, start: int) -> list:
+        """Futures of the batch's images (PIL, or the ImageError saying why there is none), decoded in threads:
+        PIL releases the GIL. Tensor work stays in the caller's thread, as torch ops from several threads would
+        each start their own OpenMP team and oversubscribe the cores."""
+        return [pool.submit(_load_pil, item, self._source(item, start + j)) for j, item in enumerate(items)
+                if not torch.is_tensor(item)]
 
     def _options(self, options: Optional[DecodingOptions], kwargs) -> DecodingOptions:
         """`options` with `kwargs` applied; without either naming a max_length, the default fits the checkpoint
@@ -301,8 +320,9 @@ class Captioner:
         kind = "features" if torch.is_tensor(item) else "image" if isinstance(item, Image.Image) else "array"
         return f"<{kind} {index}>"
 
-    def _features(self, items, start: int, on_error: str):
-        """Features (n, ...) of the inputs that could be read, their positions, and errors by position."""
+    def _features(self, items, start: int, on_error: str, loaded: list):
+        """Features (n, ...) of the inputs that could be read, their positions, and errors by position; `loaded`
+        holds the images of the inputs that are not tensors, in order."""
         param = next(self.model.parameters())
         features, positions, errors, jobs = [], [], {}, []
         for j, item in enumerate(items):
@@ -317,10 +337,6 @@ class Captioner:
             else:
                 features.append(item.to(param.device, torch.float32))
                 positions.append(j)
-        # Files are decoded in threads (PIL releases the GIL); tensor work stays in this thread, as torch ops
-        # from several threads would each start their own OpenMP team and oversubscribe the cores.
-        with ThreadPoolExecutor(self.loader_threads) as pool:
-            loaded = list(pool.map(lambda job: _load_pil(*job[1:]), jobs))
         pixels = []
         for (j, _, _), image in zip(jobs, loaded):
             if isinstance(image, ImageError):
@@ -335,8 +351,9 @@ class Captioner:
                 features += list(self.encoder(torch.stack(pixels).to(param.device, param.dtype)).float())
         return features, positions, errors
 
-    def _predict_batch(self, items, start: int, options: DecodingOptions, on_error: str) -> List[CaptionResult]:
-        features, positions, errors = self._features(items, start, on_error)
+    def _predict_batch(self, items, start: int, options: DecodingOptions, on_error: str,
+                       loaded: list) -> List[CaptionResult]:
+        features, positions, errors = self._features(items, start, on_error, loaded)
         results = [CaptionResult(self._source(x, start + j), [], [], errors.get(j)) for j, x in enumerate(items)]
         if not features:
             return results

@@ -188,8 +188,15 @@ class StubCaptioner:
     def predict(self, images, options, batch_size=32, progress=False, on_error="keep"):
         assert options.decoding == "beam" and on_error == "keep"
         out = []
-        for image in images:
-            beams = [PREDICTIONS[image.size[0] - 10]] + [f"beam {i}" for i in range(1, options.beam_size)]
+        from captioning.data.images import ImageError, load_image
+
+        for path in images:  # image files, as the real Captioner takes them; unreadable ones give an error
+            try:
+                width = load_image(path).size[0]
+            except ImageError as e:
+                out.append(types.SimpleNamespace(captions=[], error=str(e)))
+                continue
+            beams = [PREDICTIONS[width - 10]] + [f"beam {i}" for i in range(1, options.beam_size)]
             out.append(types.SimpleNamespace(captions=beams, error=None))
         return out
 

@@ -424,3 +424,18 @@ def test_the_api_refuses_inputs_that_are_no_image_and_fits_its_defaults(tokenize
         "<array 0>: expected an image path, a PIL image, a numpy array or a features tensor, got NoneType",
         "<array 1>: a float image array must hold finite values in [0, 1] (as scikit-image's); convert it to uint8",
         f"{tmp_path}: is a directory, not an image file"]
+
+
+def test_prefetching_the_next_batch_gives_the_same_results(captioner, images):
+    """Where the device leaves cores free (a GPU), the next batch's images are decoded while this one is captioned;
+    the results, errors included, equal those of decoding between batches."""
+    paths = [str(p) for p in sorted(images.iterdir())]
+    assert captioner.prefetch_images is False  # a CPU: the model needs every core
+    between = captioner.predict(paths, batch_size=2, max_length=6, on_error="keep")
+    captioner.prefetch_images = True
+    try:
+        ahead = captioner.predict(paths, batch_size=2, max_length=6, on_error="keep")
+    finally:
+        captioner.prefetch_images = False
+    assert [(r.source, r.captions, r.error) for r in ahead] == [(r.source, r.captions, r.error) for r in between]
+    assert any(r.error for r in between) and any(r.captions for r in between)
