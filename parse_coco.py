@@ -10,7 +10,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -96,9 +95,9 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
     parse_args()
 
 import torch
-import torch.distributed as dist
 
 from captioning import runtime
+from captioning.runtime import Distributed
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import FeaturesError, write_features
@@ -111,23 +110,6 @@ FORMAT_VERSION = 1
 # Images per encoder call. On a CPU small batches stay in cache: TinyViT-21M at 224 px (channels-last, 2 cores)
 # ran 11-12% faster at 4 than at 8, on an AVX512-BF16 CPU and with torch and oneDNN limited to AVX2.
 BATCH_SIZES = {"cuda": 128, "cpu": 4}
-
-
-def setup_distributed(device_arg: str):
-    """(rank, world_size, device); a torchrun launch (RANK set) joins the process group, one device each."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    return rank, world_size, device
 
 
 def build_encoder(args) -> ImageEncoder:
@@ -236,8 +218,9 @@ def finish(args, records, encoder, precision, partial: Path, failures, skipped_e
             "images_read": encoded, "extraction_seconds": seconds}
 
 
-def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict]:
-    main_process, distributed = rank == 0, dist.is_initialized()
+def run(args, processes: Distributed) -> Optional[dict]:
+    rank, world_size, device = processes.rank, processes.world_size, processes.device
+    main_process, distributed = processes.is_main, processes.enabled
     entry_errors = [] if args.on_error == "skip" else None
     if main_process:  # before hours of encoding
         check_output_file(args.out_path, "--out_path")
@@ -263,12 +246,12 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
     if main_process:
         resumed = prepare_partial(partial, manifest, args.fresh)
     if distributed:
-        dist.barrier()
+        processes.barrier()
     if not main_process:
         check_manifest(partial, manifest)
     done = done_indices(partial)
     if distributed:
-        dist.barrier()  # everyone has planned from the same logs before anyone appends to them
+        processes.barrier()  # everyone has planned from the same logs before anyone appends to them
     if main_process:
         print(f"{args.annotations}: {len(records)} images, {sum(len(r.captions) for r in records)} captions; "
               f"encoder {encoder.config.name} ({encoder.config.weights}) on {device}"
@@ -286,8 +269,7 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
                                on_error=args.on_error, max_pixels=args.max_image_pixels, rank=rank,
                                show_progress=main_process)
         if distributed:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, failures)
+            gathered = processes.all_gather_object(failures)
             failures = sorted((f for part in gathered for f in part), key=lambda f: f.index)
         seconds = time.perf_counter() - start
         summary = finish(args, records, encoder, precision, partial, failures, skipped_entries,
@@ -298,24 +280,24 @@ def run(args, rank: int, world_size: int, device: torch.device) -> Optional[dict
             shutil.rmtree(partial, ignore_errors=True)
         raise
     if distributed:
-        dist.barrier()
+        processes.barrier()
     return summary
 
 
 def main(argv=None) -> Optional[dict]:
     """Run the extraction; the main process returns a summary (out_path, counts, extraction_seconds)."""
     args = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
+    # A rank waits at a barrier while rank 0 merges a large dataset's results: hours, not torch's default minutes.
+    processes = Distributed.setup(args.device, timeout=datetime.timedelta(hours=2))
     try:
-        return run(args, rank, world_size, device)
+        return run(args, processes)
     except KeyboardInterrupt:
-        if rank == 0:
+        if processes.is_main:
             print(f"\ninterrupted; finished batches are kept in {args.out_path}.partial, rerun the same command to "
                   f"resume", file=sys.stderr)
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        processes.close()
 
 
 if __name__ == "__main__":

@@ -137,17 +137,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from captioning.data.images import ImageError
 from captioning import runtime
+from captioning.data.images import ImageError
 from captioning.outputs import OutputError, check_output_dir
+from captioning.runtime import Distributed
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
+from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
 from captioning.training.evaluation import build_caption_evaluation
 from captioning.training.finetune import adopt_export_config, flags_given, load_tokenizer, model_from_export
-from captioning.training.state import Distributed, TrainingError, previous_state_path, seed_everything
-from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
-from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
 from captioning.training.inputs import build_feature_inputs, build_image_inputs
+from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from captioning.training.state import TrainingError, previous_state_path, seed_everything
 
 DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 

@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_w
 from captioning import runtime
 from models.captioner import CaptionerConfig, ClipCaptionModel
 import train
-from captioning.training.state import Distributed
+from captioning.runtime import Distributed
 from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.datasets import CaptionCollator
 

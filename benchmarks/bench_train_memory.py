@@ -67,7 +67,7 @@ def measure(path: Path, tokenizer_dir: Path, out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     import train
-    from captioning.training.state import Distributed
+    from captioning.runtime import Distributed
     from captioning.training.inputs import build_feature_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -14,14 +14,16 @@ use (CPU affinity and a container's CPU quota, divided among torchrun's processe
 together they never oversubscribe them.
 """
 import contextlib
+import datetime
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from captioning.choices import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 (re-exported)
 
@@ -283,3 +285,72 @@ def thread_budget(budget: ThreadBudget):
         yield budget
     finally:
         torch.set_num_threads(before)
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    """The device every script uses when none is given: cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Distributed:
+    """One process (rank 0 of 1) or one of torchrun's processes; `is_main` gates every print and write."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> "Distributed":
+        """Join torchrun's process group when it set RANK (nccl on GPUs, gloo on CPUs), each process on the GPU
+        of its local rank; else one process on `device` (None or "auto": cuda when available, else cpu).
+        `timeout` bounds a wait at a barrier (torch's default where None)."""
+        chosen = torch.device(default_device() if device in (None, "auto") else device)
+        if "RANK" not in os.environ:
+            if chosen.type == "cuda" and chosen.index is not None:
+                torch.cuda.set_device(chosen)
+            return cls(device=chosen)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        target = torch.device("cuda", local_rank) if chosen.type == "cuda" else torch.device(chosen.type)
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo",
+                                    device_id=target if target.type == "cuda" else None,
+                                    **({"timeout": timeout} if timeout is not None else {}))
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_gather_object(self, obj) -> List:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models.captioner import CaptionerConfig, ClipCaptionModel
-from captioning.training.state import Distributed
+from captioning.runtime import Distributed
 from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.datasets import (CaptionCollator, CaptionTable, CaptionTokens, FeatureCaptionDataset,
                            ResumableDistributedSampler, cached_tokens, split_by_image, token_cache_key,

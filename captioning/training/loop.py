@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from captioning.runtime import FP32, Precision
+from captioning.runtime import FP32, Distributed, Precision
 from models.checkpoint_io import CheckpointError, load_state_dict_strict
-from captioning.training.state import (Distributed, TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
+from captioning.training.state import (TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
                          remove_stale_temporaries, restore_rng, save_state, set_aside_corrupt)
 
 # Arguments that cannot change what is computed: where and how often things are written, how many processes load

@@ -1,4 +1,4 @@
-"""What a training run keeps besides the model: processes, RNG states, resume checkpoints, the training log.
+"""What a training run keeps besides the model: RNG states, resume checkpoints, the training log.
 
 A resume checkpoint holds everything an uninterrupted run still has in memory (model, optimizer, scheduler,
 gradient scaler, step, epoch, position in the epoch's data order, every process's RNG states, config), so
@@ -15,13 +15,11 @@ import pickle
 import random
 import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from models.checkpoint_io import CheckpointError, atomic_write
 
@@ -34,63 +32,6 @@ class TrainingError(RuntimeError):
 
 
 # ---- processes ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Distributed:
-    """One process (rank 0 of 1) or one of torchrun's processes; `is_main` gates every print and write."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls, device: Optional[str]) -> "Distributed":
-        """Join torchrun's process group when it set RANK (nccl on GPUs, gloo on CPUs); else one process."""
-        if "RANK" not in os.environ:
-            return cls(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-        if kind == "cuda":
-            torch.cuda.set_device(local_rank)
-        target = torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind)
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo",
-                                    device_id=target if kind == "cuda" else None)
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def all_gather_object(self, obj) -> List:
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def print(self, *args, **kwargs) -> None:
-        if self.is_main:
-            print(*args, **kwargs, flush=True)
-
 
 # ---- RNG states --------------------------------------------------------------------------------------------
 
