@@ -225,7 +225,7 @@ def _default_out_dir(args) -> Path:
 
 
 def _predict(args, records, out_dir: Path) -> List[Prediction]:
-    import torch
+    from captioning import runtime
 
     present, missing = [], []
     for r in records:
@@ -233,7 +233,7 @@ def _predict(args, records, out_dir: Path) -> List[Prediction]:
     if missing and not args.allow_partial:
         raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
                               f"check --images_root (or pass --allow_partial to caption the others)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or runtime.default_device()
     predictions, failed = caption_records(present, args.checkpoint, device, args.precision, args.beam_size,
                                           args.max_length, args.batch_size, args.threads)
     path = out_dir / "predictions.json"

@@ -68,11 +68,10 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     parse_args()
 
-import torch
 from PIL import Image
 
-from captioning.data.features import FeaturesError, read_features
 from captioning import runtime
+from captioning.data.features import FeaturesError, read_features
 from captioning.data.results import Prediction, write_results
 from captioning.inference import CaptionResult, Captioner, DecodingOptions, build_encoder  # noqa: F401 (the API)
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
@@ -182,7 +181,7 @@ def collect_inputs(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # --device is checked by argparse
+    device = args.device or runtime.default_device()  # --device is checked by argparse
     budget = runtime.plan_threads(device, loads_images=False, threads=args.threads)
     with runtime.thread_budget(budget):
         return caption_and_write(args, device)
