@@ -15,6 +15,8 @@ LOG_DIR=${OUT:-runs}
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/gpu_check.log"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+# The project is importable from this checkout even where it is not installed into $PYTHON (make install does that).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : > "$LOG"
 failed=()
 
