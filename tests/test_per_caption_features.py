@@ -125,3 +125,17 @@ def test_features_with_nan_or_inf_name_their_rows(tmp_path):
     with pytest.raises(FeaturesError, match=r"f.pkl: 'clip_embedding' row\(s\) \[2, 4\] \(2 in all\) hold nan or inf "
                                             r"values; extract those images again"):
         read_features(tmp_path / "f.pkl")
+
+
+def test_train_val_fraction_and_its_evaluation_see_images(tmp_path, gpt2_dir):
+    """Through train.py's flags: --val_fraction 0.2 of 20 images holds out 4 images (all their 20 captions), and
+    the training-time evaluation captions those 4 images, each against its 5 references."""
+    import train
+    from test_train import args_for
+
+    path, _ = original_pickle(tmp_path / "orig.pkl")
+    train.main(args_for(path, tmp_path / "run", gpt2_dir, "--epochs", 1, "--val_fraction", 0.2, "--eval_every", 1,
+                        "--eval_images", 10, "--bs", 8))
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_cider" in r]
+    assert [r["eval_images"] for r in evaluations] == [4]
