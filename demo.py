@@ -1,9 +1,9 @@
 """The whole pipeline on a fresh machine, without pretrained weights or COCO: `make demo`.
 
-Generates the synthetic shapes dataset (captioning/data/shapes.py), trains a byte-level BPE tokenizer on its captions, builds a
-small GPT-2, trains a small timm encoder end to end with the mapper and the decoder (train.py --train_encoder),
-captions the test split (predict.py's Captioner), scores it (evaluate.py) and checks each caption's colours, shapes
-and positions against the scene. Any folder holding `images/`, `captions_train.json` and `captions_test.json` in
+Generates the synthetic shapes dataset (captioning/data/shapes.py), trains a byte-level BPE tokenizer on its
+captions, builds a small GPT-2, trains a small timm encoder end to end with the mapper and the decoder (train.py
+--train_encoder), captions the test split (the Captioner), scores it (evaluate.py) and checks each caption's colours,
+shapes and positions against the scene. Any folder holding `images/`, `captions_train.json` and `captions_test.json` in
 official COCO format (`captions_val.json` optional) runs through the same recipe with `--data DIR`.
 
     python demo.py                          # generate ./data/shapes, train, caption, evaluate

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from captioning.metrics import ALL_METRICS
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
+from captioning.metrics import ALL_METRICS
 from models.choices import DEFAULT_BEAM_SIZE
 
 
@@ -62,8 +62,8 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
 
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.results import Prediction, ResultsError, read_results, write_results
-from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
+from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",

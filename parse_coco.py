@@ -97,12 +97,12 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
 import torch
 
 from captioning import runtime
-from captioning.runtime import Distributed
-from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import FeaturesError, write_features
-from captioning.extraction import (ExtractionError, assemble, check_manifest, done_indices, extract,
-                                plan_batches, prepare_partial)
+from captioning.extraction import (ExtractionError, assemble, check_manifest, done_indices, extract, plan_batches,
+                                   prepare_partial)
+from captioning.outputs import OutputError, check_output_file, write_or_rescue
+from captioning.runtime import Distributed
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.encoder import EncoderConfig, ImageEncoder
 

@@ -80,8 +80,6 @@ from models.decoding import DEFAULT_MAX_LENGTH
 
 __all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder", "main"]
 
-
-
 # COCO's file names: COCO_val2014_000000391895.jpg (2014) and 000000391895.jpg (2017), twelve digits either way.
 COCO_FILE_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d{12})")
 

@@ -29,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def add_original_flags(a) -> None:
     a("--data", default=None,
       help="features pickle from parse_coco.py (default: ./data/coco/oscar_split_tinyvit_train.pkl)")
@@ -51,7 +50,6 @@ def add_original_flags(a) -> None:
       help="L2-normalise image features before the mapper; saved in the config, so inference does the same")
 
 
-
 def add_runtime_flags(p) -> None:
     add_precision_argument(p, aliases=["--amp"],
                            what="autocast mixed precision of training (fp16: CUDA only, with loss scaling)")
@@ -59,7 +57,6 @@ def add_runtime_flags(p) -> None:
         "DataLoader workers per process (default: none for features, which sit in memory, or cached images; "
         "for images on a CPU none below 8 usable cores, since the model needs them; on a GPU every core but "
         "one, at most 8)"))
-
 
 
 def add_training_flags(a) -> None:
@@ -95,7 +92,6 @@ def add_training_flags(a) -> None:
            "CIDEr and BLEU-4 to train_log.jsonl and keep the best export by CIDEr as <out_dir>/best/ (0: off)")
     a("--eval_images", type=POSITIVE, default=500,
       help="with --eval_every: the first N distinct validation images, scored against all their captions")
-
 
 
 def add_encoder_flags(e) -> None:
@@ -141,14 +137,14 @@ from captioning import runtime
 from captioning.data.images import ImageError
 from captioning.outputs import OutputError, check_output_dir
 from captioning.runtime import Distributed
-from models.captioner import CaptionerConfig, ClipCaptionModel
-from models.checkpoint_io import CheckpointError, atomic_write
 from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
 from captioning.training.evaluation import build_caption_evaluation
 from captioning.training.finetune import adopt_export_config, flags_given, load_tokenizer, model_from_export
 from captioning.training.inputs import build_feature_inputs, build_image_inputs
 from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from captioning.training.state import TrainingError, previous_state_path, seed_everything
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError, atomic_write
 
 DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 

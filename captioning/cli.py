@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from captioning.choices import PRECISIONS, normalize_precision
+
 
 def integer(low: int = 1, high: Optional[int] = None) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
@@ -85,8 +87,6 @@ POSITIVE = integer(1)
 COUNT = integer(0)  # a non-negative integer
 SEED = integer(0, 2 ** 32 - 1)  # numpy's seeds
 TEMPERATURE = number(0.01, 100)  # models.decoding's MIN_TEMPERATURE, MAX_TEMPERATURE
-
-from captioning.choices import PRECISIONS, normalize_precision
 
 
 def precision_value(text: str) -> str:

@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from captioning.data.images import ImageError, load_image
 from captioning import runtime
+from captioning.data.images import ImageError, load_image
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError
@@ -263,7 +263,7 @@ class Captioner:
         results = []
         starts = range(0, len(items), batch_size)
         with ThreadPoolExecutor(self.loader_threads) as pool, \
-                tqdm(total=len(items), unit="image", disable=not progress) as bar:
+                tqdm(total=len(items), desc="captioning", unit="image", disable=not progress) as bar:
             loads = self._submit_loads(pool, items[:batch_size], 0)
             for start in starts:
                 loaded = [future.result() for future in loads]  # images (or their ImageError) of this batch

@@ -32,7 +32,7 @@ def _check_writable_parent(directory: Path, flag: str, target: Path) -> None:
         raise OutputError(f"{flag} {target}: {existing} is a file, so nothing can be written under it")
     try:
         with tempfile.TemporaryFile(dir=existing):
-            pass
+            pass  # creating the file is the check; it is deleted on closing
     except OSError as e:
         raise OutputError(f"{flag} {target}: cannot write in {existing} ({e.strerror or e})") from e
 

@@ -77,6 +77,14 @@ def atomic_directory(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def hash_tensor(digest, tensor: torch.Tensor) -> None:
+    """Add a tensor's dtype, shape and bytes to a hashlib digest, from its buffer without a copy (any dtype: bf16
+    has no numpy type, so the bytes are viewed as uint8; 0-dim tensors are flattened first)."""
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file or a torch checkpoint, on the CPU, without running pickled code.
 

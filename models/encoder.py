@@ -23,7 +23,7 @@ from timm.models.tiny_vit import TinyVit
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.checkpoint_io import (CheckpointError, atomic_directory, load_state_dict_file,
+from models.checkpoint_io import (CheckpointError, atomic_directory, hash_tensor, load_state_dict_file,
                                   load_state_dict_strict)
 from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES  # noqa: F401 (re-exported)
 
@@ -223,8 +223,7 @@ class ImageEncoder(nn.Module):
         digest = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            hash_tensor(digest, tensor)
         return digest.hexdigest()
 
     @property

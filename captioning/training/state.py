@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from models.checkpoint_io import CheckpointError, atomic_write
+from models.checkpoint_io import CheckpointError, atomic_write, hash_tensor
 
 STATE_FORMAT = "tinytiny-train-state"
 STATE_VERSION = 1
@@ -75,9 +75,8 @@ def state_checksum(value) -> str:
 
     def walk(v):
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
+            digest.update(b"T")
+            hash_tensor(digest, v)
         elif isinstance(v, dict):
             digest.update(f"D{len(v)}".encode())
             for k in sorted(v, key=repr):
