@@ -59,13 +59,10 @@ from models.captioner import ClipCaptionModel
 from models.encoder import EncoderConfig, ImageEncoder
 
 
-def encoder_config(args, default_preprocessing: str) -> EncoderConfig:
-    config = EncoderConfig.for_clip_model_type(args.clip_model_type, weights=args.encoder_weights,
-                                               feature_type=args.feature_type)
-    if args.encoder:
-        config.name = args.encoder
-    config.preprocessing = args.preprocessing or default_preprocessing
-    return config
+def encoder_config(args, weights: str, default_preprocessing: str) -> EncoderConfig:
+    return EncoderConfig.from_flags(encoder=args.encoder, clip_model_type=args.clip_model_type, weights=weights,
+                                    feature_type=args.feature_type,
+                                    preprocessing=args.preprocessing or default_preprocessing)
 
 
 def convert_captioner(args) -> ClipCaptionModel:
@@ -74,7 +71,7 @@ def convert_captioner(args) -> ClipCaptionModel:
     if len(stop) != 1:
         raise CheckpointError(f"the tokenizer of {args.gpt2} does not encode '.' as one token; original "
                               f"checkpoints are decoded until '.'")
-    enc_config = encoder_config(args, "clip")
+    enc_config = encoder_config(args, args.encoder_weights, "clip")
     # A weights file is embedded in the export; 'pretrained' stays a reference that timm resolves at inference.
     encoder = ImageEncoder(enc_config) if enc_config.weights not in ("pretrained", "random") else enc_config
     model = ClipCaptionModel.from_original_state_dict(
@@ -100,8 +97,7 @@ def main(argv=None) -> int:
                      f"as the original {c.mapping_type} inference did; --"
                      f"{'no-' if c.normalize_prefix else ''}normalize_prefix to decode otherwise") + ")")
         else:
-            config = encoder_config(args, "timm")
-            config.weights = args.tinyvit
+            config = encoder_config(args, args.tinyvit, "timm")
             encoder = ImageEncoder(config)
             encoder.save_pretrained(args.out_dir)
             print(f"wrote {args.out_dir}: {config.name}, {encoder.feature_dim}-d {config.feature_type} features")

@@ -4,8 +4,8 @@ Generates `--images` 640x480 JPEGs with exactly `--captions_per_image` captions 
 COCO naming), then times, with the same randomly initialised encoder:
 - original: the original script's whole run: encoder building, then one image per caption, batch 1, no workers,
   skimage decoding in the loop, pickle at the end;
-- ours: `parse_coco.main`'s whole run (annotation reading, encoder building, workers, the final pickle); `ratio`
-  compares these two whole runs;
+- ours: the whole run of `captioning.featurize.extract_features`, the call parse_coco.py makes (annotation
+  reading, encoder building, workers, the final pickle); `ratio` compares these two whole runs;
 - encoder alone: the encoder on preloaded, preprocessed tensors at our batch size. `encoder_fraction` compares
   it with our extraction phase (reading, decoding, encoding and storing every image, without the one-time
   encoder building), which is where decoding has to hide behind the model.
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import parse_coco
 from captioning import runtime
+from captioning.featurize import BATCH_SIZES, ExtractionConfig, extract_features
 from models.encoder import EncoderConfig, ImageEncoder
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads; default parse_coco's budget")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    batch_size = args.batch_size or parse_coco.BATCH_SIZES.get(device.type, parse_coco.BATCH_SIZES["cpu"])
+    batch_size = args.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
     precision = runtime.resolve_precision(args.precision or ("fp32" if device.type == "cpu" else "auto"), device,
                                           training=False)
     budget = runtime.plan_threads(device, loads_images=True, workers=args.num_workers, threads=args.threads)
@@ -145,14 +145,13 @@ def measure(args, device: torch.device, batch_size: int, precision: runtime.Prec
         fast_encoder.to(device)
         encoder_s = [encoder_alone(fast_encoder, images, batch_size, device, precision, channels_last)]
         original_s = original(config, root, annotations, root / "original.pkl", device)
-        ours_argv = ["--encoder", args.encoder, "--encoder_weights", str(root / "encoder.pth"),
-                     "--annotations", str(annotations), "--images_root", str(root), "--out_path",
-                     str(root / "ours.pkl"), "--device", str(device), "--batch_size", str(batch_size),
-                     "--precision", precision.name, "--num_workers", str(budget.workers), "--threads",
-                     str(budget.torch_threads)]
+        ours = ExtractionConfig(encoder=args.encoder, encoder_weights=str(root / "encoder.pth"),
+                                annotations=str(annotations), images_root=str(root), out_path=root / "ours.pkl",
+                                device=str(device), batch_size=batch_size, precision=precision.name,
+                                num_workers=budget.workers, threads=budget.torch_threads)
         synchronize(device)
         start = time.perf_counter()
-        summary = parse_coco.main(ours_argv)
+        summary = extract_features(ours)
         synchronize(device)
         ours_s = time.perf_counter() - start
         encoder_s.append(encoder_alone(fast_encoder, images, batch_size, device, precision, channels_last))

@@ -26,7 +26,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_w
 
 from captioning import runtime
 from models.captioner import CaptionerConfig, ClipCaptionModel
-import train
+from captioning.training.config import TrainConfig
+from captioning.training.runner import build_optimizer
 from captioning.runtime import Distributed
 from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.datasets import CaptionCollator
@@ -92,8 +93,7 @@ class Ours:
     def __init__(self, model: ClipCaptionModel, device, precision: str):
         self.device = device
         model.to(device).train()
-        defaults = train.build_parser().parse_args([])
-        optimizer = train.build_optimizer(model, defaults, device)  # as train.py builds it
+        optimizer = build_optimizer(model, TrainConfig(), device)  # as train.py builds it, with its defaults
         scheduler = get_linear_schedule_with_warmup(optimizer, 5000, 100000)
         self.stepper = Stepper(CaptionLoss(model, images=False), optimizer, scheduler,
                                Distributed(device=device),

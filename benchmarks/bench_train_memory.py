@@ -63,26 +63,25 @@ def make_tokenizer(directory: Path):
 
 
 def measure(path: Path, tokenizer_dir: Path, out_dir: Path) -> None:
-    import argparse as ap
     from transformers import AutoTokenizer
 
-    import train
     from captioning.runtime import Distributed
+    from captioning.training.config import TrainConfig
     from captioning.training.inputs import build_feature_inputs
+    from captioning.training.runner import make_loaders
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     base = current_rss_gb()
-    args = ap.Namespace(data=str(path), out_dir=str(out_dir), cache_dir=str(out_dir), val_data=None,
-                        val_fraction=0.01, seed=0, mapping_type="transformer", train_encoder=False,
-                        cache_images=False, num_workers=0, bs=40)
+    config = TrainConfig(data=str(path), out_dir=str(out_dir), cache_dir=str(out_dir), val_fraction=0.01,
+                         mapping_type="transformer", bs=40)
     start = time.perf_counter()
-    inputs = build_feature_inputs(args, tokenizer, Distributed())  # tokenizes and writes the token cache
+    inputs = build_feature_inputs(config, tokenizer, Distributed())  # tokenizes and writes the token cache
     tokenize_s, first_peak = time.perf_counter() - start, rss_gb()
     del inputs
     start = time.perf_counter()
-    inputs = build_feature_inputs(args, tokenizer, Distributed())  # reads the token cache
+    inputs = build_feature_inputs(config, tokenizer, Distributed())  # reads the token cache
     cached_s = time.perf_counter() - start
-    loader, _, _ = train.make_loaders(args, inputs, Distributed(), tokenizer.eos_token_id, workers=0)
+    loader, _, _ = make_loaders(config, inputs, Distributed(), tokenizer.eos_token_id, workers=0)
     for _ in zip(range(50), loader):  # draw 50 batches: the collate path counts in the peak
         continue
     print(f"{len(inputs.train)} training captions, {len(inputs.val)} validation captions, "

@@ -1,5 +1,7 @@
-"""The choices the scripts' flags offer, importable without torch: flags are parsed and checked, and `--help`
+"""The choices the scripts' flags offer and the parsers of their values, importable without torch: flags are parsed and checked, and `--help`
 printed, before the seconds that importing torch, timm and transformers takes."""
+
+import json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --amp none, --dtype float32, torch's names: each means one of PRECISIONS.
@@ -7,6 +9,17 @@ PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat
                      "half": "fp16"}
 ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
 FEATURE_DTYPES = ("float16", "float32")  # how a features pickle may store its features
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given as text (`--encoder_kwargs '{"drop_path_rate": 0}'`), or a ValueError saying why not."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg}): {text!r}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object such as '{{\"drop_path_rate\": 0}}', got {text!r}")
+    return value
 
 
 def normalize_precision(value: str) -> str:

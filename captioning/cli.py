@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from captioning import choices
 from captioning.choices import PRECISIONS, normalize_precision
 
 
@@ -45,6 +46,14 @@ def number(low: float = 0.0, high: float = math.inf, low_open: bool = False,
         return value
     parse.__name__ = "number"
     return parse
+
+
+def json_object(text: str) -> dict:
+    """A JSON object flag (`--encoder_kwargs`), parsed by the rule the library uses."""
+    try:
+        return choices.json_object(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def device_name(text: str) -> str:

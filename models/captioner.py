@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from models.choices import MAPPING_TYPES, mapper_reads
 from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict
 from models.encoder import EncoderConfig, ImageEncoder
 from models.mapping import MLP, TransformerMapper
@@ -48,9 +49,9 @@ class CaptionerConfig:
     source: str = "tinytiny"  # "original" for checkpoints imported from the original code
 
     def __post_init__(self):
-        if self.mapping_type not in ("mlp", "transformer"):
+        if self.mapping_type not in MAPPING_TYPES:
             raise ValueError(f"mapping_type must be 'mlp' or 'transformer', got {self.mapping_type!r}")
-        if self.feature_type == "grid" and (self.mapping_type != "transformer" or not self.num_grid_tokens):
+        if self.feature_type == "grid" and (not mapper_reads(self.mapping_type, "grid") or not self.num_grid_tokens):
             raise ValueError("grid features need mapping_type 'transformer' and num_grid_tokens")
 
     def to_dict(self) -> Dict:

@@ -1,5 +1,5 @@
 """The choices the networks offer, importable without torch (flags are checked before torch is imported):
-decoding methods and their limits, feature types, and the original scripts' CLIP encoders."""
+decoding methods and their limits, mapper and feature types, and the original scripts' CLIP encoders."""
 
 DECODINGS = ("beam", "greedy", "nucleus")
 DEFAULT_MAX_LENGTH = 67  # most tokens per caption, stop token included: the original's entry_length
@@ -9,7 +9,15 @@ DEFAULT_TOP_P = 0.8  # nucleus sampling's probability mass: the original generat
 # is about equally likely.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
+MAPPING_TYPES = ("mlp", "transformer")
 FEATURE_TYPES = ("pooled", "grid")
+
+
+def mapper_reads(mapping_type: str, feature_type: str) -> bool:
+    """The one rule between the two: grid features are a sequence of tokens, which only the transformer mapper
+    reads; both read pooled vectors."""
+    return feature_type != "grid" or mapping_type == "transformer"
+
 # The original scripts' OpenAI CLIP encoders, as timm image towers; their feature is the projected embedding.
 CLIP_MODEL_TYPES = {
     "ViT-B/32": "vit_base_patch32_clip_224.openai",

@@ -72,6 +72,14 @@ class EncoderConfig:
                              f"{sorted(CLIP_MODEL_TYPES)}")
         return cls(name=CLIP_MODEL_TYPES[clip_model_type], pooled_output="head", preprocessing="clip", **kwargs)
 
+    @classmethod
+    def from_flags(cls, encoder: Optional[str] = None, clip_model_type: str = "tinyvit",
+                   preprocessing: Optional[str] = None, **kwargs) -> "EncoderConfig":
+        """The scripts' encoder flags: a timm `encoder` name overrides `clip_model_type`; `preprocessing` (None:
+        the model's own) and the other fields as given. Every script turns its flags into a config here."""
+        config = cls(name=encoder, **kwargs) if encoder else cls.for_clip_model_type(clip_model_type, **kwargs)
+        return dataclasses.replace(config, preprocessing=preprocessing) if preprocessing else config
+
     def to_dict(self) -> Dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as config.json holds them
 

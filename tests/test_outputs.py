@@ -13,7 +13,7 @@ import parse_coco
 import predict
 import train
 from captioning.data.features import read_features, write_features
-from captioning import outputs
+from captioning import featurize, outputs
 from captioning.outputs import OutputError, check_output_dir, check_output_file
 from test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
 from test_evaluate_checkpoint import export  # noqa: F401 (fixture)
@@ -130,14 +130,14 @@ def test_parse_coco_and_train_refuse_bad_outputs_before_work(tmp_path, tree, gpt
 def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree, monkeypatch,  # noqa: F811
                                                                  capsys):
     out = tmp_path / "out" / "f.pkl"
-    real = parse_coco.write_features
+    real = featurize.write_features
 
     def full_disk(path, *args, **kwargs):
         if path == out:
             raise OSError(28, "No space left on device")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(parse_coco, "write_features", full_disk)
+    monkeypatch.setattr(featurize, "write_features", full_disk)
     with pytest.raises(OutputError, match=r"--out_path .*f.pkl could not be written \(No space left on device\); "
                                           r"the results were saved to .*f.rescued-\d+.pkl instead") as e:
         parse_coco.main(parse_args_for(tree, out))

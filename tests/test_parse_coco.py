@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import extraction
 import parse_coco
-from captioning import runtime
+from captioning import extraction, featurize, runtime
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import read_features
 from captioning.data.images import load_image
 from captioning.extraction import ExtractionError
+from captioning.featurize import ExtractionConfig, extract_features
 from models.encoder import EncoderConfig, ImageEncoder
 
 GOOD = 12  # readable images 1..12, in several modes and folders
@@ -272,12 +272,12 @@ def run_rank(rank, argv, port, messages):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    extract = parse_coco.extract
+    extract = featurize.extract
 
     def reporting_extract(records, encoder, directory, batches, **kwargs):
         messages.put((rank, batches))
         return extract(records, encoder, directory, batches, **kwargs)
-    parse_coco.extract = reporting_extract
+    featurize.extract = reporting_extract
     try:
         parse_coco.main(argv)
     except BaseException as e:  # reported to the parent, which fails the test
@@ -358,12 +358,34 @@ def test_pixel_limit_flag_and_nothing_readable(tree, tmp_path):
     assert len(lines) == 2 and all("exceeds the limit of 1,000" in line for line in lines)
 
 
+def config_from_flags(argv):
+    """What parse_coco.main hands the library for these flags."""
+    return ExtractionConfig(**vars(parse_coco.parse_args(argv)))
+
+
 def test_default_output_paths():
-    assert parse_coco.parse_args([]).out_path == Path("data/coco/oscar_split_tinyvit_train.pkl")
-    args = parse_coco.parse_args(["--clip_model_type", "ViT-B/32"])
-    assert args.out_path == Path("data/coco/oscar_split_ViT-B_32_train.pkl")
-    assert args.error_log == Path("data/coco/oscar_split_ViT-B_32_train.errors.log")
-    assert parse_coco.parse_args(["--encoder", "convnext_atto"]).out_path.name == "oscar_split_convnext_atto_train.pkl"
+    assert config_from_flags([]).out_path == Path("data/coco/oscar_split_tinyvit_train.pkl")
+    config = config_from_flags(["--clip_model_type", "ViT-B/32"])
+    assert config.out_path == Path("data/coco/oscar_split_ViT-B_32_train.pkl")
+    assert config.error_log == Path("data/coco/oscar_split_ViT-B_32_train.errors.log")
+    assert config_from_flags(["--encoder", "convnext_atto"]).out_path.name == "oscar_split_convnext_atto_train.pkl"
+
+
+def test_the_configs_defaults_are_the_flags():
+    assert ExtractionConfig() == config_from_flags([])
+    assert ExtractionConfig(encoder="convnext_atto").encoder_config() == \
+        config_from_flags(["--encoder", "convnext_atto"]).encoder_config()
+
+
+def test_a_config_built_in_code_writes_what_the_script_writes(tree, reference, tmp_path):
+    out = tmp_path / "library.pkl"
+    config = ExtractionConfig(encoder="test_resnet", encoder_weights=str(tree / "encoder.pth"), image_size=48,
+                              annotations=str(tree / "train_caption.json"), images_root=str(tree), out_path=out,
+                              device="cpu", num_workers=0, batch_size=4)
+    summary = extract_features(config)
+    assert summary["out_path"] == out and summary["num_images"] == GOOD
+    assert out.with_suffix(".errors.log").read_text() == reference.with_suffix(".errors.log").read_text()
+    assert_same_file(out, reference)
 
 
 @pytest.mark.parametrize("preprocessing", ["timm", "clip"])

@@ -22,6 +22,7 @@ from conftest import COLOURS, PLACES, THINGS
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig
+from captioning.training.runner import build_optimizer
 from captioning.training.state import TrainingError, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -373,7 +374,7 @@ def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, 
 def test_optimizer_uses_the_original_adam_epsilon():
     model = torch.nn.Linear(2, 2)
     for flags, eps in (([], 1e-6), (["--adam_eps", "1e-8"], 1e-8)):
-        optimizer = train.build_optimizer(model, train.build_parser().parse_args(flags), torch.device("cpu"))
+        optimizer = build_optimizer(model, train.parse_config(flags), torch.device("cpu"))
         assert [group["eps"] for group in optimizer.param_groups] == [eps]
 
 

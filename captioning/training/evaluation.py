@@ -14,6 +14,7 @@ import torch
 
 from captioning.metrics import score_captions
 from captioning.runtime import Precision
+from captioning.training.config import TrainConfig
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory
 from models.decoding import DecodingOptions
@@ -112,9 +113,9 @@ class CaptionEvaluation:
         self.best_cider = record["eval_cider"]
 
 
-def build_caption_evaluation(args, val, precision: Precision) -> CaptionEvaluation:
+def build_caption_evaluation(config: TrainConfig, val, precision: Precision) -> CaptionEvaluation:
     """train.py's hook; `val` is the validation dataset (check_args made sure there is one); captions are
     decoded in `precision`, the one training computes in."""
-    best = read_best_cider(Path(args.out_dir)) if args.resume is not None else -math.inf
-    return CaptionEvaluation(select_eval_images(val, args.eval_images), args.eval_every, args.epochs, best,
+    best = read_best_cider(Path(config.out_dir)) if config.resume is not None else -math.inf
+    return CaptionEvaluation(select_eval_images(val, config.eval_images), config.eval_every, config.epochs, best,
                              dtype=precision.dtype)

@@ -5,69 +5,59 @@ depth, decoder and `normalize_prefix` replace the flags' defaults, so a converte
 dividing features by their norm, as it decodes. A flag given with another value than the export's is an error
 rather than silently ignored; the features must be of the kind and size the export's mapper takes.
 """
-import argparse
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, Optional, Set
 
 from transformers import AutoTokenizer, GPT2Config
 
-from models.captioner import CaptionerConfig, ClipCaptionModel, read_config
+from captioning.training.config import ARCHITECTURE_FLAGS, TrainConfig
+from models.captioner import ClipCaptionModel, read_config
 
-ARCHITECTURE_FLAGS = ("mapping_type", "prefix_length", "prefix_length_clip", "num_layers", "normalize_prefix", "gpt2")
 ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
 
 
-def flags_given(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
-    """The architecture flags on the command line, even where they repeat a default: argparse leaves
-    attributes the namespace already holds alone unless their flag is given."""
-    unset = object()
-    namespace = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in ARCHITECTURE_FLAGS}))
-    return {name for name in ARCHITECTURE_FLAGS if getattr(namespace, name) is not unset}
-
-
-def adopt_export_config(args, given: Set[str]) -> CaptionerConfig:
-    """Set the architecture flags of `args` to the export's (they are recorded as such in train_args.json);
-    a flag in `given` must agree with it."""
-    config = read_config(Path(args.init_from))
+def adopt_export_config(config: TrainConfig, given: Set[str]) -> TrainConfig:
+    """`config` with the architecture fields of its --init_from export (recorded as such in train_args.json);
+    a field in `given` (set on the command line) must agree with the export."""
+    export = read_config(Path(config.init_from))
     for name in ARCHITECTURE_FLAGS:
-        given_value, kept = getattr(args, name), getattr(config, name)
+        given_value, kept = getattr(config, name), getattr(export, name)
         if name in given and given_value != kept:
-            raise ValueError(f"--{name} {given_value} conflicts with --init_from {args.init_from}, whose config has "
-                             f"{name}={kept!r}: fine-tuning keeps the export's architecture (leave --{name} out)")
-        setattr(args, name, kept)
-    return config
+            raise ValueError(f"--{name} {given_value} conflicts with --init_from {config.init_from}, whose config "
+                             f"has {name}={kept!r}: fine-tuning keeps the export's architecture (leave --{name} out)")
+    return config.replace(**{name: getattr(export, name) for name in ARCHITECTURE_FLAGS})
 
 
-def load_tokenizer(args):
+def load_tokenizer(config: TrainConfig):
     """The export's own tokenizer where it holds one (as predict.py loads it), else its decoder's."""
-    directory = Path(args.init_from)
+    directory = Path(config.init_from)
     if not (directory / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(args.gpt2)
+        return AutoTokenizer.from_pretrained(config.gpt2)
     # The decoder's config, not the export's config.json, which transformers does not know
     decoder = GPT2Config.from_dict(read_config(directory).decoder)
     return AutoTokenizer.from_pretrained(str(directory), config=decoder)
 
 
-def model_from_export(args, inputs, eos_token_id: int) -> ClipCaptionModel:
+def model_from_export(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:
     """The export's model, checked against the training features, with --only_prefix applied."""
-    model = ClipCaptionModel.from_pretrained(args.init_from)
+    model = ClipCaptionModel.from_pretrained(config.init_from)
     c = model.config
     wanted = (c.feature_type, c.prefix_size, c.num_grid_tokens if c.feature_type == "grid" else None)
     got = (inputs.feature_type, inputs.prefix_size, inputs.num_grid_tokens)
     if wanted != got:
-        raise ValueError(f"{args.data} holds {got[0]} features of dimension {got[1]}"
+        raise ValueError(f"{config.data} holds {got[0]} features of dimension {got[1]}"
                          + (f" ({got[2]} tokens)" if got[2] else "") + f", but the mapper of --init_from "
-                         f"{args.init_from} takes {wanted[0]} features of dimension {wanted[1]}"
+                         f"{config.init_from} takes {wanted[0]} features of dimension {wanted[1]}"
                          + (f" ({wanted[2]} tokens)" if wanted[2] else ""))
     differs = _encoder_difference(c.encoder, inputs.encoder_config)
     if differs:
-        raise ValueError(f"{args.data} was made by another encoder than --init_from {args.init_from} records "
+        raise ValueError(f"{config.data} was made by another encoder than --init_from {config.init_from} records "
                          f"({differs}); fine-tune on features of the encoder it was trained on")
     c.encoder = inputs.encoder_config or c.encoder
     c.source = "tinytiny"  # the exports written from here on are this code's training
     if eos_token_id not in c.eos_token_ids:  # training ends every caption with it
         c.eos_token_ids = [*c.eos_token_ids, eos_token_id]
-    if args.only_prefix:
+    if config.only_prefix:
         model.freeze_decoder()
     else:
         c.only_prefix = False

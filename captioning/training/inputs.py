@@ -5,7 +5,6 @@ validation datasets, records where the features came from (the encoder config th
 fingerprints the data so a resume checkpoint is never continued on other data.
 """
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,13 @@ from tqdm import tqdm
 from captioning.data.annotations import read_annotations
 from captioning.data.features import read_features
 from captioning.data.images import load_image
-from models.checkpoint_io import CheckpointError
-from models.encoder import EncoderConfig, ImageEncoder
+from captioning.training.config import TrainConfig
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
-                           caption_table_from_features, captions_fingerprint, default_cache_dir, split_by_image)
+                                          caption_table_from_features, captions_fingerprint, default_cache_dir,
+                                          split_by_image)
+from models.checkpoint_io import CheckpointError
+from models.choices import mapper_reads
+from models.encoder import EncoderConfig, ImageEncoder
 
 
 @dataclass
@@ -86,10 +88,10 @@ def same_encoder(a: Optional[Dict], b: Optional[Dict]) -> bool:
     return a == b
 
 
-def token_cache_dirs(args) -> List[Path]:
+def token_cache_dirs(config: TrainConfig) -> List[Path]:
     """Where caption tokens are cached: --cache_dir (default: the user's cache directory), else the run's
     --out_dir; never beside the data, whose folder may be read-only or shared."""
-    return [Path(args.cache_dir) if args.cache_dir else default_cache_dir(), Path(args.out_dir)]
+    return [Path(config.cache_dir) if config.cache_dir else default_cache_dir(), Path(config.out_dir)]
 
 
 def load_features(path, tokenizer, cache_dirs: List[Path], log):
@@ -101,61 +103,52 @@ def load_features(path, tokenizer, cache_dirs: List[Path], log):
     return features, metadata, table, tokens
 
 
-def build_feature_inputs(args, tokenizer, dist) -> TrainingInputs:
-    cache_dirs = token_cache_dirs(args)
-    features, metadata, table, tokens = load_features(args.data, tokenizer, cache_dirs, dist.print)
+def build_feature_inputs(config: TrainConfig, tokenizer, dist) -> TrainingInputs:
+    cache_dirs = token_cache_dirs(config)
+    features, metadata, table, tokens = load_features(config.data, tokenizer, cache_dirs, dist.print)
     train_ids, val = np.arange(len(table)), None
-    if args.val_data:
-        v_features, v_metadata, v_table, v_tokens = load_features(args.val_data, tokenizer, cache_dirs,
+    if config.val_data:
+        v_features, v_metadata, v_table, v_tokens = load_features(config.val_data, tokenizer, cache_dirs,
                                                                    dist.print)
         if v_features.shape[1:] != features.shape[1:]:
-            raise ValueError(f"{args.val_data}: features of shape {tuple(v_features.shape[1:])} per image, but "
-                             f"{args.data} has {tuple(features.shape[1:])}")
+            raise ValueError(f"{config.val_data}: features of shape {tuple(v_features.shape[1:])} per image, but "
+                             f"{config.data} has {tuple(features.shape[1:])}")
         if not same_encoder(v_metadata.get("encoder"), metadata.get("encoder")):
-            raise ValueError(f"{args.val_data} was made by another encoder than {args.data} (metadata['encoder'])")
+            raise ValueError(f"{config.val_data} was made by another encoder than {config.data} (metadata['encoder'])")
         val = FeatureCaptionDataset(v_features, v_table, v_tokens, np.arange(len(v_table)))
-    elif args.val_fraction is not None:
-        train_ids, val_ids = split_by_image(table, args.val_fraction, args.seed)
+    elif config.val_fraction is not None:
+        train_ids, val_ids = split_by_image(table, config.val_fraction, config.seed)
         val = FeatureCaptionDataset(features, table, tokens, val_ids)
     grid = features.ndim == 3
-    if grid and args.mapping_type != "transformer":
-        raise ValueError(f"{args.data} holds grid features {tuple(features.shape)}; they need --mapping_type "
+    if not mapper_reads(config.mapping_type, "grid" if grid else "pooled"):
+        raise ValueError(f"{config.data} holds grid features {tuple(features.shape)}; they need --mapping_type "
                          f"transformer")
     return TrainingInputs(
         train=FeatureCaptionDataset(features, table, tokens, train_ids), val=val, prefix_size=features.shape[-1],
         feature_type="grid" if grid else "pooled", num_grid_tokens=features.shape[1] if grid else None,
         fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
                      "features": list(features.shape)},
-        encoder_config=encoder_config_from_metadata(metadata, features, args.data))
+        encoder_config=encoder_config_from_metadata(metadata, features, config.data))
 
 
 # ---- images, end to end ------------------------------------------------------------------------------------
 
-def load_annotations(path, split, args) -> Tuple[CaptionTable, List[str]]:
-    records = read_annotations(path, split=split, images_root=args.images_root, fmt=args.annotation_format)
+def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, List[str]]:
+    records = read_annotations(path, split=split, images_root=config.images_root, fmt=config.annotation_format)
     if not records:
         raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
     missing = [str(r.path) for r in records if not os.path.isfile(r.path)]
     if missing:
         raise ValueError(f"{path}: {len(missing)} of {len(records)} images are missing under --images_root "
-                         f"{args.images_root}, e.g. {missing[:3]}")
+                         f"{config.images_root}, e.g. {missing[:3]}")
     captions = [c.strip() for r in records for c in r.captions]
     index = np.fromiter((j for j, r in enumerate(records) for _ in r.captions), dtype=np.int64, count=len(captions))
     return CaptionTable(captions, index), [str(r.path) for r in records]
 
 
-def build_encoder(args) -> ImageEncoder:
-    try:
-        kwargs = json.loads(args.encoder_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--encoder_kwargs is not valid JSON: {e}") from e
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--encoder_kwargs must be a JSON object, got {args.encoder_kwargs!r}")
-    encoder = ImageEncoder(EncoderConfig(name=args.encoder, feature_type=args.feature_type,
-                                         weights=args.encoder_weights, image_size=args.image_size,
-                                         model_kwargs=kwargs))
-    frozen = args.freeze_stages if args.freeze_stages is not None else int(args.encoder_weights != "random")
-    encoder.freeze_stages(frozen)
+def build_encoder(config: TrainConfig) -> ImageEncoder:
+    encoder = ImageEncoder(config.encoder_config())
+    encoder.freeze_stages(config.frozen_stages)
     return encoder
 
 
@@ -184,38 +177,36 @@ def preprocess_all(paths: List[str], transform, workers: int, show: bool) -> tor
     return torch.cat([b for b in tqdm(loader, desc="preprocessing images", unit="batch", disable=not show)])
 
 
-def build_image_inputs(args, tokenizer, dist, cache_workers: int = 0) -> TrainingInputs:
+def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int = 0) -> TrainingInputs:
     """Images and captions of --annotations (and --val_annotations); with --cache_images every image is
     preprocessed once, by `cache_workers` loader processes."""
-    if args.feature_type == "grid" and args.mapping_type != "transformer":
-        raise ValueError("--feature_type grid needs --mapping_type transformer")
-    table, paths = load_annotations(args.annotations, args.split, args)
-    tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(args),
-                           Path(args.annotations).name + (f".{args.split}" if args.split else ""), dist.print)
-    encoder = build_encoder(args)
+    table, paths = load_annotations(config.annotations, config.split, config)
+    tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(config),
+                           Path(config.annotations).name + (f".{config.split}" if config.split else ""), dist.print)
+    encoder = build_encoder(config)
     transform = encoder.transform
-    augment = augmentation(encoder.config.data_config) if args.augment else None
+    augment = augmentation(encoder.config.data_config) if config.augment else None
 
     def dataset(tab, tok, ids, image_paths):
-        cache = preprocess_all(image_paths, transform, cache_workers, dist.is_main) if args.cache_images else None
+        cache = preprocess_all(image_paths, transform, cache_workers, dist.is_main) if config.cache_images else None
         return ImageCaptionDataset(image_paths, tab, tok, ids, transform, load_image, cache=cache, augment=augment,
-                                   seed=args.seed)
+                                   seed=config.seed)
 
     train_ids, val = np.arange(len(table)), None
-    if args.val_annotations:
-        v_table, v_paths = load_annotations(args.val_annotations, args.val_split, args)
-        v_tokens = cached_tokens(v_table.captions, tokenizer, token_cache_dirs(args),
-                                 Path(args.val_annotations).name + (f".{args.val_split}" if args.val_split else ""),
+    if config.val_annotations:
+        v_table, v_paths = load_annotations(config.val_annotations, config.val_split, config)
+        v_tokens = cached_tokens(v_table.captions, tokenizer, token_cache_dirs(config),
+                                 Path(config.val_annotations).name + (f".{config.val_split}" if config.val_split else ""),
                                  dist.print)
         val = dataset(v_table, v_tokens, np.arange(len(v_table)), v_paths)
         val.augment = None
     train = dataset(table, tokens, train_ids, paths)
-    if args.val_fraction is not None:
-        train.caption_ids, val_ids = split_by_image(table, args.val_fraction, args.seed)
+    if config.val_fraction is not None:
+        train.caption_ids, val_ids = split_by_image(table, config.val_fraction, config.seed)
         val = ImageCaptionDataset(paths, table, tokens, val_ids, transform, load_image, cache=train.features)
-    grid = args.feature_type == "grid"
+    grid = config.feature_type == "grid"
     return TrainingInputs(
-        train=train, val=val, prefix_size=encoder.feature_dim, feature_type=args.feature_type,
+        train=train, val=val, prefix_size=encoder.feature_dim, feature_type=config.feature_type,
         num_grid_tokens=encoder.num_tokens if grid else None, encoder=encoder,
         fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
                      "images": hashlib.sha256("\n".join(paths).encode()).hexdigest()})

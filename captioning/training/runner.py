@@ -1,0 +1,177 @@
+"""The training run train.py makes: a TrainConfig -> export directories, resume checkpoint and logs.
+
+`train(config)` checks where the run writes and what it reads, sets the precision and thread budget, builds the
+inputs and the model (new, or `--init_from` an export), the loaders and optimiser, and hands them to the Trainer
+(captioning/training/loop.py), on one process or each of torchrun's.
+"""
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+from captioning import runtime
+from captioning.outputs import check_output_dir
+from captioning.runtime import Distributed
+from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
+from captioning.training.evaluation import build_caption_evaluation
+from captioning.training.config import TrainConfig
+from captioning.training.finetune import load_tokenizer, model_from_export
+from captioning.training.inputs import build_feature_inputs, build_image_inputs
+from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from captioning.training.state import previous_state_path, seed_everything
+from models.captioner import CaptionerConfig, ClipCaptionModel
+from models.checkpoint_io import CheckpointError, atomic_write
+
+
+def check_files(config: TrainConfig) -> None:
+    """Where the run writes, and the features it reads, before the decoder is fetched."""
+    check_output_dir(config.out_dir, "--out_dir")
+    if not config.train_encoder:
+        for flag, path in (("--data", config.data), ("--val_data", config.val_data)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: " + ("is a directory; expected a features pickle"
+                                                       if Path(path).is_dir() else "no such features file"))
+
+
+def build_optimizer(model, config: TrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only; the encoder at --encoder_lr. The fused kernel (CUDA and CPU) does
+    the whole update in one pass over memory: on the CPU about 5x faster than the default multi-tensor one."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            lr = config.encoder_lr if name.startswith("encoder.") and config.encoder_lr is not None else config.lr
+            groups.setdefault((lr, config.weight_decay if param.ndim >= 2 else 0.0), []).append(param)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+                             lr=config.lr, eps=config.adam_eps, fused=device.type in ("cuda", "cpu"))
+
+
+def make_loaders(config: TrainConfig, inputs, dist: Distributed, pad_id: int, workers: int):
+    common = dict(batch_size=config.bs, num_workers=workers, collate_fn=CaptionCollator(pad_id),
+                  pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    sampler = ResumableDistributedSampler(inputs.train, dist.world_size, dist.rank, seed=config.seed)
+    train_loader = DataLoader(inputs.train, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
+    val_loader = None
+    if inputs.val is not None:
+        shard = validation_shard(inputs.val.token_lengths(), dist.rank, dist.world_size)
+        val_loader = DataLoader(Subset(inputs.val, shard), shuffle=False, **common)
+    return train_loader, sampler, val_loader
+
+
+def resume_path(config: TrainConfig, options: TrainOptions, dist: Distributed):
+    if config.resume is None:
+        if options.resume_path.exists():
+            raise CheckpointError(f"{options.resume_path} exists: continue that run with --resume latest, or "
+                                  f"choose another --out_dir (nothing was overwritten)")
+        return None
+    if config.resume == "latest":
+        if options.resume_path.is_file():
+            return options.resume_path
+        previous = previous_state_path(options.resume_path)
+        if previous.is_file():  # the run stopped between setting the old checkpoint aside and writing the new one
+            dist.print(f"note: --resume latest: no {options.resume_path}, continuing from {previous}")
+            return previous
+        dist.print(f"note: --resume latest: no {options.resume_path} yet, starting from scratch")
+        return None
+    path = Path(config.resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {path}: " + ("is a directory; give the resume checkpoint file "
+                                                      "(<prefix>_resume.pt) or 'latest'" if path.is_dir()
+                                                      else "no such resume checkpoint"))
+    return path
+
+
+def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
+    """Train as `config` says; returns the Trainer's summary (step, latest export, ...). Without `dist`, sets up
+    the processes itself (torchrun's, or this one alone) and closes them after."""
+    if dist is None:
+        dist = Distributed.setup(config.device)
+        try:
+            return train(config, dist)
+        finally:
+            dist.close()
+    check_files(config)
+    precision = runtime.resolve_precision(config.precision, dist.device, training=True)
+    budget = runtime.plan_threads(dist.device, loads_images=config.train_encoder and not config.cache_images,
+                                  workers=config.num_workers, threads=config.threads)
+    if dist.is_main:
+        runtime.announce(precision)
+        print(budget.describe(), file=sys.stderr, flush=True)
+    with runtime.thread_budget(budget):
+        return run_training(config, dist, precision, budget)
+
+
+def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Precision, budget: runtime.ThreadBudget) -> dict:
+    if config.is_rn:
+        dist.print("note: --is_rn is ignored: the feature size and type come from the features pickle")
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matrix products: fp32 training, much faster
+        torch.backends.cudnn.allow_tf32 = True
+    options = TrainOptions(out_dir=Path(config.out_dir), prefix=config.prefix, epochs=config.epochs, batch_size=config.bs,
+                           grad_accum=config.grad_accum, max_steps=config.max_steps, save_every=config.save_every,
+                           save_every_steps=config.save_every_steps, log_every=config.log_every, seed=config.seed)
+    resume = resume_path(config, options, dist)
+    seed_everything(config.seed)
+    tokenizer = load_tokenizer(config) if config.init_from else AutoTokenizer.from_pretrained(config.gpt2)
+    # Caching images happens before training, while torch waits: every core may decode then.
+    cache_workers = config.num_workers if config.num_workers is not None else (budget.cores if budget.cores > 1 else 0)
+    build = functools.partial(build_image_inputs, cache_workers=cache_workers) if config.train_encoder else \
+        build_feature_inputs
+    inputs = None
+    for turn in (True, False):  # rank 0 first, so that it alone writes the token cache
+        if dist.is_main == turn:
+            inputs = build(config, tokenizer, dist)
+        dist.barrier()
+    model = model_from_export(config, inputs, tokenizer.eos_token_id) if config.init_from else \
+        new_model(config, inputs, tokenizer.eos_token_id)
+    inputs.fit_decoder(model.gpt.config, model.config.prefix_length, dist)
+    model.to(dist.device)
+    torch.manual_seed(config.seed + dist.rank)  # dropout differs across processes; initialisation did not
+    train_loader, sampler, val_loader = make_loaders(config, inputs, dist, tokenizer.eos_token_id, budget.workers)
+    optimizer = build_optimizer(model, config, dist.device)
+    scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps,
+                                                count_steps(len(train_loader), options)[1])
+    channels_last = config.train_encoder and (dist.device.type == "cuda" if config.channels_last is None
+                                            else config.channels_last)
+    if channels_last:
+        model.encoder.to(memory_format=torch.channels_last)
+    loss_module = CaptionLoss(model, images=config.train_encoder, channels_last=channels_last)
+    if dist.enabled:
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=config.train_encoder)  # timm models may hold layers the features skip
+    stepper = Stepper(loss_module, optimizer, scheduler, dist, precision=precision, grad_clip=config.grad_clip)
+    run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": config.to_dict()}
+    if dist.is_main:
+        with atomic_write(options.out_dir / "train_args.json") as tmp:
+            tmp.write_text(json.dumps({**config.to_dict(), "runtime": {**precision.record(), "torch_threads":
+                                       budget.torch_threads, "num_workers": budget.workers}}, indent=2))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dist.print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on "
+               f"{dist.world_size} x {dist.device}; {len(inputs.train)} training captions")
+    trainer = Trainer(model, tokenizer, stepper, train_loader, sampler, options, dist, run_info,
+                      val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(config, inputs, precision))
+    summary = trainer.fit(resume)
+    dist.print(f"done: step {summary['step']}; latest export {summary['latest_export']}")
+    return summary
+
+
+def new_model(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:
+    """A new captioner of the configured architecture for the inputs' features (pretrained decoder)."""
+    return ClipCaptionModel.create(CaptionerConfig(
+        mapping_type=config.mapping_type, prefix_length=config.prefix_length,
+        prefix_length_clip=config.prefix_length_clip, num_layers=config.num_layers, prefix_size=inputs.prefix_size,
+        feature_type=inputs.feature_type, num_grid_tokens=inputs.num_grid_tokens,
+        normalize_prefix=config.normalize_prefix, only_prefix=config.only_prefix, gpt2=config.gpt2,
+        eos_token_ids=[eos_token_id], encoder=inputs.encoder_config), encoder=inputs.encoder)
+
+
+def epoch_end_hooks(config: TrainConfig, inputs, precision: runtime.Precision) -> list:
+    """Functions called on every process after each epoch's export, as hook(trainer, epoch, export_dir); a
+    dict they return is added to train_log.jsonl. Captions are decoded in the precision training runs in."""
+    return [build_caption_evaluation(config, inputs.val, precision)] if config.eval_every else []
