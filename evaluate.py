@@ -9,13 +9,11 @@ per image (`beams`, every beam of a beam search, is optional and used only by --
 list predict.py writes with --num_captions is read as the beams). With
 --checkpoint the split is captioned first (beam 5, every beam kept) and the predictions are written too.
 Outputs go to --out_dir: metrics.json (corpus scores, coverage, per-image CIDEr and BLEU-4), scores_hist.png,
-and predictions.json with --checkpoint.
+and predictions.json with --checkpoint. The work is captioning/evaluation.py's; this script is its command line.
 """
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict
 
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
 from captioning.metrics import ALL_METRICS
@@ -60,239 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     build_parser().parse_args()
 
-from captioning.data.annotations import AnnotationError, read_annotations
-from captioning.data.results import Prediction, ResultsError, read_results, write_results
-from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
-from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
-from models.checkpoint_io import CheckpointError, atomic_write
-
-METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
-                 "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
-ORIGINAL_BLEU_LABEL = ("original notebook BLEU-4 (NLTK sentence BLEU, smoothing 4, best beam, whitespace split, "
-                       "first 5 references)")
-NOT_COMPARABLE = "not comparable with published results"
-
-
-class EvaluationError(Exception):
-    """A user's mistake (bad file, ids that do not match, missing coverage): reported without a stack trace."""
-
-
-# -------------------------------------------------------------------------------------------------- references
-
-def load_references(annotations, split: Optional[str], images_root="./data/coco"):
-    """Annotation records (any format captioning.data.annotations reads) and {image_id: [reference, ...]} for
-    those with captions."""
-    records = read_annotations(annotations, split=split, images_root=images_root)
-    if not any(r.captions for r in records):
-        where = f"split {split!r} of " if split else ""
-        raise EvaluationError(f"{where}{annotations} holds no reference captions")
-    return records, {r.image_id: list(r.captions) for r in records if r.captions}
-
-
-def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_partial: bool, source: str) -> Dict:
-    """Every prediction must have references; every reference image needs a prediction unless allow_partial."""
-    unknown = [p.image_id for p in predictions if p.image_id not in references]
-    if unknown:
-        hint = "check --annotations and --split"
-        if all(isinstance(i, str) for i in unknown) and all(isinstance(i, int) for i in references):
-            hint = "the predictions use string ids but the references use integer COCO ids"
-        raise EvaluationError(f"{len(unknown)} of {len(predictions)} predictions are for image ids not in the "
-                              f"references ({source}), e.g. {unknown[:5]}; {hint}")
-    covered = len(predictions)
-    coverage = {"predicted": covered, "reference_images": len(references),
-                "fraction": covered / len(references)}
-    print(f"coverage: predictions for {covered:,} of {len(references):,} reference images "
-          f"({100 * coverage['fraction']:.1f}%)")
-    if covered < len(references):
-        predicted = {p.image_id for p in predictions}
-        missing = [i for i in references if i not in predicted]
-        if not allow_partial:
-            raise EvaluationError(f"{len(missing):,} reference image(s) of {source} have no prediction, e.g. "
-                                  f"{missing[:5]}; scores on a subset are not comparable with full-split scores. "
-                                  f"Pass --allow_partial to score only the predicted images")
-        print(f"warning: scoring only the {covered:,} predicted images (--allow_partial); these scores are not "
-              f"comparable with scores on the full split")
-    return coverage
-
-
-# ------------------------------------------------------------------------------------------- --checkpoint mode
-
-def caption_records(records, checkpoint, device: str, precision: str, beam_size: int, max_length: Optional[int],
-                    batch_size: int, threads: Optional[int] = None):
-    """Caption every record's image with the Captioner (beam search, every beam kept); its batches decode images
-    ahead where the device leaves cores free.
-
-    Returns the predictions and one message per image that could not be read.
-    """
-    from captioning import runtime
-    from captioning.inference import Captioner, DecodingOptions
-
-    budget = runtime.plan_threads(device, loads_images=True, threads=threads)
-    with runtime.thread_budget(budget):
-        captioner = Captioner.from_pretrained(checkpoint, device=device, precision=precision)
-        runtime.announce(captioner.precision)
-        print(budget.describe(), file=sys.stderr)
-        if captioner.encoder is None:
-            raise EvaluationError(f"{checkpoint} records no image encoder, so it captions precomputed features "
-                                  f"only: caption the split's features with predict.py, then score that results "
-                                  f"file with --predictions")
-        try:
-            max_length, clipped = captioner.fit_max_length(max_length)
-        except ValueError as e:
-            raise EvaluationError(str(e)) from None
-        if clipped:
-            print(f"note: {clipped}", file=sys.stderr)
-        options = DecodingOptions(decoding="beam", beam_size=beam_size, num_captions=beam_size,
-                                  max_length=max_length)
-        results = captioner.predict([str(r.path) for r in records], options, batch_size=batch_size, progress=True,
-                                    on_error="keep")
-    predictions = [Prediction(r.image_id, res.captions[0], list(res.captions))
-                   for r, res in zip(records, results) if res.error is None]
-    return predictions, [res.error for res in results if res.error is not None]
-
-
-# ------------------------------------------------------------------------------------------------------ report
-
-def format_table(metrics: Dict[str, float], num_images: int, requested: Sequence[str],
-                 original: Optional[float]) -> str:
-    lines = [f"COCO caption metrics (x100, PTB-tokenised) on {num_images:,} images"]
-    for key, label in METRIC_LABELS.items():
-        if key in metrics:
-            lines.append(f"  {label:<8} {metrics[key]:7.1f}")
-        elif key == "SPICE" and "SPICE" in requested:
-            lines.append(f"  {label:<8} skipped (see the note below)")
-    if original is not None:
-        lines.append(f"{NOT_COMPARABLE.capitalize()}:\n  {ORIGINAL_BLEU_LABEL}: {original:.1f}")
-    return "\n".join(lines)
-
-
-def plot_histograms(path, per_image: Dict[str, List[float]], corpus: Dict[str, float]) -> None:
-    """One histogram per per-image score (the original notebook drew one for BLEU-4). Corpus BLEU pools n-gram
-    counts over all images, so it differs from the mean of per-image BLEU; both are shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(per_image), figsize=(5 * len(per_image), 4), squeeze=False)
-    for ax, (name, values) in zip(axes[0], per_image.items()):
-        mean = sum(values) / len(values)
-        ax.hist(values, bins=40, color="tab:blue", alpha=0.8)
-        ax.axvline(mean, color="tab:red", linestyle="--", label=f"per-image mean {mean:.1f}")
-        if name in corpus:
-            ax.axvline(corpus[name], color="tab:green", linestyle=":", label=f"corpus {corpus[name]:.1f}")
-        ax.set(title=f"per-image {name} ({len(values):,} images)", xlabel=f"{name} (x100)", ylabel="images")
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def write_report(out_dir: Path, result: Dict, predictions: Sequence[Prediction], original: Optional[Dict],
-                 info: Dict) -> Dict:
-    per_image = []
-    for p in predictions:
-        row = {"image_id": p.image_id, "caption": p.caption, **result["per_image"][p.image_id]}
-        if original is not None:
-            row["original_Bleu_4"] = original["per_image"][p.image_id]
-        per_image.append(row)
-    report = {"units": "x100, as papers report them", "metrics": result["metrics"], "num_images":
-              result["num_images"], **info, "notes": result["notes"], "per_image": per_image}
-    if original is not None:
-        report["original_bleu"] = {"Bleu_4": original["Bleu_4"],
-                                   "description": f"{ORIGINAL_BLEU_LABEL}: {NOT_COMPARABLE}"}
-    with atomic_write(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    histograms = {METRIC_LABELS[k]: [row[k] for row in per_image] for k in ("Bleu_4", "CIDEr") if k in
-                  result["metrics"]}
-    if original is not None:
-        histograms["original BLEU-4"] = [row["original_Bleu_4"] for row in per_image]
-    if histograms:
-        corpus = {METRIC_LABELS[k]: v for k, v in result["metrics"].items()}
-        plot_histograms(out_dir / "scores_hist.png", histograms, corpus)
-    return report
-
-
-# -------------------------------------------------------------------------------------------------------- main
-
-def _default_out_dir(args) -> Path:
-    if args.checkpoint:
-        checkpoint = Path(args.checkpoint)
-        return checkpoint.parent / f"{checkpoint.name}_eval_{args.split or Path(args.annotations).stem}"
-    predictions = Path(args.predictions)
-    return predictions.parent / f"{predictions.stem}_eval"
-
-
-def _predict(args, records, out_dir: Path) -> List[Prediction]:
-    from captioning import runtime
-
-    present, missing = [], []
-    for r in records:
-        (present if Path(r.path).is_file() else missing).append(r)
-    if missing and not args.allow_partial:
-        raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
-                              f"check --images_root (or pass --allow_partial to caption the others)")
-    device = args.device or runtime.default_device()
-    predictions, failed = caption_records(present, args.checkpoint, device, args.precision, args.beam_size,
-                                          args.max_length, args.batch_size, args.threads)
-    path = out_dir / "predictions.json"
-    # kept even when some images failed: captioning may have taken hours
-    write_or_rescue(path, lambda p: write_results(p, predictions), "--out_dir")
-    print(f"wrote {path}")
-    failed = [f"{r.path}: file not found" for r in missing] + failed
-    if failed and not args.allow_partial:
-        raise EvaluationError(f"{len(failed):,} image(s) could not be read, e.g. {failed[0]}; the other images' "
-                              f"captions are in {path}: score them with --predictions {path} --allow_partial")
-    if failed:
-        print(f"warning: {len(failed):,} image(s) could not be captioned, e.g. {failed[0]}", file=sys.stderr)
-    return predictions
-
-
-def run(args) -> Dict:
-    require_toolkit(nltk=args.original_bleu)  # before any captioning, which may take hours
-    source = f"{args.annotations}" + (f", split {args.split}" if args.split else "")
-    records, references = load_references(args.annotations, args.split, args.images_root)
-    out_dir = check_output_dir(args.out_dir or _default_out_dir(args), "--out_dir")  # before captioning, scoring
-    if args.checkpoint:
-        if args.max_images:
-            records = records[:args.max_images]
-            references = {r.image_id: references[r.image_id] for r in records if r.image_id in references}
-        predictions = _predict(args, records, out_dir)
-    else:
-        predictions = read_results(args.predictions, allow_empty=args.allow_empty)
-    empty = sum(not p.caption.strip() for p in predictions)
-    if empty:
-        print(f"warning: {empty:,} empty caption(s) score 0", file=sys.stderr)
-    coverage = check_coverage(predictions, references, args.allow_partial, source)
-    result = score_captions({p.image_id: p.caption for p in predictions}, references, metrics=args.metrics,
-                            progress=True)
-    original = None
-    if args.original_bleu:
-        if not any(p.beams for p in predictions):
-            result["notes"].append("the predictions hold no 'beams': the original BLEU-4 scores the single "
-                                   "caption (the original took the best of 5 beams)")
-        original = original_bleu({p.image_id: p.beams or [p.caption] for p in predictions}, references,
-                                 progress=True)
-    info = {"annotations": str(args.annotations), "split": args.split, "coverage": coverage,
-            "predictions": str(out_dir / "predictions.json") if args.checkpoint else str(args.predictions),
-            "checkpoint": args.checkpoint, "tokenization": "PTB tokenizer of the COCO caption toolkit, lower-cased, "
-                                                          "punctuation removed"}
-    report = write_dir_or_rescue(out_dir, lambda d: write_report(d, result, predictions, original, info),
-                                 "--out_dir")
-    print(format_table(result["metrics"], result["num_images"], args.metrics,
-                       None if original is None else original["Bleu_4"]))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'scores_hist.png'}")
-    return report
+from captioning.evaluation import USER_ERRORS, EvaluateConfig, evaluate
 
 
 def main(argv=None) -> Dict:
-    args = build_parser().parse_args(argv)
+    """Flags -> an `EvaluateConfig` -> `captioning.evaluation.evaluate`; returns its report. A user's mistake is
+    one line on stderr and exit status 1."""
+    config = EvaluateConfig(**vars(build_parser().parse_args(argv)))
     try:
-        return run(args)
-    except (EvaluationError, AnnotationError, MetricsError, CheckpointError, OutputError, ResultsError) as e:
+        return evaluate(config)
+    except USER_ERRORS as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -1,9 +1,10 @@
-import argparse
 import json
 
 import pytest
 
 import demo
+from captioning import demo as demo_pipeline
+from captioning.data.annotations import read_annotations
 from captioning.data import shapes
 from captioning.data.shapes import same_scene_facts, scene_from_dict
 
@@ -32,12 +33,12 @@ def files_in(folder):
 def test_a_dataset_brought_by_a_user_is_read_and_left_untouched(tmp_path, convention):
     data = shapes.generate(tmp_path / "theirs", num_train=20, num_val=2, num_test=4, seed=5)
     if convention.startswith("relative to images/"):
-        for name in demo.ANNOTATION_FILES:
+        for name in demo_pipeline.ANNOTATION_FILES:
             raw = json.loads((data / name).read_text())
             for image in raw["images"]:
                 image["file_name"] = image["file_name"].removeprefix("images/")
             (data / name).write_text(json.dumps(raw))
-    assert demo.images_root(data) == (data / "images" if convention.startswith("relative to images/") else data)
+    assert demo_pipeline.images_root(data) == (data / "images" if convention.startswith("relative to images/") else data)
     before = files_in(data)
     result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out"), "--epochs", "1", "--bs", "16",
                         "--beam_size", "1"])
@@ -49,7 +50,7 @@ def test_images_found_under_neither_root_are_a_clear_error(tmp_path):
     next((data / "images").iterdir()).unlink()
     with pytest.raises(FileNotFoundError, match=r"the annotations' images are neither under .*images \(5 of 5 "
                                                 r"missing, e.g. 'images/.*'\) nor under .* \(1 missing\)"):
-        demo.images_root(data)
+        demo_pipeline.images_root(data)
 
 
 def strip_scenes(data, unreadable_image=None):
@@ -69,23 +70,27 @@ def test_ground_truth_comes_from_the_references_without_a_scene(tmp_path):
     data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=30, seed=3)
     first = json.loads((data / "captions_test.json").read_text())["images"][0]["id"]
     truth = strip_scenes(data, unreadable_image=first)
-    records = demo.read_annotations(data / "captions_test.json", images_root=data)
+    records = read_annotations(data / "captions_test.json", images_root=data)
     assert records[0].image_id == first
-    scenes = demo.ground_truth(data, records)
+    scenes = demo_pipeline.ground_truth(data, records)
     assert set(scenes) == {r.image_id for r in records[1:]}
     assert all(all(same_scene_facts(scenes[i], truth[i]).values()) for i in scenes)
     predictions = {r.image_id: r.captions[0] for r in records}
     predictions[records[1].image_id] = "a plaid blob"
-    assert demo.accuracy(predictions, scenes) == {k: pytest.approx(100 * 28 / 29) for k in
-                                                  ("colour", "shape", "position")}
-    assert demo.accuracy(predictions, {}) == {"colour": None, "shape": None, "position": None}
+    assert demo_pipeline.accuracy(predictions, scenes) == {k: pytest.approx(100 * 28 / 29) for k in
+                                                           ("colour", "shape", "position")}
+    assert demo_pipeline.accuracy(predictions, {}) == {"colour": None, "shape": None, "position": None}
 
 
 def test_the_recipe_is_a_step_budget():
-    args = argparse.Namespace(steps=3000, bs=64, epochs=None)
-    assert demo.epochs_for(10000, args) == 19  # 156 steps an epoch
-    assert demo.epochs_for(20000, args) == 10 and demo.epochs_for(100, args) == 3000
-    assert demo.epochs_for(10000, argparse.Namespace(steps=3000, bs=64, epochs=2)) == 2
+    config = demo_pipeline.DemoConfig(steps=3000, bs=64)
+    assert demo_pipeline.epochs_for(10000, config) == 19  # 156 steps an epoch
+    assert demo_pipeline.epochs_for(20000, config) == 10 and demo_pipeline.epochs_for(100, config) == 3000
+    assert demo_pipeline.epochs_for(10000, demo_pipeline.DemoConfig(steps=3000, bs=64, epochs=2)) == 2
+
+
+def test_the_configs_defaults_are_the_flags():
+    assert demo_pipeline.DemoConfig(**vars(demo.parse_args([]))) == demo_pipeline.DemoConfig()
 
 
 def test_demo_on_another_dataset_without_scenes(tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""evaluate.py end to end through main([...]) on small hand-made COCO and Karpathy files.
+"""evaluate.py end to end through main([...]) on small hand-made COCO and Karpathy files, and
+captioning/evaluation.py through an EvaluateConfig.
 
 The CLI runs score BLEU and CIDEr only (METEOR starts a JVM for seconds); test_metrics checks every
 metric against pycocoevalcap itself."""
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from captioning import metrics, runtime
+from captioning import evaluation, metrics, runtime
 from captioning.data.results import read_results
 from captioning.metrics import score_captions
 from tests.test_metrics import PREDICTIONS, REFERENCES
@@ -82,9 +84,28 @@ def test_scores_a_results_file_against_coco_annotations(tmp_path, coco_file, cap
     assert "coverage: predictions for 6 of 6 reference images (100.0%)" in out
 
 
+def test_an_evaluate_config_does_what_the_cli_does(tmp_path, coco_file, capsys):
+    """The flags' defaults are EvaluateConfig's, and evaluation.evaluate(config) returns and writes the report that
+    main([...]) gives for the same settings."""
+    defaults = vars(evaluate.build_parser().parse_args(["--predictions", "p.json", "--annotations", "a.json"]))
+    assert defaults == dataclasses.asdict(evaluation.EvaluateConfig(annotations="a.json", predictions="p.json"))
+    path = results(tmp_path, PREDICTIONS, beams={k: [v, "A picture of something."] for k, v in PREDICTIONS.items()})
+    cli = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu",
+                         "--out_dir", str(tmp_path / "cli"), *FAST])
+    cli_out = capsys.readouterr().out.replace(str(tmp_path / "cli"), "OUT")
+    config = evaluation.EvaluateConfig(annotations=str(coco_file), predictions=str(path), original_bleu=True,
+                                       out_dir=str(tmp_path / "config"), metrics=["BLEU", "CIDEr"])
+    assert evaluation.evaluate(config) == cli
+    assert capsys.readouterr().out.replace(str(tmp_path / "config"), "OUT") == cli_out
+    assert (tmp_path / "config" / "metrics.json").read_text() == (tmp_path / "cli" / "metrics.json").read_text()
+    assert cli["num_images"] == 6 and "Bleu_4" in cli["original_bleu"]
+    with pytest.raises(evaluation.EvaluationError, match="exactly one source of captions"):
+        evaluation.evaluate(dataclasses.replace(config, checkpoint="ckpt"))
+
+
 def test_karpathy_split_selection(tmp_path, karpathy_file, capsys):
     for split, ids in (("test", range(1, 7)), ("val", [7, 8]), ("train+restval", [9, 10, 11])):
-        records, references = evaluate.load_references(karpathy_file, split)
+        records, references = evaluation.load_references(karpathy_file, split)
         assert [r.image_id for r in records] == list(ids) and list(references) == list(ids)
     path = results(tmp_path, PREDICTIONS)
     report = evaluate.main(["--predictions", str(path), "--annotations", str(karpathy_file), "--split", "test",
@@ -166,7 +187,7 @@ def test_other_user_errors(tmp_path, coco_file, karpathy_file, capsys, monkeypat
 def test_parser_defaults():
     args = evaluate.build_parser().parse_args(["--checkpoint", "ckpt", "--annotations", "a.json", "--split", "test"])
     assert args.metrics == ["BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"] and args.beam_size == 5
-    assert evaluate._default_out_dir(args) == Path("ckpt_eval_test")
+    assert evaluation.default_out_dir(evaluation.EvaluateConfig(**vars(args))) == Path("ckpt_eval_test")
 
 
 # ---------------------------------------------------------------------------------------------- --checkpoint mode

@@ -1,4 +1,4 @@
-"""evaluate.py --checkpoint with predict.py's real Captioner on a tiny export (random weights: the captions are
+"""evaluate.py --checkpoint with the real Captioner on a tiny export (random weights: the captions are
 nonsense, but they must be exactly what the Captioner gives for the same images)."""
 import json
 
@@ -9,9 +9,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import evaluate
 from captioning.data.annotations import read_annotations
 from captioning.data.images import load_image
+from captioning.inference import Captioner, DecodingOptions
 from captioning.metrics import score_captions
 from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
-from tests.test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
+from tests import test_evaluate
+from tests.test_evaluate import FAST
+
+# Fixtures of test_evaluate, found by pytest under these names (bound, not imported, so that pyflakes reads the
+# test arguments of the same names as uses of them).
+coco_images, karpathy_file = test_evaluate.coco_images, test_evaluate.karpathy_file
 
 
 def tiny_model(tokenizer, encoder=None, prefix_size=16, n_positions=128) -> ClipCaptionModel:
@@ -33,9 +39,7 @@ def export(tmp_path, tokenizer):
     return path
 
 
-def test_checkpoint_mode_matches_the_captioner(tmp_path, export, karpathy_file, coco_images):  # noqa: F811
-    from predict import Captioner, DecodingOptions
-
+def test_checkpoint_mode_matches_the_captioner(tmp_path, export, karpathy_file, coco_images):
     report = evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",
                             str(karpathy_file), "--split", "test", "--beam_size", "3", "--max_length", "8",
                             "--batch_size", "4", "--device", "cpu", *FAST])
@@ -51,8 +55,8 @@ def test_checkpoint_mode_matches_the_captioner(tmp_path, export, karpathy_file, 
     assert report["metrics"] == pytest.approx(expected["metrics"])
 
 
-def test_checkpoint_without_an_image_encoder_is_a_clear_error(tmp_path, tokenizer, karpathy_file,  # noqa: F811
-                                                              coco_images, capsys):  # noqa: F811
+def test_checkpoint_without_an_image_encoder_is_a_clear_error(tmp_path, tokenizer, karpathy_file,
+                                                              coco_images, capsys):
     path = tmp_path / "features_only"
     tiny_model(tokenizer).save_pretrained(path, tokenizer)
     with pytest.raises(SystemExit):
@@ -62,7 +66,7 @@ def test_checkpoint_without_an_image_encoder_is_a_clear_error(tmp_path, tokenize
     assert "records no image encoder, so it captions precomputed features only" in err and "Traceback" not in err
 
 
-def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, karpathy_file, coco_images, capsys):  # noqa: F811
+def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, karpathy_file, coco_images, capsys):
     torch.manual_seed(0)
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
     path = tmp_path / "short"

@@ -13,13 +13,20 @@ import parse_coco
 import predict
 import train
 from captioning.data.features import read_features, write_features
-from captioning import featurize, outputs
+from captioning import featurize, inference, outputs
 from captioning.outputs import OutputError, check_output_dir, check_output_file
-from test_evaluate import FAST, coco_images, karpathy_file  # noqa: F401 (fixtures)
-from test_evaluate_checkpoint import export  # noqa: F401 (fixture)
-from test_parse_coco import args_for as parse_args_for, tree  # noqa: F401 (fixture)
+import test_evaluate
+import test_evaluate_checkpoint
+import test_parse_coco
+from test_evaluate import FAST
+from test_parse_coco import args_for as parse_args_for
 from test_predict import tiny_captioner_model
 from test_train import args_for as train_args_for
+
+# Fixtures of other test modules, found by pytest under these names (bound, not imported, so that pyflakes
+# reads the test arguments of the same names as uses of them).
+coco_images, karpathy_file = test_evaluate.coco_images, test_evaluate.karpathy_file
+export, tree = test_evaluate_checkpoint.export, test_parse_coco.tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +75,7 @@ def test_checks_name_the_flag_and_what_is_wrong(tmp_path, monkeypatch):
 
 def test_predict_refuses_a_bad_out_before_captioning(tmp_path, features_export, monkeypatch, capsys):
     (tmp_path / "o.json").mkdir()
-    monkeypatch.setattr(predict.Captioner, "from_pretrained", lambda *a, **k: pytest.fail("captioned anyway"))
+    monkeypatch.setattr(inference.Captioner, "from_pretrained", lambda *a, **k: pytest.fail("captioned anyway"))
     assert predict.main(features_export + ["--out", str(tmp_path / "o.json")]) == 2
     assert f"predict.py: error: --out {tmp_path / 'o.json'}: is a directory" in capsys.readouterr().err
 
@@ -90,8 +97,8 @@ def test_predict_saves_the_captions_elsewhere_when_the_final_write_fails(tmp_pat
     assert list(out.parent.iterdir()) == []  # nothing half-written where the file was meant to go
 
 
-def test_evaluate_refuses_a_file_as_out_dir_before_captioning(tmp_path, export, karpathy_file,  # noqa: F811
-                                                              coco_images, capsys):  # noqa: F811
+def test_evaluate_refuses_a_file_as_out_dir_before_captioning(tmp_path, export, karpathy_file,
+                                                              coco_images, capsys):
     (tmp_path / "scores").write_text("not a directory")
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",
@@ -101,7 +108,7 @@ def test_evaluate_refuses_a_file_as_out_dir_before_captioning(tmp_path, export, 
     assert "captioning" not in err  # refused before the work
 
 
-def test_evaluate_rescues_predictions_and_scores(tmp_path, export, karpathy_file, coco_images,  # noqa: F811
+def test_evaluate_rescues_predictions_and_scores(tmp_path, export, karpathy_file, coco_images,
                                                  monkeypatch, capsys):
     out_dir = tmp_path / "scores"
     out_dir.mkdir()
@@ -117,7 +124,7 @@ def test_evaluate_rescues_predictions_and_scores(tmp_path, export, karpathy_file
     assert list(out_dir.iterdir()) == []
 
 
-def test_parse_coco_and_train_refuse_bad_outputs_before_work(tmp_path, tree, gpt2_dir):  # noqa: F811
+def test_parse_coco_and_train_refuse_bad_outputs_before_work(tmp_path, tree, gpt2_dir):
     (tmp_path / "f.pkl").mkdir()
     with pytest.raises(OutputError, match=r"--out_path .*f.pkl: is a directory"):
         parse_coco.main(parse_args_for(tree, tmp_path / "f.pkl"))
@@ -127,7 +134,7 @@ def test_parse_coco_and_train_refuse_bad_outputs_before_work(tmp_path, tree, gpt
         train.main(train_args_for(None, tmp_path / "run", gpt2_dir, "--data", tmp_path / "missing.pkl"))
 
 
-def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree, monkeypatch,  # noqa: F811
+def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree, monkeypatch,
                                                                  capsys):
     out = tmp_path / "out" / "f.pkl"
     real = featurize.write_features

@@ -1,5 +1,5 @@
 """predict.py: the Captioner API on tiny exports (encoder inside, encoder from a file, features only), and the
-CLI's output formats and errors."""
+CLI's output formats and errors (captioning/prediction.py, through main([...]) and through a PredictConfig)."""
 import csv
 import dataclasses
 import json
@@ -12,11 +12,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from captioning import prediction
 from captioning.data.features import write_features
-from captioning.data.images import ImageError
+from captioning.data.images import ImageError, load_image
+from captioning.inference import Captioner, DecodingOptions
+from captioning.data.annotations import image_id_from_name
 from models import CaptionerConfig, CheckpointError, ClipCaptionModel, EncoderConfig, ImageEncoder
 from models.decoding import beam_search
-from predict import Captioner, DecodingOptions, image_id_from_name, main
+from predict import main, parse_args
 
 FAST = dict(max_length=10)  # tiny random models rarely stop early; short captions keep the tests fast
 
@@ -199,13 +202,48 @@ def test_grid_features(tokenizer, images, tmp_path):
     assert len(captioner.caption(torch.stack([grid, grid]), **FAST)) == 2
 
 
-def test_bf16(exports, images):
-    captioner = Captioner.from_pretrained(exports["inside"], dtype="bf16")  # the earlier keyword
-    assert captioner.model.gpt.lm_head.weight.dtype == torch.bfloat16
-    assert (captioner.precision.name, captioner.precision.requested) == ("bf16", "bf16")
-    captions = captioner.caption(good_images(images), **FAST)
-    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
-    assert Captioner.from_pretrained(exports["inside"], precision=torch.bfloat16).precision.name == "bf16"
+@pytest.fixture(scope="module")
+def confident_export(tmp_path_factory, tokenizer, images):
+    """An export trained to give two images their own caption, so that every next token wins by a wide margin:
+    bf16's rounding (about 3 significant digits) cannot change which one. Returns the export, the images and their
+    captions."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    model = tiny_captioner_model(tokenizer, encoder=encoder)
+    paths = [images / "COCO_val2014_000000000042.jpg", images / "cat.png"]
+    targets = ["A red dog on a street.", "A blue cat in a field."]  # "." is a stop token of the model
+    with torch.no_grad():
+        features = encoder(torch.stack([encoder.preprocess(load_image(p)) for p in paths]))
+    ids = [tokenizer(t).input_ids for t in targets]
+    width = max(map(len, ids))
+    tokens = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if not name.startswith("encoder.")],
+                                 lr=3e-3)
+    model.train()
+    for _ in range(150):  # about a second; the loss ends near 0.01
+        loss = model.loss(tokens, prefix=features, mask=mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("confident") / "export"
+    model.eval().save_pretrained(path, tokenizer)
+    return path, paths, targets
+
+
+def test_bf16_gives_the_fp32_captions(confident_export):
+    path, paths, targets = confident_export
+    fp32 = Captioner.from_pretrained(path)
+    bf16 = Captioner.from_pretrained(path, dtype="bf16")  # the earlier keyword
+    assert bf16.model.gpt.lm_head.weight.dtype == next(bf16.encoder.parameters()).dtype == torch.bfloat16
+    assert (bf16.precision.name, bf16.precision.requested) == ("bf16", "bf16")
+    assert Captioner.from_pretrained(path, precision=torch.bfloat16).precision.name == "bf16"
+    for options in (DecodingOptions(decoding="greedy", max_length=12), DecodingOptions(beam_size=3, max_length=12)):
+        expected, results = fp32.predict(paths, options), bf16.predict(paths, options)
+        assert [r.caption for r in expected] == targets  # the training took: the margins are wide
+        assert [r.caption for r in results] == targets
+        # the mean log-probability per token of the best caption (about -0.01): bf16 moves it by about 1e-4
+        assert [r.scores[0] for r in results] == pytest.approx([r.scores[0] for r in expected], abs=0.01)
 
 
 def test_auto_precision_follows_the_cpu_rule(exports):
@@ -265,6 +303,30 @@ def test_cli_images_dir_to_json(exports, images, captioner, tmp_path, capsys):
     assert "broken.jpg: unreadable" in err and "1 of 4 images could not be captioned" in err
     assert "notes.txt" in err  # not an image: reported, not silently skipped
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json"]  # no temp file left behind
+
+
+def test_a_predict_config_does_what_the_cli_does(exports, images, tmp_path, capsys):
+    """The flags' defaults are PredictConfig's, and prediction.predict(config) writes the file, messages and exit
+    status that main([...]) gives for the same settings."""
+    defaults = vars(parse_args(["--checkpoint", "c", "--image", "a.jpg"]))
+    assert defaults == dataclasses.asdict(prediction.PredictConfig(checkpoint="c", image=["a.jpg"]))
+    runs = {}
+    for name in ("cli", "config"):
+        out = tmp_path / f"{name}.json"
+        if name == "cli":
+            rc = main(["--checkpoint", str(exports["inside"]), "--images_dir", str(images), "--out", str(out),
+                       "--num_captions", "2", "--max_length", "10", "--batch_size", "2"])
+        else:
+            rc = prediction.predict(prediction.PredictConfig(checkpoint=str(exports["inside"]),
+                                                             images_dir=str(images), out=str(out), num_captions=2,
+                                                             max_length=10, batch_size=2))
+        messages = [line.replace(str(out), "OUT") for line in capsys.readouterr().err.splitlines()
+                    if line.startswith(("predict.py:", "wrote"))]  # not the progress bar, whose timings vary
+        runs[name] = rc, json.loads(out.read_text()), messages
+    assert runs["config"] == runs["cli"]
+    rc, entries, messages = runs["cli"]
+    assert rc == 1 and len(entries) == 3 and all(len(e["captions"]) == 2 for e in entries)
+    assert "wrote 3 captioned images to OUT" in messages
 
 
 def test_cli_csv_with_several_captions(exports, images, tmp_path):

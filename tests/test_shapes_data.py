@@ -2,6 +2,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import shapes_data
@@ -121,3 +122,17 @@ def test_either_order_captions_name_either_shape_first_and_parse_back(tmp_path):
     for ann in plain["annotations"]:  # reading order only
         scene, parsed = scenes[ann["image_id"]], parse_caption(ann["caption"])
         assert not (scene.relation and parsed.things[0] == scene.things[1] and not ann["caption"].endswith(" it"))
+
+
+def test_read_scenes_reads_back_what_the_generator_wrote_and_names_a_bad_entry(tmp_path):
+    data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=5, seed=2)
+    raw = json.loads((data / "captions_test.json").read_text())
+    scenes = shapes.read_scenes(data / "captions_test.json")
+    assert scenes == {im["id"]: scene_from_dict(im["scene"]) for im in raw["images"]} and len(scenes) == 5
+    raw["images"][2]["scene"] = {"colour": "red"}  # no things
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(shapes.AnnotationError, match=r"bad.json: an images\[\] entry's 'scene' is not a shapes scene"):
+        shapes.read_scenes(tmp_path / "bad.json")
+    del raw["images"][2]["scene"]
+    (tmp_path / "some.json").write_text(json.dumps(raw))
+    assert sorted(shapes.read_scenes(tmp_path / "some.json")) == sorted(set(scenes) - {raw["images"][2]["id"]})

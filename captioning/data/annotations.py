@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -47,6 +48,17 @@ def coco_image_candidates(image_id: int) -> List[str]:
     """COCO's file names for an image id, in lookup order (2014 train, 2014 val, 2017 train, 2017 val)."""
     return [f"train2014/COCO_train2014_{image_id:012d}.jpg", f"val2014/COCO_val2014_{image_id:012d}.jpg",
             f"train2017/{image_id:012d}.jpg", f"val2017/{image_id:012d}.jpg"]
+
+
+# COCO's file names: COCO_val2014_000000391895.jpg (2014) and 000000391895.jpg (2017), twelve digits either way.
+COCO_FILE_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d{12})")
+
+
+def image_id_from_name(path) -> object:
+    """COCO's `image_id` for a COCO file name (`COCO_val2014_000000391895.jpg` -> 391895), else the file name
+    itself: a number taken from any other name could give two files one id (`gray16.png`, `rgb16.png`)."""
+    match = COCO_FILE_NAME.fullmatch(Path(path).stem)
+    return int(match[1]) if match else Path(path).name
 
 
 class _Records:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.data.annotations import AnnotationError, read_utf8
 from models.checkpoint_io import atomic_write
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
@@ -231,3 +232,13 @@ def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64
 
 def scene_from_dict(d: Dict) -> Scene:
     return Scene([Thing(**t) for t in d["things"]], position=d.get("position"), relation=d.get("relation"))
+
+
+def read_scenes(path) -> Dict[int, Scene]:
+    """{image_id: scene} of the `images[]` entries of a COCO-format annotation file that carry a `scene`, as
+    write_split writes them (files made elsewhere may have none: {})."""
+    try:
+        images = json.loads(read_utf8(Path(path))).get("images", [])
+        return {im["id"]: scene_from_dict(im["scene"]) for im in images if isinstance(im, dict) and "scene" in im}
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise AnnotationError(f"{path}: an images[] entry's 'scene' is not a shapes scene ({e})") from e
