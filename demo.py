@@ -28,8 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--image_size", type=integer(16), default=48,
                    help="pixels per side of the generated images and of the encoder's input")
-    p.add_argument("--steps", type=POSITIVE, default=1500,
-                   help="optimizer steps to train for, rounded to whole epochs (2.5-5 minutes on 2 CPU cores in fp32)")
+    p.add_argument("--steps", type=POSITIVE, default=None,
+                   help="cross-entropy optimizer steps, rounded to whole epochs (default 1500: 2.5-5 minutes on 2 "
+                        "CPU cores in fp32; with --scst 1000, so that both stages take about as long)")
     p.add_argument("--epochs", type=POSITIVE, default=None,
                    help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=POSITIVE, default=64)
@@ -39,6 +40,12 @@ def parse_args(argv=None):
     add_thread_arguments(p, workers=False)
     p.add_argument("--beam_size", type=POSITIVE, default=3)
     p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--scst", action="store_true",
+                   help="after cross-entropy, optimise CIDEr-D (train.py --scst) and print both stages' figures")
+    p.add_argument("--scst_steps", type=POSITIVE, default=150, help="steps of CIDEr optimisation")
+    p.add_argument("--scst_lr", type=number(0, low_open=True), default=2e-4,
+                   help="learning rate of CIDEr optimisation (encoder included)")
+    p.add_argument("--scst_samples", type=integer(2), default=5, help="captions sampled per image and step")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from captioning.choices import ANNOTATION_FORMATS
-from captioning.training.config import ARCHITECTURE_FLAGS, TrainConfig
+from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
                             number, pretrained_source)
 
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(group.add_argument)
     add_runtime_flags(group)
     add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
+    add_scst_flags(p.add_argument_group("CIDEr optimisation: self-critical sequence training after cross-entropy "
+                                        "(--scst)").add_argument)
     p.set_defaults(**TrainConfig.defaults())  # the one place the defaults are written
     return p
 
@@ -76,7 +78,7 @@ def add_training_flags(a) -> None:
       help="hold out this fraction of the training images (all their captions) for validation instead")
     a("--init_from",
       help="fine-tune this export (train.py's or convert_checkpoint.py's): its architecture, decoder, tokenizer "
-           "and feature normalisation are kept; features only")
+           "and feature normalisation are kept (with --train_encoder also its encoder); the start of --scst")
     a("--resume",
       help="a resume checkpoint (<prefix>_resume.pt) or 'latest' (the one in --out_dir; a fresh start if none)")
     a("--max_steps", type=POSITIVE, help="stop after this many optimizer steps (quick runs)")
@@ -124,6 +126,23 @@ def add_encoder_flags(e) -> None:
       help="preprocess every image once and keep it in memory (small datasets)")
 
 
+def add_scst_flags(a) -> None:
+    a("--scst", action="store_true",
+      help="optimise CIDEr-D directly, starting from the cross-entropy export --init_from, in a new --out_dir: "
+           "each step samples captions per image, scores them against the image's training references and "
+           "reinforces those above the baseline (--bs counts images; --resume latest continues an interrupted "
+           "CIDEr optimisation only)")
+    a("--scst_samples", type=POSITIVE, help="captions sampled per image and step (default 5)")
+    a("--scst_top_p", type=number(0, 1, low_open=True),
+      help="sample from this probability mass (default 1: the model's whole distribution, at temperature 1)")
+    a("--scst_max_length", type=POSITIVE,
+      help="most tokens per sampled caption, end token included (default: the longest training caption's)")
+    a("--scst_baseline", choices=["mean", "greedy"],
+      help="what a sample's reward is compared with: the mean reward of the image's other samples (default; "
+           "Luo 2020) or the reward of its greedy caption (Rennie et al. 2017)")
+    a("--scst_bleu_weight", type=number(0), help="reward = CIDEr-D + this x BLEU-4 (default 0)")
+
+
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
     build_parser().parse_args()
 
@@ -147,7 +166,7 @@ def parse_config(argv=None) -> TrainConfig:
     parser = build_parser()
     config = TrainConfig(**vars(parser.parse_args(argv)))
     if config.init_from:  # the export's architecture; a flag given with another value is an error
-        config = adopt_export_config(config, flags_given(parser, argv, ARCHITECTURE_FLAGS))
+        config = adopt_export_config(config, flags_given(parser, argv, ARCHITECTURE_FLAGS + ENCODER_FLAGS))
     return config
 
 

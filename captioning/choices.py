@@ -1,5 +1,5 @@
-"""The choices the scripts' flags offer and the parsers of their values, importable without torch: flags are parsed and checked, and `--help`
-printed, before the seconds that importing torch, timm and transformers takes."""
+"""The choices the scripts' flags offer and the parsers of their values, importable without torch: flags are
+parsed and checked, and `--help` printed, before the seconds that importing torch, timm and transformers takes."""
 
 import json
 

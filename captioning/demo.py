@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 from captioning import runtime
 from captioning.data import shapes
 from captioning.data.annotations import read_annotations
+from captioning.data.results import read_results
 from captioning.data.shapes import parse_caption, same_scene_facts
 from captioning.evaluation import EvaluateConfig, evaluate
 from captioning.inference import Captioner
@@ -38,6 +39,11 @@ IMAGE_SIZE = 48
 GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
 TOKENIZER_VOCAB = 400
+XE_STEPS = 1500
+# With CIDEr optimisation: fewer cross-entropy steps, so that both stages take about the time XE_STEPS take
+XE_STEPS_BEFORE_SCST = 1000
+SCST_STEPS = 150
+SCST_LR = 2e-4
 ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
 
 
@@ -51,7 +57,8 @@ class DemoConfig:
     num_test: int = 300
     seed: int = 0
     image_size: int = IMAGE_SIZE  # of the generated images and of the encoder's input
-    steps: int = 1500  # optimizer steps, rounded to whole epochs
+    steps: Optional[int] = None  # cross-entropy steps, rounded to whole epochs; None: XE_STEPS, or with scst
+    #                               XE_STEPS_BEFORE_SCST
     epochs: Optional[int] = None  # overrides steps
     bs: int = 64
     lr: float = 2e-3
@@ -60,6 +67,10 @@ class DemoConfig:
     threads: Optional[int] = None
     beam_size: int = 3
     device: str = "cpu"
+    scst: bool = False  # CIDEr optimisation after cross-entropy
+    scst_steps: int = SCST_STEPS
+    scst_lr: float = SCST_LR
+    scst_samples: int = 5
 
 
 def build_decoder(captions, directory: Path, seed: int) -> Path:
@@ -78,12 +89,12 @@ def build_decoder(captions, directory: Path, seed: int) -> Path:
     return directory
 
 
-def epochs_for(num_captions: int, config: DemoConfig) -> int:
-    """--epochs, or as many passes as --steps optimizer steps take: the recipe is a step budget, so a larger
+def epochs_for(num_captions: int, config: DemoConfig, steps: int) -> int:
+    """--epochs, or as many passes as `steps` optimizer steps take: the recipe is a step budget, so a larger
     dataset takes about as long as the default one and a smaller one is not under-trained."""
     if config.epochs is not None:
         return config.epochs
-    return max(1, round(config.steps / max(1, num_captions // config.bs)))
+    return max(1, round(steps / max(1, num_captions // config.bs)))
 
 
 def images_root(data: Path) -> Path:
@@ -192,48 +203,108 @@ def caption_test_split(export: Path, records, config: DemoConfig) -> List:
     return results
 
 
+class Run:
+    """What every stage of one demo run shares: the dataset, its records, the decoder and the output folder."""
+
+    def __init__(self, config: DemoConfig, out: Path, data: Path):
+        self.config, self.out, self.data = config, out, data
+        self.root = images_root(data)
+        self.train_records = read_annotations(data / "captions_train.json", images_root=self.root)
+        self.test_records = read_annotations(data / "captions_test.json", images_root=self.root)
+        self.train_captions = [c for r in self.train_records for c in r.captions]
+        self.scenes = ground_truth(data, self.test_records)
+
+    def fresh(self, name: str) -> Path:
+        run_dir = self.out / name
+        if run_dir.exists():  # the demo's own output: each run trains afresh instead of refusing to overwrite it
+            print(f"note: replacing the previous demo run in {run_dir}")
+            shutil.rmtree(run_dir)
+        return run_dir
+
+    def caption(self, export: Path, name: str = "") -> Path:
+        """Caption the test split with `export` into test_predictions[_name].json."""
+        results = caption_test_split(export, self.test_records, self.config)
+        path = self.out / f"test_predictions{'_' + name if name else ''}.json"
+        write_json(path, results, [r.image_id for r in self.test_records], 1)
+        return path
+
+    def score(self, predictions_file: Path, name: str = "") -> Dict:
+        """The accuracy per fact and CIDEr of a predictions file (its report in eval[_name]/); `predictions`
+        holds the captions."""
+        report = evaluate(EvaluateConfig(annotations=str(self.data / "captions_test.json"),
+                                         predictions=str(predictions_file), images_root=str(self.root),
+                                         out_dir=str(self.out / f"eval{'_' + name if name else ''}")))
+        predictions = {p.image_id: p.caption for p in read_results(predictions_file)}
+        return {"accuracy": accuracy(predictions, self.scenes), "cider": report["metrics"]["CIDEr"],
+                "predictions": predictions}
+
+
 def run_demo(config: DemoConfig) -> Dict:
-    """Run the pipeline; returns the accuracy per fact, CIDEr, the baseline's CIDEr and the seconds per stage."""
+    """Run the pipeline; returns the accuracy per fact, CIDEr, the baseline's CIDEr and the seconds per stage
+    (with --scst, the figures after CIDEr optimisation, and those of cross-entropy alone under "cross_entropy")."""
     out = check_output_dir(config.out_dir, "--out_dir")
     stages = Stages()
-    data = dataset(config, out)
+    run = Run(config, out, dataset(config, out))
     stages.done("data")
-    root = images_root(data)
-    train_records = read_annotations(data / "captions_train.json", images_root=root)
-    test_records = read_annotations(data / "captions_test.json", images_root=root)
-    train_captions = [c for r in train_records for c in r.captions]
-    gpt2_dir = build_decoder(train_captions, out / "decoder", config.seed)
+    gpt2_dir = build_decoder(run.train_captions, out / "decoder", config.seed)
     stages.done("tokenizer")
 
-    run_dir = out / "run"
-    if run_dir.exists():  # the demo's own output: each run trains afresh instead of refusing to overwrite it
-        print(f"note: replacing the previous demo run in {run_dir}")
-        shutil.rmtree(run_dir)
-    train(train_config(data, root, gpt2_dir, run_dir, epochs_for(len(train_captions), config), config))
+    run_dir = run.fresh("run")
+    xe_steps = config.steps if config.steps is not None else (XE_STEPS_BEFORE_SCST if config.scst else XE_STEPS)
+    train(train_config(run.data, run.root, gpt2_dir, run_dir, epochs_for(len(run.train_captions), config, xe_steps),
+                       config))
     stages.done("train")
+    if config.scst:
+        scst_dir = run.fresh("run_scst")
+        train(scst_config(run, run_dir / "demo_latest", scst_dir))
+        stages.done("scst")
 
-    results = caption_test_split(run_dir / "demo_latest", test_records, config)
-    predictions = {rec.image_id: res.caption for rec, res in zip(test_records, results)}
-    write_json(out / "test_predictions.json", results, [r.image_id for r in test_records], 1)
+    xe_name = "cross_entropy" if config.scst else ""
+    files = {xe_name: run.caption(run_dir / "demo_latest", xe_name)}
+    if config.scst:
+        files[""] = run.caption(scst_dir / "demo_latest")
     stages.done("caption")
-
-    report = evaluate(EvaluateConfig(annotations=str(data / "captions_test.json"),
-                                     predictions=str(out / "test_predictions.json"), images_root=str(root),
-                                     out_dir=str(out / "eval")))
-    most_frequent = collections.Counter(train_captions).most_common(1)[0][0]
-    references = {r.image_id: r.captions for r in test_records}
+    xe = run.score(files[xe_name], xe_name)
+    result = run.score(files[""]) if config.scst else xe
+    most_frequent = collections.Counter(run.train_captions).most_common(1)[0][0]
+    references = {r.image_id: r.captions for r in run.test_records}
     baseline = score_captions({i: most_frequent for i in references}, references, metrics=("CIDEr",))
-    scenes = ground_truth(data, test_records)
-    result = {"accuracy": accuracy(predictions, scenes), "cider": report["metrics"]["CIDEr"],
-              "baseline_cider": baseline["metrics"]["CIDEr"]}
-    write_grid(out / "test_captions.png", test_records, predictions)
+    result["baseline_cider"] = baseline["metrics"]["CIDEr"]
+    predictions = result.pop("predictions")
+    xe.pop("predictions", None)
+    write_grid(out / "test_captions.png", run.test_records, predictions)
     stages.done("evaluate")
 
-    print_summary(result, most_frequent, predictions, scenes, test_records)
+    print_summary(result, most_frequent, predictions, run.scenes, run.test_records)
+    if config.scst:
+        print_stages_side_by_side(xe, result)
+        result["cross_entropy"] = xe
     print(f"stages (s): {stages.seconds}; grid of test images with captions: {out / 'test_captions.png'}")
     result.update(seconds=round(time.time() - stages.start, 1), stages=stages.seconds)
     print(result_line(result))
     return result
+
+
+def scst_config(run: Run, export: Path, out_dir: Path) -> TrainConfig:
+    """CIDEr optimisation of the cross-entropy export, end to end (encoder included), on the same images."""
+    c = run.config
+    val = run.data / "captions_val.json"
+    images_per_epoch = max(1, len(run.train_records) // c.bs)
+    return TrainConfig(
+        train_encoder=True, annotations=str(run.data / "captions_train.json"), images_root=str(run.root),
+        val_annotations=str(val) if val.exists() else None, cache_images=True, channels_last=True,
+        init_from=str(export), scst=True, scst_samples=c.scst_samples, out_dir=str(out_dir), prefix="demo",
+        epochs=max(1, round(c.scst_steps / images_per_epoch)), bs=c.bs, lr=c.scst_lr, encoder_lr=c.scst_lr,
+        warmup_steps=0, precision=c.precision, seed=c.seed, device=c.device, threads=c.threads)
+
+
+def print_stages_side_by_side(xe: Dict, scst: Dict) -> None:
+    def figure(v):
+        return "n/a" if v is None else f"{v:.1f}"
+    print(f"\n{'':22}{'cross-entropy':>15}{'+ CIDEr optimisation':>22}")
+    print(f"{'CIDEr':22}{xe['cider']:>15.1f}{scst['cider']:>22.1f}")
+    for fact in ("colour", "shape", "position"):
+        print(f"{fact + ' accuracy (%)':22}{figure(xe['accuracy'][fact]):>15}{figure(scst['accuracy'][fact]):>22}")
 
 
 def print_summary(result: Dict, most_frequent: str, predictions: Dict, scenes: Dict, records) -> None:
@@ -252,7 +323,11 @@ def print_summary(result: Dict, most_frequent: str, predictions: Dict, scenes: D
 
 
 def result_line(result: Dict, extra: str = "") -> str:
-    """The figures as one line a script can read; an accuracy that could not be measured is `nan`."""
-    figures = " ".join(f"{k}_acc={'nan' if v is None else f'{v:.1f}'}" for k, v in result["accuracy"].items())
-    return (f"RESULT {figures} cider={result['cider']:.1f} baseline_cider={result['baseline_cider']:.1f} "
-            f"seconds={result['seconds']}{extra}")
+    """The figures as one line a script can read; an accuracy that could not be measured is `nan`. With
+    --scst, the cross-entropy stage's figures follow as xe_*."""
+    def figures(accuracy, prefix=""):
+        return " ".join(f"{prefix}{k}_acc={'nan' if v is None else f'{v:.1f}'}" for k, v in accuracy.items())
+    xe = result.get("cross_entropy")
+    before = f" {figures(xe['accuracy'], 'xe_')} xe_cider={xe['cider']:.1f}" if xe else ""
+    return (f"RESULT {figures(result['accuracy'])} cider={result['cider']:.1f} "
+            f"baseline_cider={result['baseline_cider']:.1f}{before} seconds={result['seconds']}{extra}")

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from captioning import runtime
-from captioning.data.images import ImageError, load_image
+from captioning.data.images import ImageError, load_image, to_rgb
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
-from models.encoder import EncoderConfig, ImageEncoder, to_rgb
+from models.encoder import EncoderConfig, ImageEncoder
 
 __all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder"]
 

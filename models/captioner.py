@@ -167,11 +167,16 @@ class ClipCaptionModel(nn.Module):
         The vocabulary projection runs only at labelled positions, not at the prefix or the padding.
         """
         labels = tokens if mask is None else tokens.masked_fill(mask == 0, -100)
-        hidden = self.gpt.transformer(inputs_embeds=self.embed(tokens, prefix, images)).last_hidden_state
-        hidden = hidden[:, self.prefix_length - 1:-1]  # position i predicts caption token i
         keep = labels != -100
-        logits = self.gpt.lm_head(hidden[keep])  # (N, V)
+        logits = self.caption_logits(tokens, keep, self.embed(tokens, prefix, images))
         return F.cross_entropy(logits.float(), labels[keep])
+
+    def caption_logits(self, tokens: torch.Tensor, keep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (N, V) predicting the caption tokens where `keep` (B, T) is true, from the
+        prefix-and-caption embeddings (B, P + T, C); the vocabulary projection runs at those positions only."""
+        hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
+        hidden = hidden[:, self.prefix_length - 1:-1]  # position i predicts caption token i
+        return self.gpt.lm_head(hidden[keep])
 
     # ---- export directories -------------------------------------------------------------------------------
 

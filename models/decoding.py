@@ -25,7 +25,7 @@ Scores are mean log-probabilities per token, stop token included, under the unte
 """
 import functools
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -284,10 +284,13 @@ def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, count) -> torch.T
     return torch.minimum(index, limit).squeeze(1)  # float rounding at the top never leaves the kept tokens
 
 
-def sampling_noise(seed: int, image_indices: Sequence[int], num_samples: int, max_length: int) -> torch.Tensor:
+def sampling_noise(seed: Union[int, Sequence[int]], image_indices: Sequence[int], num_samples: int,
+                   max_length: int) -> torch.Tensor:
     """Uniforms (B, N, max_length) for `sample`, a function of (seed, image index, sample index) only: the
-    same seed gives the same captions for an image whatever else shares its batch."""
-    rows = [np.random.default_rng([seed, int(i), j]).random(max_length)
+    same seed gives the same captions for an image whatever else shares its batch. A seed may be several
+    numbers (CIDEr optimisation draws with (run seed, step))."""
+    entropy = [int(s) for s in np.atleast_1d(seed)]
+    rows = [np.random.default_rng([*entropy, int(i), j]).random(max_length)
             for i in image_indices for j in range(num_samples)]
     return torch.from_numpy(np.stack(rows)).view(len(image_indices), num_samples, max_length)
 

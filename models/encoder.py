@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import timm
 import torch
 from PIL import Image
@@ -164,20 +163,6 @@ def is_official_tinyvit(state_dict: Dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("layers.", "patch_embed.seq.", "norm_head.")) for k in state_dict)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit and float images are rescaled, transparency is put on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        image = Image.fromarray(a.round().astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
 class ImageEncoder(nn.Module):
     """A timm model giving `pooled` (B, D) or `grid` (B, T, D) features, with its preprocessing attached.
 
@@ -258,8 +243,12 @@ class ImageEncoder(nn.Module):
         return self._num_tokens
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """A PIL image of any mode -> a normalised (3, H, W) tensor."""
-        return self.transform(to_rgb(image))
+        """An 8-bit RGB PIL image -> a normalised (3, H, W) tensor. Other modes are refused rather than guessed
+        at: captioning.data.images (load_image, to_rgb) decides how they become RGB."""
+        if image.mode != "RGB":
+            raise ValueError(f"the encoder takes 8-bit RGB images, got mode {image.mode!r}; convert it with "
+                             f"captioning.data.images.to_rgb")
+        return self.transform(image)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.forward_features(images)

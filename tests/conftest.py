@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny byte-level BPE tokenizer and a tiny GPT-2, saved to disk and loaded back through
-the same `from_pretrained` paths users take with `distilgpt2`. Nothing is downloaded."""
+the same `from_pretrained` paths users take with `distilgpt2`, and the exports and data files that several test
+modules use. Nothing is downloaded. The plain helpers behind them are in builders.py."""
+import dataclasses
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -14,23 +15,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # Caption-token caches of the tests' runs go to a directory of their own, not the user's cache.
 os.environ["TINYTINY_CACHE"] = tempfile.mkdtemp(prefix="tinytiny-test-cache-")
-FIXTURES = Path(__file__).parent / "fixtures"
 
-COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
-THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table"]
-PLACES = ["on a street", "in a field", "next to a tree", "on a table", "in the kitchen", "at the beach"]
+# After the environment above: these import torch and transformers.
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
+import builders  # noqa: E402
+from builders import caption_corpus, tiny_captioner, tiny_gpt2  # noqa: E402
+from captioning.inference import Captioner  # noqa: E402
+from models import EncoderConfig, ImageEncoder  # noqa: E402
 
-def caption_corpus():
-    """A few hundred COCO-like captions for training the test tokenizer."""
-    out = []
-    for i, colour in enumerate(COLOURS):
-        for j, thing in enumerate(THINGS):
-            for k, place in enumerate(PLACES):
-                article = "An" if colour[0] in "aeiou" else "A"
-                out.append(f"{article} {colour} {thing} {place}.")
-                out.append(f"There is a {thing} {place} , and it is {colour}!")
-    return out
+FIXTURES = builders.FIXTURES  # test_encoder.py and test_convert_checkpoint.py import it from here still
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +53,8 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory, tokenizer):
     """A 2-layer, 32-wide GPT-2 with the test tokenizer: a stand-in for `--gpt2 distilgpt2`."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     path = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(config).save_pretrained(str(path))
+    tiny_gpt2(tokenizer).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
 
@@ -75,10 +64,70 @@ def one_thread(monkeypatch):
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spin-waiting makes
     them several times slower; modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`, and the
     setting is restored afterwards. OMP_NUM_THREADS=1 keeps the scripts' thread budget at one thread too."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
+
+
+# ---- exports and data that several test modules use --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tokenizer):
+    """Three exports of the same weights: encoder inside, encoder recorded as a weights file, no encoder."""
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    inside = tiny_captioner(tokenizer, encoder)
+    inside.save_pretrained(root / "inside", tokenizer)
+    weights = root / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder.model.state_dict().items()}, str(weights))
+    recorded = dataclasses.replace(encoder.config, weights=str(weights)).to_dict()
+    from_file = tiny_captioner(tokenizer, encoder_config=recorded)
+    from_file.load_state_dict({k: v for k, v in inside.state_dict().items() if not k.startswith("encoder.")})
+    from_file.save_pretrained(root / "from_file", tokenizer)
+    tiny_captioner(tokenizer).save_pretrained(root / "features_only", tokenizer)
+    return dict(inside=root / "inside", from_file=root / "from_file", features_only=root / "features_only",
+                weights=weights, root=root)
+
+
+@pytest.fixture(scope="module")
+def captioner(exports):
+    """The Captioner of the export with its encoder inside."""
+    return Captioner.from_pretrained(exports["inside"])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An images folder to caption (builders.write_predict_images): three good images, two bad files."""
+    return builders.write_predict_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def export(tmp_path, tokenizer):
+    """An export with a test_resnet encoder inside (32 px) in its own tmp_path, as evaluate.py --checkpoint takes
+    it (its default --out_dir is beside it)."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
+    path = tmp_path / "export"
+    tiny_captioner(tokenizer, encoder).save_pretrained(path, tokenizer)
+    return path
+
+
+@pytest.fixture
+def karpathy_file(tmp_path):
+    """dataset_coco.json of builders.SPLITS, with builders.REFERENCES for the 6 test images."""
+    return builders.write_karpathy_file(tmp_path / "dataset_coco.json")
+
+
+@pytest.fixture
+def coco_images(tmp_path):
+    """An images root with val2014/ images for the ids of karpathy_file; each image's width is its id + 10."""
+    return builders.write_coco_images(tmp_path / "coco")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A COCO-style tree for parse_coco.py (builders.make_coco_tree): images, annotations, an encoder file."""
+    return builders.make_coco_tree(tmp_path_factory.mktemp("coco"))

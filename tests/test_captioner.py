@@ -4,20 +4,12 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from models.captioner import CaptionerConfig, ClipCaptionModel
+from builders import FIXTURES, tiny_captioner_on
+from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig, ImageEncoder
-from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
-
-
-def tiny_model(gpt2_dir, tokenizer, **kw):
-    torch.manual_seed(0)
-    config = CaptionerConfig(**{**dict(mapping_type="transformer", prefix_length=4, prefix_length_clip=3,
-                                       num_layers=1, prefix_size=16, gpt2=str(gpt2_dir),
-                                       eos_token_ids=[tokenizer.eos_token_id]), **kw})
-    return ClipCaptionModel.create(config)
 
 
 def batch(tokenizer, captions, pad_to=None):
@@ -69,13 +61,13 @@ def test_original_import_infers_sizes_and_rejects_mismatches():
 
 
 def test_parameter_counts_follow_the_original_mapper_sizes(gpt2_dir, tokenizer):
-    mlp = tiny_model(gpt2_dir, tokenizer, mapping_type="mlp")
+    mlp = tiny_captioner_on(gpt2_dir, tokenizer, mapping_type="mlp")
     n = 32 * 4  # n_embd * prefix_length
     assert sum(p.numel() for p in mlp.clip_project.parameters()) == 16 * (n // 2) + n // 2 + (n // 2) * n + n
 
 
 def test_loss_is_invariant_to_padding_and_trains_token_zero(gpt2_dir, tokenizer):
-    model = tiny_model(gpt2_dir, tokenizer).eval()
+    model = tiny_captioner_on(gpt2_dir, tokenizer).eval()
     features = torch.randn(2, 16)
     tokens, mask = batch(tokenizer, ["A red dog on a street.", "A cat."])
     padded, padded_mask = batch(tokenizer, ["A red dog on a street.", "A cat."], pad_to=tokens.shape[1] + 9)
@@ -95,7 +87,7 @@ def test_loss_is_invariant_to_padding_and_trains_token_zero(gpt2_dir, tokenizer)
 
 
 def test_only_prefix_trains_the_mapper_only(gpt2_dir, tokenizer):
-    model = tiny_model(gpt2_dir, tokenizer, only_prefix=True)
+    model = tiny_captioner_on(gpt2_dir, tokenizer, only_prefix=True)
     model.train()
     assert not model.gpt.training and model.clip_project.training
     decoder_before = {k: v.clone() for k, v in model.gpt.state_dict().items()}
@@ -113,7 +105,7 @@ def test_only_prefix_trains_the_mapper_only(gpt2_dir, tokenizer):
                                 dict(mapping_type="transformer"),
                                 dict(feature_type="grid", num_grid_tokens=5)])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, gpt2_dir, tokenizer, kw):
-    model = tiny_model(gpt2_dir, tokenizer, **kw).eval()
+    model = tiny_captioner_on(gpt2_dir, tokenizer, **kw).eval()
     model.save_pretrained(tmp_path / "export", tokenizer=tokenizer)
     assert {p.name for p in (tmp_path / "export").iterdir()} >= {"config.json", "model.safetensors",
                                                                    "tokenizer.json"}
@@ -127,7 +119,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, gpt2_dir, tokeniz
 
 
 def test_export_without_decoder_reloads_decoder_from_its_source(tmp_path, gpt2_dir, tokenizer):
-    model = tiny_model(gpt2_dir, tokenizer, only_prefix=True).eval()
+    model = tiny_captioner_on(gpt2_dir, tokenizer, only_prefix=True).eval()
     model.save_pretrained(tmp_path / "small", tokenizer=tokenizer, include_decoder=False)
     loaded = ClipCaptionModel.from_pretrained(tmp_path / "small").eval()
     tokens, _ = batch(tokenizer, ["A red dog."])
@@ -138,9 +130,7 @@ def test_export_without_decoder_reloads_decoder_from_its_source(tmp_path, gpt2_d
 
 def test_export_holds_the_encoder_for_end_to_end_models(tmp_path, gpt2_dir, tokenizer):
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32))
-    config = CaptionerConfig(mapping_type="mlp", prefix_length=2, prefix_size=encoder.feature_dim,
-                             gpt2=str(gpt2_dir))
-    model = ClipCaptionModel.create(config, encoder=encoder).eval()
+    model = tiny_captioner_on(gpt2_dir, tokenizer, encoder, mapping_type="mlp", prefix_length=2).eval()
     model.save_pretrained(tmp_path / "e2e", tokenizer=tokenizer)
     loaded = ClipCaptionModel.from_pretrained(tmp_path / "e2e").eval()
     assert loaded.config.encoder_in_checkpoint and loaded.config.encoder["data_config"]["input_size"] == [3, 32, 32]
@@ -160,7 +150,7 @@ def test_checkpoint_errors_are_clear(tmp_path, gpt2_dir, tokenizer):
     with pytest.raises(CheckpointError, match="config.json is missing"):
         ClipCaptionModel.from_pretrained(tmp_path / "empty")
 
-    model = tiny_model(gpt2_dir, tokenizer)
+    model = tiny_captioner_on(gpt2_dir, tokenizer)
     export = tmp_path / "export"
     model.save_pretrained(export, tokenizer=tokenizer)
     weights = export / "model.safetensors"
@@ -188,7 +178,7 @@ def test_checkpoint_errors_are_clear(tmp_path, gpt2_dir, tokenizer):
 
 
 def test_failed_save_keeps_the_previous_export(tmp_path, gpt2_dir, tokenizer, monkeypatch):
-    model = tiny_model(gpt2_dir, tokenizer)
+    model = tiny_captioner_on(gpt2_dir, tokenizer)
     export = tmp_path / "export"
     model.save_pretrained(export, tokenizer=tokenizer)
     before = (export / "model.safetensors").read_bytes()

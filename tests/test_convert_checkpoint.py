@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from transformers import AutoTokenizer, GPT2Config
 
 import convert_checkpoint
 from models.captioner import ClipCaptionModel
-from models.encoder import ImageEncoder
+from models.encoder import EncoderConfig, ImageEncoder
 from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
@@ -69,12 +70,33 @@ def test_conversion_says_how_features_are_normalised(tmp_path, original_gpt2_dir
             "--normalize_prefix to decode otherwise)") in out
 
 
-def test_convert_embeds_an_encoder_weights_file(tmp_path, original_gpt2_dir):
-    encoder_args = ["--encoder", "tiny_vit_5m_224", "--encoder_weights", str(FIXTURES / "official_tinyvit_tiny.pth")]
-    # the official fixture is a custom-size TinyViT: check that a mismatched encoder is refused, by key
-    rc = convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"),
-                                  "--out_dir", str(tmp_path / "x"), "--gpt2", str(original_gpt2_dir)] + encoder_args)
+def test_convert_embeds_an_encoder_weights_file(tmp_path, original_gpt2_dir, capsys):
+    """A weights file given with --encoder_weights is embedded: the export captions images without the file,
+    with exactly its weights; a file that does not fit the encoder is refused before anything is written."""
+    torch.manual_seed(0)
+    source = ImageEncoder(EncoderConfig(name="tiny_vit_21m_224", weights="random"))  # 576-d, as the checkpoint
+    weights = {k: v.clone() for k, v in source.model.state_dict().items()}
+    torch.save(weights, tmp_path / "encoder.pth")
+    out = tmp_path / "embedded"
+    assert convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"), "--out_dir", str(out),
+                                    "--gpt2", str(original_gpt2_dir), "--encoder", "tiny_vit_21m_224",
+                                    "--encoder_weights", str(tmp_path / "encoder.pth")]) == 0
+    (tmp_path / "encoder.pth").unlink()  # the export must not need it
+    model = ClipCaptionModel.from_pretrained(out)
+    assert model.config.encoder_in_checkpoint and model.encoder is not None
+    loaded = model.encoder.model.state_dict()
+    assert sorted(loaded) == sorted(weights) and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    with torch.no_grad():  # and the mapper is still the checkpoint's
+        torch.testing.assert_close(model.eval().prefix_embeddings(REF["features"]), REF["prefix_mlp"], atol=1e-5,
+                                   rtol=0)
+
+    # the official fixture is a custom-size TinyViT: a mismatched encoder is refused, naming the keys
+    rc = convert_checkpoint.main(["--checkpoint", str(FIXTURES / "original_mlp_prefix.pt"), "--out_dir",
+                                  str(tmp_path / "x"), "--gpt2", str(original_gpt2_dir), "--encoder",
+                                  "tiny_vit_5m_224", "--encoder_weights", str(FIXTURES / "official_tinyvit_tiny.pth")])
     assert rc == 1 and not (tmp_path / "x").exists()
+    assert re.search(r"error: .*official_tinyvit_tiny.pth: (weights do not match the model|key '.*' has shape)",
+                     capsys.readouterr().err)
 
 
 def test_convert_official_tinyvit(tmp_path, capsys, monkeypatch):

@@ -83,10 +83,10 @@ def test_ground_truth_comes_from_the_references_without_a_scene(tmp_path):
 
 
 def test_the_recipe_is_a_step_budget():
-    config = demo_pipeline.DemoConfig(steps=3000, bs=64)
-    assert demo_pipeline.epochs_for(10000, config) == 19  # 156 steps an epoch
-    assert demo_pipeline.epochs_for(20000, config) == 10 and demo_pipeline.epochs_for(100, config) == 3000
-    assert demo_pipeline.epochs_for(10000, demo_pipeline.DemoConfig(steps=3000, bs=64, epochs=2)) == 2
+    config = demo_pipeline.DemoConfig(bs=64)
+    assert demo_pipeline.epochs_for(10000, config, 3000) == 19  # 156 steps an epoch
+    assert demo_pipeline.epochs_for(20000, config, 3000) == 10 and demo_pipeline.epochs_for(100, config, 3000) == 3000
+    assert demo_pipeline.epochs_for(10000, demo_pipeline.DemoConfig(bs=64, epochs=2), 3000) == 2
 
 
 def test_the_configs_defaults_are_the_flags():

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -8,9 +9,9 @@ from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN
 from timm.models import get_pretrained_cfg
 
+from captioning.data.images import to_rgb
 from models.checkpoint_io import CheckpointError
-from models.encoder import (CLIP_MODEL_TYPES, EncoderConfig, ImageEncoder, data_config_for,
-                            official_tinyvit_filter_fn, to_rgb)
+from models.encoder import CLIP_MODEL_TYPES, EncoderConfig, ImageEncoder, data_config_for, official_tinyvit_filter_fn
 from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
@@ -143,11 +144,15 @@ def test_encoder_names_take_a_timm_tag_and_record_the_resolved_one():
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
-def test_to_rgb_converts_every_mode(mode):
+def test_to_rgb_converts_every_mode_and_the_encoder_takes_only_rgb(mode):
     base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8))
     img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
     out = to_rgb(img)
     assert out.mode == "RGB" and out.size == (8, 8)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32))
+    assert encoder.preprocess(out).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match=f"the encoder takes 8-bit RGB images, got mode '{re.escape(mode)}'"):
+        encoder.preprocess(img)
 
 
 def test_encoder_export_round_trip(tmp_path):

@@ -11,23 +11,10 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from builders import FAST_METRICS, PREDICTIONS, REFERENCES, write_json
 from captioning import evaluation, metrics, runtime
 from captioning.data.results import read_results
 from captioning.metrics import score_captions
-from tests.test_metrics import PREDICTIONS, REFERENCES
-
-FAST = ["--metrics", "BLEU", "CIDEr"]
-# Karpathy-style ids: 6 test images (ids 1-6 with the references above), 2 val, 2 train, 1 restval.
-SPLITS = {**{i: "test" for i in range(1, 7)}, 7: "val", 8: "val", 9: "train", 10: "train", 11: "restval"}
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data))
-    return path
-
-
-def refs_of(image_id):
-    return REFERENCES.get(image_id, [f"A photo number {image_id}.", "Some picture."])
 
 
 @pytest.fixture
@@ -36,14 +23,6 @@ def coco_file(tmp_path):
     annotations = [{"id": 100 * i + j, "image_id": i, "caption": c} for i, refs in REFERENCES.items()
                    for j, c in enumerate(refs)]
     return write_json(tmp_path / "captions_val2014.json", {"images": images, "annotations": annotations})
-
-
-@pytest.fixture
-def karpathy_file(tmp_path):
-    images = [{"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": split,
-               "sentences": [{"raw": c, "sentid": 10 * i + j} for j, c in enumerate(refs_of(i))]}
-              for i, split in SPLITS.items()]
-    return write_json(tmp_path / "dataset_coco.json", {"images": images, "dataset": "coco"})
 
 
 def results(tmp_path, predictions, name="results.json", beams=None):
@@ -65,7 +44,8 @@ def run_error(capsys, argv):
 def test_scores_a_results_file_against_coco_annotations(tmp_path, coco_file, capsys):
     beams = {k: [v, "A picture of something."] for k, v in PREDICTIONS.items()}
     path = results(tmp_path, PREDICTIONS, beams=beams)
-    report = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu", *FAST])
+    report = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu",
+                            *FAST_METRICS])
     out_dir = tmp_path / "results_eval"
     saved = json.loads((out_dir / "metrics.json").read_text())
     direct = score_captions(PREDICTIONS, REFERENCES, metrics=("BLEU", "CIDEr"))
@@ -91,7 +71,7 @@ def test_an_evaluate_config_does_what_the_cli_does(tmp_path, coco_file, capsys):
     assert defaults == dataclasses.asdict(evaluation.EvaluateConfig(annotations="a.json", predictions="p.json"))
     path = results(tmp_path, PREDICTIONS, beams={k: [v, "A picture of something."] for k, v in PREDICTIONS.items()})
     cli = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--original_bleu",
-                         "--out_dir", str(tmp_path / "cli"), *FAST])
+                         "--out_dir", str(tmp_path / "cli"), *FAST_METRICS])
     cli_out = capsys.readouterr().out.replace(str(tmp_path / "cli"), "OUT")
     config = evaluation.EvaluateConfig(annotations=str(coco_file), predictions=str(path), original_bleu=True,
                                        out_dir=str(tmp_path / "config"), metrics=["BLEU", "CIDEr"])
@@ -109,7 +89,7 @@ def test_karpathy_split_selection(tmp_path, karpathy_file, capsys):
         assert [r.image_id for r in records] == list(ids) and list(references) == list(ids)
     path = results(tmp_path, PREDICTIONS)
     report = evaluate.main(["--predictions", str(path), "--annotations", str(karpathy_file), "--split", "test",
-                            "--out_dir", str(tmp_path / "out"), *FAST])
+                            "--out_dir", str(tmp_path / "out"), *FAST_METRICS])
     assert report["num_images"] == 6 and report["split"] == "test"
     assert report["metrics"] == pytest.approx(score_captions(PREDICTIONS, REFERENCES, ("BLEU", "CIDEr"))["metrics"])
     # The same predictions against the val split are for images that split does not hold.
@@ -119,7 +99,7 @@ def test_karpathy_split_selection(tmp_path, karpathy_file, capsys):
 
 def test_partial_coverage_is_an_error_unless_allowed(tmp_path, coco_file, capsys):
     path = results(tmp_path, {k: PREDICTIONS[k] for k in (1, 2, 3, 4)})
-    argv = ["--predictions", str(path), "--annotations", str(coco_file), *FAST]
+    argv = ["--predictions", str(path), "--annotations", str(coco_file), *FAST_METRICS]
     err = run_error(capsys, argv)
     assert "2 reference image(s) of" in err and "e.g. [5, 6]" in err and "--allow_partial" in err
     report = evaluate.main(argv + ["--allow_partial"])
@@ -148,7 +128,7 @@ def test_partial_coverage_is_an_error_unless_allowed(tmp_path, coco_file, capsys
 def test_bad_predictions_files(tmp_path, coco_file, capsys, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
-    err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file), *FAST])
+    err = run_error(capsys, ["--predictions", str(path), "--annotations", str(coco_file), *FAST_METRICS])
     assert message in err
     if "not in the references" not in message:
         assert f"{path}: entry" in err or f"{path}: " in err
@@ -158,7 +138,8 @@ def test_string_ids_match_integer_references_and_empty_captions_can_be_allowed(t
     entries = [{"image_id": str(k), "caption": v} for k, v in PREDICTIONS.items()]
     entries[0]["caption"] = ""
     path = write_json(tmp_path / "r.json", entries)
-    report = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--allow_empty", *FAST])
+    report = evaluate.main(["--predictions", str(path), "--annotations", str(coco_file), "--allow_empty",
+                            *FAST_METRICS])
     assert report["per_image"][0] == {"image_id": 1, "caption": "", "Bleu_4": 0.0, "CIDEr": 0.0}
 
 
@@ -223,18 +204,6 @@ class StubCaptioner:
 
 
 @pytest.fixture
-def coco_images(tmp_path):
-    from PIL import Image
-
-    root = tmp_path / "coco"
-    (root / "val2014").mkdir(parents=True)
-    for image_id in SPLITS:
-        Image.new("RGB", (10 + image_id, 12), (image_id * 20, 0, 0)).save(
-            root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
-    return root
-
-
-@pytest.fixture
 def stub_predict(monkeypatch):
     module = types.ModuleType("captioning.inference")
     module.Captioner = StubCaptioner
@@ -245,7 +214,8 @@ def stub_predict(monkeypatch):
 
 def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file, coco_images, stub_predict):
     argv = ["--checkpoint", str(tmp_path / "run" / "latest"), "--images_root", str(coco_images), "--annotations",
-            str(karpathy_file), "--split", "test", "--batch_size", "4", "--device", "cpu", "--original_bleu", *FAST]
+            str(karpathy_file), "--split", "test", "--batch_size", "4", "--device", "cpu", "--original_bleu",
+            *FAST_METRICS]
     report = evaluate.main(argv)
     assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu", "auto")]
     evaluate.main(argv + ["--dtype", "bf16", "--out_dir", str(tmp_path / "bf16")])  # the earlier spelling
@@ -258,14 +228,14 @@ def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file,
     assert report["predictions"] == str(out_dir / "predictions.json")
     # The written predictions score the same through --predictions.
     again = evaluate.main(["--predictions", str(out_dir / "predictions.json"), "--annotations", str(karpathy_file),
-                           "--split", "test", *FAST])
+                           "--split", "test", *FAST_METRICS])
     assert again["metrics"] == report["metrics"]
 
 
 def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco_images, stub_predict, capsys,
                                                    monkeypatch):
     argv = ["--checkpoint", str(tmp_path / "ckpt"), "--images_root", str(coco_images), "--annotations",
-            str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "out"), *FAST]
+            str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "out"), *FAST_METRICS]
     with monkeypatch.context() as m:  # no captioning when the metrics could not run afterwards
         m.setattr(metrics.shutil, "which", lambda name: None)
         assert "Java was not found" in run_error(capsys, argv)
@@ -274,7 +244,7 @@ def test_checkpoint_mode_missing_and_broken_images(tmp_path, karpathy_file, coco
     assert "1 of 6 images are missing, e.g. " in err and "COCO_val2014_000000000005.jpg; check --images_root" in err
     assert StubCaptioner.loaded == []  # refused before loading the model
     (coco_images / "val2014" / "COCO_val2014_000000000002.jpg").write_bytes(b"not a jpeg")
-    err = run_error(capsys, argv[:-3] + ["--max_images", "3", *FAST])
+    err = run_error(capsys, argv[:-3] + ["--max_images", "3", *FAST_METRICS])
     assert "1 image(s) could not be read, e.g. " in err and "COCO_val2014_000000000002.jpg" in err
     kept = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [e["image_id"] for e in kept] == [1, 3]  # the others' captions are kept

@@ -97,12 +97,12 @@ def test_unknown_encoders_and_arguments_are_clear_errors():
 
 def test_an_empty_image_array_is_an_error_result(tokenizer):
     import numpy as np
+    from builders import tiny_captioner
     from models.encoder import EncoderConfig, ImageEncoder
     from predict import Captioner
-    from test_predict import tiny_captioner_model
 
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32)).eval()
-    captioner = Captioner(tiny_captioner_model(tokenizer, encoder=encoder), tokenizer)
+    captioner = Captioner(tiny_captioner(tokenizer, encoder), tokenizer)
     results = captioner.predict([np.zeros((0, 0, 3), dtype=np.uint8)], on_error="keep")
     assert results[0].error == "<array 0>: an image of 0x0 pixels; nothing to caption"
 

@@ -4,26 +4,9 @@ import math
 
 import pytest
 
+from builders import PREDICTIONS, REFERENCES
 from captioning import metrics
 from captioning.metrics import JavaNotFoundError, MetricsError, original_bleu, ptb_tokenize, score_captions
-
-REFERENCES = {
-    1: ["A man riding a brown horse on a beach.", "A person rides a horse along the shore.",
-        "Man on horseback at the beach", "A rider and his horse near the ocean.", "A horse carrying a man by the sea."],
-    2: ["Two dogs playing with a frisbee in the grass.", "Dogs chase a frisbee on a lawn.",
-        "Two puppies play in a green field.", "A pair of dogs running on grass.", "Two dogs fight over a toy."],
-    3: ["A pizza with cheese and tomatoes on a table.", "A large pizza sitting on a wooden table.",
-        "A cheese pizza is on the table.", "Pizza on a plate on a dining table.", "A freshly baked pizza."],
-    4: ["A red bus driving down a city street.", "A double decker bus on the road.",
-        "A red bus in traffic.", "A city bus stopped at a light.", "The bus is driving through town."],
-    5: ["A cat sleeping on a laptop keyboard.", "A cat lying on a computer.", "A kitten naps on a laptop.",
-        "A cat curled up on the keyboard.", "A grey cat resting on a notebook computer."],
-    6: ["A woman holding an umbrella in the rain.", "A lady walks with an umbrella.",
-        "A person with a black umbrella on a wet street.", "Woman under an umbrella.", "A woman in the rain."],
-}
-PREDICTIONS = {1: "A man riding a horse on the beach.", 2: "Two dogs playing with a frisbee.",
-               3: "A pizza sitting on top of a table.", 4: "A red bus driving down the street.",
-               5: "A cat laying on a laptop computer.", 6: "A woman walking with an umbrella."}
 
 
 @pytest.fixture(scope="module")

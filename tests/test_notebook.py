@@ -10,9 +10,9 @@ import pytest
 import skimage.data
 import torch
 from nbclient import NotebookClient
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
+from builders import tiny_captioner
+from models import EncoderConfig, ImageEncoder
 from predict import Captioner
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "transformer_inference.ipynb"
@@ -23,13 +23,8 @@ KERNEL = "tinytiny-test-python"
 def tiny_export(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32))
-    eos = tokenizer.eos_token_id
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=len(tokenizer),
-                                     initializer_range=0.2, bos_token_id=eos, eos_token_id=eos))
-    config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
-                             prefix_size=encoder.feature_dim, eos_token_ids=[eos])
     path = tmp_path_factory.mktemp("notebook") / "export"
-    ClipCaptionModel(config, gpt=gpt, encoder=encoder).save_pretrained(path, tokenizer)
+    tiny_captioner(tokenizer, encoder).save_pretrained(path, tokenizer)
     return path
 
 

@@ -12,28 +12,17 @@ import evaluate
 import parse_coco
 import predict
 import train
+from builders import FAST_METRICS, FIXTURES, parse_coco_args, tiny_captioner, train_args
 from captioning.data.features import read_features, write_features
 from captioning import featurize, inference, outputs
 from captioning.outputs import OutputError, check_output_dir, check_output_file
-import test_evaluate
-import test_evaluate_checkpoint
-import test_parse_coco
-from test_evaluate import FAST
-from test_parse_coco import args_for as parse_args_for
-from test_predict import tiny_captioner_model
-from test_train import args_for as train_args_for
-
-# Fixtures of other test modules, found by pytest under these names (bound, not imported, so that pyflakes
-# reads the test arguments of the same names as uses of them).
-coco_images, karpathy_file = test_evaluate.coco_images, test_evaluate.karpathy_file
-export, tree = test_evaluate_checkpoint.export, test_parse_coco.tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def features_export(tmp_path, tokenizer):
-    tiny_captioner_model(tokenizer).save_pretrained(tmp_path / "export", tokenizer)
+    tiny_captioner(tokenizer).save_pretrained(tmp_path / "export", tokenizer)
     write_features(tmp_path / "f.pkl", torch.randn(3, 96), [{"image_id": i, "caption": "x", "clip_embedding": i}
                                                             for i in range(3)])
     return ["--checkpoint", str(tmp_path / "export"), "--features", str(tmp_path / "f.pkl"), "--beam_size", "2",
@@ -102,7 +91,7 @@ def test_evaluate_refuses_a_file_as_out_dir_before_captioning(tmp_path, export, 
     (tmp_path / "scores").write_text("not a directory")
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",
-                       str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "scores"), *FAST])
+                       str(karpathy_file), "--split", "test", "--out_dir", str(tmp_path / "scores"), *FAST_METRICS])
     err = capsys.readouterr().err
     assert f"evaluate.py: error: --out_dir {tmp_path / 'scores'}: exists and is not a directory" in err
     assert "captioning" not in err  # refused before the work
@@ -116,7 +105,7 @@ def test_evaluate_rescues_predictions_and_scores(tmp_path, export, karpathy_file
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",
                        str(karpathy_file), "--split", "test", "--out_dir", str(out_dir), "--beam_size", "2",
-                       "--max_length", "5", *FAST])
+                       "--max_length", "5", *FAST_METRICS])
     message = next(line for line in capsys.readouterr().err.splitlines() if "could not be written" in line)
     rescued = Path(message.rsplit("saved to ", 1)[1].removesuffix(" instead"))
     assert [e["image_id"] for e in json.loads(rescued.read_text())] == [1, 2, 3, 4, 5, 6]
@@ -127,11 +116,11 @@ def test_evaluate_rescues_predictions_and_scores(tmp_path, export, karpathy_file
 def test_parse_coco_and_train_refuse_bad_outputs_before_work(tmp_path, tree, gpt2_dir):
     (tmp_path / "f.pkl").mkdir()
     with pytest.raises(OutputError, match=r"--out_path .*f.pkl: is a directory"):
-        parse_coco.main(parse_args_for(tree, tmp_path / "f.pkl"))
+        parse_coco.main(parse_coco_args(tree, tmp_path / "f.pkl"))
     assert not list(tmp_path.glob("f.pkl.*"))  # no partial results begun
     (tmp_path / "run").write_text("a file")
     with pytest.raises(OutputError, match=r"--out_dir .*run: exists and is not a directory"):
-        train.main(train_args_for(None, tmp_path / "run", gpt2_dir, "--data", tmp_path / "missing.pkl"))
+        train.main(train_args(None, tmp_path / "run", gpt2_dir, "--data", tmp_path / "missing.pkl"))
 
 
 def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree, monkeypatch,
@@ -147,7 +136,7 @@ def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree
     monkeypatch.setattr(featurize, "write_features", full_disk)
     with pytest.raises(OutputError, match=r"--out_path .*f.pkl could not be written \(No space left on device\); "
                                           r"the results were saved to .*f.rescued-\d+.pkl instead") as e:
-        parse_coco.main(parse_args_for(tree, out))
+        parse_coco.main(parse_coco_args(tree, out))
     rescued = Path(str(e.value).rsplit("saved to ", 1)[1].removesuffix(" instead"))
     assert rescued.parent == out.parent and read_features(rescued)["clip_embedding"].shape[0] > 0
     assert not out.exists()
@@ -156,7 +145,6 @@ def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree
 def test_an_export_never_replaces_a_file(tmp_path, capsys):
     import convert_checkpoint
     import shapes_data
-    from conftest import FIXTURES
     from models.checkpoint_io import atomic_directory
 
     precious = tmp_path / "notes.txt"

@@ -1,22 +1,18 @@
 """parse_coco.py end to end on a small generated COCO-style tree, with a tiny timm encoder at 48 px."""
 import csv
-import io
 import json
 import multiprocessing
 import os
 import signal
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import parse_coco
+from builders import BAD, GOOD, coco_name, parse_coco_args
 from captioning import extraction, featurize, runtime
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import read_features
@@ -24,67 +20,6 @@ from captioning.data.images import load_image
 from captioning.extraction import ExtractionError
 from captioning.featurize import ExtractionConfig, extract_features
 from models.encoder import EncoderConfig, ImageEncoder
-
-GOOD = 12  # readable images 1..12, in several modes and folders
-BAD = {13: "missing", 14: "truncated", 15: "unreadable", 16: "too_large"}
-
-
-def coco_name(image_id: int) -> str:
-    if image_id % 3 == 0:
-        return f"val2014/COCO_val2014_{image_id:012d}.jpg"
-    if image_id % 5 == 0:
-        return f"train2017/{image_id:012d}.jpg"
-    return f"train2014/COCO_train2014_{image_id:012d}.jpg"
-
-
-def make_image(image_id: int, rng) -> Image.Image:
-    pixels = rng.integers(0, 255, (40 + image_id, 56, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    mode = {2: "L", 4: "CMYK", 7: "RGBA", 8: "P", 11: "I;16"}.get(image_id)
-    if mode == "I;16":
-        return Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
-    return image.convert(mode) if mode else image
-
-
-def bomb_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", 100_000, 100_000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """COCO-style images under root/, a train_caption.json with 3-5 captions per image, and an encoder file."""
-    root = tmp_path_factory.mktemp("coco")
-    rng = np.random.default_rng(0)
-    for image_id in range(1, GOOD + 1):
-        path = root / coco_name(image_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image = make_image(image_id, rng)
-        # Formats by content, not extension, as in real data sets: PIL reads a PNG named .jpg.
-        image.save(path, format="JPEG" if image.mode in ("RGB", "L", "CMYK") else "PNG")
-    good_jpeg = (root / coco_name(1)).read_bytes()
-    (root / coco_name(14)).write_bytes(good_jpeg[: len(good_jpeg) // 2])
-    (root / coco_name(15)).write_bytes(b"this is not an image")
-    (root / coco_name(16)).write_bytes(bomb_bytes())
-    entries = [{"image_id": image_id, "id": 100 * image_id + k, "caption": f"image {image_id} caption {k}"}
-               for k in range(5) for image_id in range(1, GOOD + len(BAD) + 1) if k < 3 + image_id % 3]
-    (root / "clean.json").write_text(json.dumps(entries))
-    bad_entries = [{"id": 999, "caption": "an entry without image_id"}, {"image_id": 1, "id": 998, "caption": " "}]
-    (root / "train_caption.json").write_text(json.dumps(entries[:10] + bad_entries + entries[10:]))
-    torch.manual_seed(0)
-    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=48))
-    torch.save(encoder.model.state_dict(), root / "encoder.pth")
-    return root
-
-
-def args_for(tree, out, *extra, annotations="train_caption.json"):
-    return ["--encoder", "test_resnet", "--encoder_weights", str(tree / "encoder.pth"), "--image_size", "48",
-            "--annotations", str(tree / annotations), "--images_root", str(tree), "--out_path", str(out),
-            "--device", "cpu", "--num_workers", "0", *extra]
 
 
 def direct_features(tree, records):
@@ -97,7 +32,7 @@ def direct_features(tree, records):
 def reference(tree, tmp_path_factory):
     """One uninterrupted run (batch size 4), the baseline other runs are compared with."""
     out = tmp_path_factory.mktemp("ref") / "features.pkl"
-    parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    parse_coco.main(parse_coco_args(tree, out, "--batch_size", "4"))
     return out
 
 
@@ -140,12 +75,12 @@ def test_bad_images_are_reported_with_their_reason(tree, reference):
 
 def test_on_error_fail_stops_and_skip_prints(tree, tmp_path, capsys):
     with pytest.raises(AnnotationError, match=r"train_caption.json: entry 10: missing 'image_id'"):
-        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail"))
+        parse_coco.main(parse_coco_args(tree, tmp_path / "f.pkl", "--on_error", "fail"))
     with pytest.raises(ExtractionError, match=rf"{coco_name(13)}: file not found \(image_id 13\)"):
-        parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--on_error", "fail", "--batch_size", "16",
-                                 annotations="clean.json"))
+        parse_coco.main(parse_coco_args(tree, tmp_path / "f.pkl", "--on_error", "fail", "--batch_size", "16",
+                                        annotations="clean.json"))
     assert not (tmp_path / "f.pkl").exists()
-    parse_coco.main(args_for(tree, tmp_path / "f.pkl", "--batch_size", "16"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "f.pkl", "--batch_size", "16"))
     err = capsys.readouterr().err
     assert f"skipping {tree / 'train_caption.json'}: entry 11: empty or missing caption" in err
     assert "2 bad annotation entries skipped" in err
@@ -154,8 +89,8 @@ def test_on_error_fail_stops_and_skip_prints(tree, tmp_path, capsys):
 
 
 def test_batch_sizes_and_workers_agree(tree, reference, tmp_path):
-    parse_coco.main(args_for(tree, tmp_path / "b1.pkl", "--batch_size", "1"))
-    parse_coco.main(args_for(tree, tmp_path / "b8.pkl", "--batch_size", "8", "--num_workers", "2"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "b1.pkl", "--batch_size", "1"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "b8.pkl", "--batch_size", "8", "--num_workers", "2"))
     ref = read_features(reference)
     for name in ("b1.pkl", "b8.pkl"):
         data = read_features(tmp_path / name)
@@ -181,7 +116,7 @@ def interrupted_run(tree, out, monkeypatch, batches: int) -> None:
         original(self, indices, features)
     monkeypatch.setattr(extraction.LogWriter, "append", append)
     with pytest.raises(KeyboardInterrupt):
-        parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+        parse_coco.main(parse_coco_args(tree, out, "--batch_size", "4"))
     monkeypatch.undo()
 
 
@@ -193,7 +128,7 @@ def test_resume_after_interrupt_and_torn_write(tree, reference, tmp_path, monkey
     with open(logs[0], "ab") as f:  # power loss in the middle of writing the third record
         f.write(b"TTF1" + b"\x00" * 9)
     assert extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
-    parse_coco.main(args_for(tree, out, "--batch_size", "4"))
+    parse_coco.main(parse_coco_args(tree, out, "--batch_size", "4"))
     assert_same_file(out, reference)
 
 
@@ -202,8 +137,8 @@ def test_resume_refuses_other_settings_unless_fresh(tree, reference, tmp_path, m
     interrupted_run(tree, out, monkeypatch, 1)
     with pytest.raises(ExtractionError, match=r"partial results of a run with other inputs or settings "
                                               r"\(differing: dtype\); rerun that command"):
-        parse_coco.main(args_for(tree, out, "--batch_size", "4", "--dtype", "float16"))
-    parse_coco.main(args_for(tree, out, "--batch_size", "4", "--dtype", "float16", "--fresh"))
+        parse_coco.main(parse_coco_args(tree, out, "--batch_size", "4", "--dtype", "float16"))
+    parse_coco.main(parse_coco_args(tree, out, "--batch_size", "4", "--dtype", "float16", "--fresh"))
     data = read_features(out)
     assert data["clip_embedding"].dtype == torch.float16 and data["metadata"]["dtype"] == "float16"
     torch.testing.assert_close(data["clip_embedding"].float(), read_features(reference)["clip_embedding"],
@@ -212,7 +147,7 @@ def test_resume_refuses_other_settings_unless_fresh(tree, reference, tmp_path, m
 
 def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree, tmp_path, monkeypatch):
     def random_args(out, *extra):
-        argv = args_for(tree, out, "--batch_size", "4", *extra)
+        argv = parse_coco_args(tree, out, "--batch_size", "4", *extra)
         argv[argv.index("--encoder_weights") + 1] = "random"
         return argv
 
@@ -255,7 +190,7 @@ parse_coco.main({argv!r})
 
 def test_resume_after_kill_9(tree, reference, tmp_path):
     out = tmp_path / "f.pkl"
-    argv = args_for(tree, out, "--batch_size", "4", "--num_workers", "1")
+    argv = parse_coco_args(tree, out, "--batch_size", "4", "--num_workers", "1")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
     with open(tmp_path / "log.txt", "w") as log:
@@ -291,7 +226,7 @@ def test_two_process_gloo_run_equals_one_process(tree, reference, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "f.pkl"
-    argv = args_for(tree, out, "--batch_size", "4")
+    argv = parse_coco_args(tree, out, "--batch_size", "4")
     context = multiprocessing.get_context("fork")  # no second import of torch: seconds saved
     messages = context.Queue()
     procs = [context.Process(target=run_rank, args=(rank, argv, port, messages)) for rank in range(2)]
@@ -318,9 +253,10 @@ def test_other_annotation_formats(tree, tmp_path):
     (tree / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     with open(tree / "mine.csv", "w", newline="") as f:
         csv.writer(f).writerows([["file_name", "caption"], [coco_name(2), "my two"], [coco_name(6), "my six"]])
-    parse_coco.main(args_for(tree, tmp_path / "coco.pkl", annotations="captions_val.json"))
-    parse_coco.main(args_for(tree, tmp_path / "k.pkl", "--split", "train+restval", annotations="dataset_coco.json"))
-    parse_coco.main(args_for(tree, tmp_path / "csv.pkl", annotations="mine.csv"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "coco.pkl", annotations="captions_val.json"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "k.pkl", "--split", "train+restval",
+                                    annotations="dataset_coco.json"))
+    parse_coco.main(parse_coco_args(tree, tmp_path / "csv.pkl", annotations="mine.csv"))
     results = {name: read_features(tmp_path / f"{name}.pkl") for name in ("coco", "k", "csv")}
     assert [c["caption"] for c in results["coco"]["captions"]] == ["three", "one"]
     assert [c["image_id"] for c in results["k"]["captions"]] == [1, 4]
@@ -345,15 +281,15 @@ def test_grid_features_and_bad_annotations(tree, tmp_path):
     assert data["clip_embedding"].shape == (2, 5, 64) and data["metadata"]["num_tokens"] == 5  # 2x2 patches + cls
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "x"},\n{"caption": "y"]')
     with pytest.raises(AnnotationError, match=r"bad.json: malformed JSON at line 2, column 16: Expecting .,."):
-        parse_coco.main(args_for(tree, tmp_path / "x.pkl", annotations="../" + tmp_path.name + "/bad.json"))
+        parse_coco.main(parse_coco_args(tree, tmp_path / "x.pkl", annotations="../" + tmp_path.name + "/bad.json"))
     assert not (tmp_path / "x.pkl").exists()
 
 
 def test_pixel_limit_flag_and_nothing_readable(tree, tmp_path):
     (tmp_path / "two.csv").write_text(f"{coco_name(1)},a caption\n{coco_name(2)},another\n")
     with pytest.raises(ExtractionError, match=r"none of the 2 images could be read; see .*two.errors.log"):
-        parse_coco.main(args_for(tree, tmp_path / "two.pkl", "--max_image_pixels", "1000",
-                                 annotations="../" + tmp_path.name + "/two.csv"))
+        parse_coco.main(parse_coco_args(tree, tmp_path / "two.pkl", "--max_image_pixels", "1000",
+                                        annotations="../" + tmp_path.name + "/two.csv"))
     lines = (tmp_path / "two.errors.log").read_text().splitlines()
     assert len(lines) == 2 and all("exceeds the limit of 1,000" in line for line in lines)
 
@@ -404,7 +340,7 @@ def test_split_preprocessing_equals_the_encoders(tree, preprocessing):
 def test_a_run_that_reads_no_image_leaves_only_its_error_log(tree, tmp_path):
     (tmp_path / "missing.json").write_text(json.dumps([{"image_id": 99999, "caption": "a dog"}]))
     out = tmp_path / "out" / "f.pkl"
-    argv = args_for(tree, out)
+    argv = parse_coco_args(tree, out)
     argv[argv.index("--annotations") + 1] = str(tmp_path / "missing.json")
     with pytest.raises(ExtractionError, match="none of the 1 images could be read"):
         parse_coco.main(argv)

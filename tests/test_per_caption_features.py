@@ -9,10 +9,11 @@ import torch
 
 import evaluate
 import predict
+import train
+from builders import tiny_captioner, train_args
 from captioning.training import evaluation
 from captioning.data.features import FeaturesError, read_features
 from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features, split_by_image
-from test_predict import tiny_captioner_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +100,7 @@ def test_val_fraction_holds_out_images_and_evaluation_has_every_reference(tmp_pa
 
 def test_predict_features_writes_one_caption_per_image_that_evaluate_scores(tmp_path, tokenizer):
     path, _ = original_pickle(tmp_path / "orig.pkl")
-    tiny_captioner_model(tokenizer).save_pretrained(tmp_path / "export", tokenizer)
+    tiny_captioner(tokenizer).save_pretrained(tmp_path / "export", tokenizer)
     out = tmp_path / "predictions.json"
     assert predict.main(["--checkpoint", str(tmp_path / "export"), "--features", str(path), "--out", str(out),
                          "--beam_size", "2", "--max_length", "6"]) == 0
@@ -130,12 +131,9 @@ def test_features_with_nan_or_inf_name_their_rows(tmp_path):
 def test_train_val_fraction_and_its_evaluation_see_images(tmp_path, gpt2_dir):
     """Through train.py's flags: --val_fraction 0.2 of 20 images holds out 4 images (all their 20 captions), and
     the training-time evaluation captions those 4 images, each against its 5 references."""
-    import train
-    from test_train import args_for
-
     path, _ = original_pickle(tmp_path / "orig.pkl")
-    train.main(args_for(path, tmp_path / "run", gpt2_dir, "--epochs", 1, "--val_fraction", 0.2, "--eval_every", 1,
-                        "--eval_images", 10, "--bs", 8))
+    train.main(train_args(path, tmp_path / "run", gpt2_dir, "--epochs", 1, "--val_fraction", 0.2, "--eval_every", 1,
+                          "--eval_images", 10, "--bs", 8))
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "eval_cider" in r]
     assert [r["eval_images"] for r in evaluations] == [4]

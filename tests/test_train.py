@@ -9,48 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import load_file
 
 import train
+from builders import ROOT, log_records, make_images, make_pickle, tiny_gpt2, train_args, weights
 from captioning.training import loop
 from captioning.training import datasets
 from captioning.data.features import write_features
+from captioning.data.images import load_image
 from captioning import runtime
 from captioning.runtime import Precision
-from conftest import COLOURS, PLACES, THINGS
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
-from models.encoder import EncoderConfig
 from captioning.training.runner import build_optimizer
 from captioning.training.state import TrainingError, load_state
 
-ROOT = Path(__file__).resolve().parents[1]
-ENCODER_META = EncoderConfig(name="tiny_vit_21m_224", weights="pretrained",
-                             data_config={"input_size": [3, 224, 224]}).to_dict()
-
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def captions_for(n_images, per_image=3, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n_images):
-        colour, thing = COLOURS[i % len(COLOURS)], THINGS[(i * 5) % len(THINGS)]
-        for _ in range(per_image):
-            out.append((i, f"A {colour} {thing} {PLACES[rng.integers(len(PLACES))]}."))
-    return out
-
-
-def make_pickle(path, n_images=8, per_image=3, dim=16, grid_tokens=None, seed=0, metadata=True):
-    torch.manual_seed(seed)
-    shape = (n_images, grid_tokens, dim) if grid_tokens else (n_images, dim)
-    entries = [{"image_id": i, "caption": c, "clip_embedding": i} for i, c in captions_for(n_images, per_image, seed)]
-    meta = {"encoder": dict(ENCODER_META, feature_type="grid" if grid_tokens else "pooled")} if metadata else {}
-    write_features(path, torch.randn(*shape), entries, meta)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -61,34 +34,16 @@ def features(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_nodrop_dir(tmp_path_factory, tokenizer):
     """The tiny GPT-2 without dropout, for runs that must agree across process counts."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(1)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tokenizer),
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     path = tmp_path_factory.mktemp("gpt2_nodrop")
-    GPT2LMHeadModel(config).save_pretrained(str(path))
+    model = tiny_gpt2(tokenizer, seed=1, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
 
 
-def args_for(data, out_dir, gpt2, *extra):
-    return (["--data", str(data)] if data else []) + ["--out_dir", str(out_dir), "--gpt2", str(gpt2), "--bs", "4",
-            "--mapping_type", "transformer", "--num_layers", "1", "--prefix_length", "4", "--prefix_length_clip",
-            "4", "--warmup_steps", "0", "--lr", "1e-3", "--log_every", "1", "--device", "cpu", *map(str, extra)]
-
-
-def weights(export_dir):
-    return load_file(str(Path(export_dir) / "model.safetensors"))
-
-
-def log_records(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_two_step_run_writes_exports_logs_and_checkpoint(tmp_path, features, gpt2_dir, tokenizer):
     out = tmp_path / "run"
-    summary = train.main(args_for(features, out, gpt2_dir, "--max_steps", 2, "--normalize_prefix", "--is_rn"))
+    summary = train.main(train_args(features, out, gpt2_dir, "--max_steps", 2, "--normalize_prefix", "--is_rn"))
     assert summary["step"] == 2
     model = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest")
     c = model.config
@@ -110,12 +65,12 @@ def test_two_step_run_writes_exports_logs_and_checkpoint(tmp_path, features, gpt
                                    "num_workers": 0, "precision_reason": runtime.resolve_precision(
                                        "auto", "cpu", training=True).reason}
     with pytest.raises(CheckpointError, match="--resume latest"):  # never overwrites a run by accident
-        train.main(args_for(features, out, gpt2_dir, "--max_steps", 2))
+        train.main(train_args(features, out, gpt2_dir, "--max_steps", 2))
 
 
 def test_epochs_write_numbered_exports_and_validation_loss(tmp_path, features, gpt2_dir):
     out = tmp_path / "run"
-    train.main(args_for(features, out, gpt2_dir, "--epochs", 2, "--bs", 8, "--val_fraction", 0.25))
+    train.main(train_args(features, out, gpt2_dir, "--epochs", 2, "--bs", 8, "--val_fraction", 0.25))
     assert (out / "coco_prefix-000").is_dir() and (out / "coco_prefix-001").is_dir()
     assert weights(out / "coco_prefix-001").keys() == weights(out / "coco_prefix_latest").keys()
     val = [r for r in log_records(out) if "val_loss" in r]
@@ -126,7 +81,7 @@ def test_epochs_write_numbered_exports_and_validation_loss(tmp_path, features, g
 def test_loss_decreases_on_a_memorisation_set(tmp_path, gpt2_nodrop_dir):
     data = make_pickle(tmp_path / "small.pkl", n_images=4, per_image=1)
     out = tmp_path / "run"
-    train.main(args_for(data, out, gpt2_nodrop_dir, "--max_steps", 60, "--epochs", 100, "--bs", 1, "--lr", 1e-2))
+    train.main(train_args(data, out, gpt2_nodrop_dir, "--max_steps", 60, "--epochs", 100, "--bs", 1, "--lr", 1e-2))
     losses = [r["loss"] for r in log_records(out) if "loss" in r]
     assert len(losses) == 60 and np.mean(losses[-4:]) < 0.25 * np.mean(losses[:4])  # last epoch vs first
 
@@ -134,8 +89,8 @@ def test_loss_decreases_on_a_memorisation_set(tmp_path, gpt2_nodrop_dir):
 def test_only_prefix_changes_only_the_mapper(tmp_path, features, gpt2_dir):
     before = tmp_path / "before"
     after = tmp_path / "after"
-    train.main(args_for(features, before, gpt2_dir, "--max_steps", 1, "--lr", 0, "--only_prefix"))
-    train.main(args_for(features, after, gpt2_dir, "--max_steps", 2, "--lr", 1e-2, "--only_prefix"))
+    train.main(train_args(features, before, gpt2_dir, "--max_steps", 1, "--lr", 0, "--only_prefix"))
+    train.main(train_args(features, after, gpt2_dir, "--max_steps", 2, "--lr", 1e-2, "--only_prefix"))
     w0, w1 = weights(before / "coco_prefix_latest"), weights(after / "coco_prefix_latest")
     from transformers import GPT2LMHeadModel
     gpt = GPT2LMHeadModel.from_pretrained(str(gpt2_dir)).state_dict()
@@ -153,23 +108,23 @@ class Crash(Exception):
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, features, gpt2_dir, monkeypatch):
     # full fine-tuning with dropout on: the RNG states must come back too
     common = ["--epochs", 3, "--bs", 2, "--grad_accum", 2, "--save_every_steps", 2]  # 6 steps per epoch
-    train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
+    train.main(train_args(features, tmp_path / "whole", gpt2_dir, *common))
 
     real_step = loop.Stepper.__call__
     calls = []
 
-    def crashing(self, micro):
+    def crashing(self, micro, step=0):
         calls.append(1)
         if len(calls) == 9:  # step 9, after the checkpoint of step 8 (epoch 1, 2 steps in)
             raise Crash()
-        return real_step(self, micro)
+        return real_step(self, micro, step)
 
     monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(Crash):
-        train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common))
+        train.main(train_args(features, tmp_path / "crashed", gpt2_dir, *common))
     monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     assert load_state(tmp_path / "crashed" / "coco_prefix_resume.pt")["step"] == 8
-    summary = train.main(args_for(features, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
+    summary = train.main(train_args(features, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
     assert summary["step"] == 18
     for name in ("coco_prefix_latest", "coco_prefix-001", "coco_prefix-002"):
         a, b = weights(tmp_path / "whole" / name), weights(tmp_path / "crashed" / name)
@@ -190,7 +145,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, features, g
     monkeypatch.setattr(loop.CaptionLoss, "forward", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"became nan at step 3 \(epoch 0\).*coco_prefix_resume.pt"):
-        train.main(args_for(features, out, gpt2_dir, "--max_steps", 5, "--save_every_steps", 2))
+        train.main(train_args(features, out, gpt2_dir, "--max_steps", 5, "--save_every_steps", 2))
     state = load_state(out / "coco_prefix_resume.pt")
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert all(torch.isfinite(v).all() for v in weights(out / "coco_prefix_latest").values())
@@ -200,21 +155,21 @@ def test_grid_features_and_a_separate_validation_pickle(tmp_path, gpt2_dir):
     data = make_pickle(tmp_path / "grid.pkl", grid_tokens=5)
     val = make_pickle(tmp_path / "grid_val.pkl", n_images=3, grid_tokens=5, seed=1)
     out = tmp_path / "run"
-    train.main(args_for(data, out, gpt2_dir, "--max_steps", 2, "--val_data", val))
+    train.main(train_args(data, out, gpt2_dir, "--max_steps", 2, "--val_data", val))
     config = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").config
     assert (config.feature_type, config.num_grid_tokens, config.encoder["feature_type"]) == ("grid", 5, "grid")
     assert [r for r in log_records(out) if "val_loss" in r]
     with pytest.raises(ValueError, match="need --mapping_type transformer"):
-        train.main(args_for(data, tmp_path / "mlp", gpt2_dir, "--mapping_type", "mlp"))
+        train.main(train_args(data, tmp_path / "mlp", gpt2_dir, "--mapping_type", "mlp"))
 
 
 def test_a_changed_pickle_is_retokenized(tmp_path, gpt2_dir, tokenizer):
     data = make_pickle(tmp_path / "data" / "train.pkl")
     cache = ["--cache_dir", tmp_path / "cache"]
-    train.main(args_for(data, tmp_path / "a", gpt2_dir, "--max_steps", 1, *cache))
+    train.main(train_args(data, tmp_path / "a", gpt2_dir, "--max_steps", 1, *cache))
     entries = [{"image_id": 0, "caption": "A woman at the beach.", "clip_embedding": 0}] * 4
     write_features(data, torch.randn(1, 16), entries, {})
-    train.main(args_for(data, tmp_path / "b", gpt2_dir, "--max_steps", 1, *cache))
+    train.main(train_args(data, tmp_path / "b", gpt2_dir, "--max_steps", 1, *cache))
     caches = sorted((tmp_path / "cache").glob("train.pkl.tokens-*.npz"), key=os.path.getmtime)
     assert len(caches) == 2 and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.pkl"]
     with np.load(caches[-1]) as z:
@@ -231,7 +186,7 @@ def test_an_unwritable_cache_dir_falls_back_to_the_run_directory(tmp_path, gpt2_
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
     monkeypatch.setattr(datasets, "atomic_write", refuse_the_cache)
-    train.main(args_for(data, tmp_path / "run", gpt2_dir, "--max_steps", 1, "--cache_dir", cache))
+    train.main(train_args(data, tmp_path / "run", gpt2_dir, "--max_steps", 1, "--cache_dir", cache))
     assert len(list((tmp_path / "run").glob("train.pkl.tokens-*.npz"))) == 1
     assert not cache.exists() or not list(cache.iterdir())
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["train.pkl"]
@@ -250,29 +205,15 @@ def test_bad_pickles_give_clear_errors(tmp_path, gpt2_dir, content, message):
     with open(path, "wb") as f:
         pickle.dump(content, f)
     with pytest.raises(ValueError, match=message) as error:
-        train.main(args_for(path, tmp_path / "out", gpt2_dir))
+        train.main(train_args(path, tmp_path / "out", gpt2_dir))
     assert str(path) in str(error.value)
 
 
 def test_resume_refuses_another_model(tmp_path, features, gpt2_dir):
     out = tmp_path / "run"
-    train.main(args_for(features, out, gpt2_dir, "--max_steps", 1))
+    train.main(train_args(features, out, gpt2_dir, "--max_steps", 1))
     with pytest.raises(CheckpointError, match=r"another model: num_layers: 1 in the checkpoint, 2 now"):
-        train.main(args_for(features, out, gpt2_dir, "--num_layers", 2, "--resume", "latest"))
-
-
-def make_images(root, n=6, size=40):
-    rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for i in range(n):
-        pixels = np.full((size, size, 3), 255 * np.eye(3)[i % 3], dtype=np.uint8)
-        pixels[rng.integers(0, size // 2):, : size // 2] = 0
-        Image.fromarray(pixels).save(root / f"img{i}.png")
-        images.append({"id": i, "file_name": f"img{i}.png"})
-        annotations += [{"id": 10 * i + k, "image_id": i, "caption": c} for k, (_, c) in
-                        enumerate(captions_for(1, 2, seed=i))]
-    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    return root / "captions.json"
+        train.main(train_args(features, out, gpt2_dir, "--num_layers", 2, "--resume", "latest"))
 
 
 def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
@@ -283,13 +224,13 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     runs = {}
     for name, flags in (("untrained", ["--lr", 0, "--encoder_lr", 0]), ("plain", []), ("cached", ["--cache_images"]),
                         ("channels_last", ["--channels_last"])):
-        train.main(args_for(None, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
+        train.main(train_args(None, tmp_path / name, gpt2_dir, "--max_steps", 2, *extra, *flags))
         runs[name] = weights(tmp_path / name / "coco_prefix_latest")
     model = ClipCaptionModel.from_pretrained(tmp_path / "plain" / "coco_prefix_latest")
     assert model.config.encoder_in_checkpoint and model.config.encoder["name"] == "test_resnet"
     assert model.config.encoder["resolved_name"] == "test_resnet.r160_in1k"
     assert model.config.feature_type == "grid" and model.config.num_grid_tokens == model.encoder.num_tokens
-    assert model.encoder.preprocess(Image.open(tmp_path / "img0.png")).shape == (3, 32, 32)
+    assert model.encoder.preprocess(load_image(tmp_path / "img0.png")).shape == (3, 32, 32)
     params = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
     assert params and all(not torch.equal(runs["plain"][n], runs["untrained"][n]) for n in params)
     assert all(torch.equal(runs["plain"][k], runs["cached"][k]) for k in runs["plain"])  # same pixels either way
@@ -299,19 +240,19 @@ def test_end_to_end_training_exports_the_encoder(tmp_path, gpt2_dir):
     assert losses["channels_last"] == pytest.approx(losses["plain"], rel=1e-4) and len(losses["plain"]) == 2
     assert all(t.is_contiguous() for t in runs["channels_last"].values())
     flags = ["--augment", "--num_workers", 1, "--val_fraction", 0.34]
-    train.main(args_for(None, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
+    train.main(train_args(None, tmp_path / "augmented", gpt2_dir, "--max_steps", 1, *extra, *flags))
     assert [r for r in log_records(tmp_path / "augmented") if "val_loss" in r]
 
 
 def test_the_earlier_amp_flag_and_an_explicit_bf16_warning(tmp_path, features, gpt2_dir, capsys):
-    train.main(args_for(features, tmp_path / "a", gpt2_dir, "--max_steps", 1, "--amp", "none"))
+    train.main(train_args(features, tmp_path / "a", gpt2_dir, "--max_steps", 1, "--amp", "none"))
     assert json.loads((tmp_path / "a" / "train_args.json").read_text())["runtime"]["precision"] == "fp32"
     cores = runtime.usable_cores()
     assert capsys.readouterr().err.splitlines()[:2] == [
         "precision fp32 (as asked)",
         f"threads: 1 torch + 0 loader worker(s) on {cores} core(s) ({cores} usable core(s), threads from "
         f"OMP_NUM_THREADS)"]
-    train.main(args_for(features, tmp_path / "b", gpt2_dir, "--max_steps", 1, "--precision", "bf16"))
+    train.main(train_args(features, tmp_path / "b", gpt2_dir, "--max_steps", 1, "--precision", "bf16"))
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "precision bf16 (as asked)" and err[1].startswith("warning: bf16 on this CPU runs in software")
     assert json.loads((tmp_path / "b" / "train_args.json").read_text())["runtime"]["precision"] == "bf16"
@@ -331,8 +272,8 @@ def test_bf16_on_the_cpu_uses_the_math_attention_kernel():
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, gpt2_nodrop_dir):
     common = ["--max_steps", 3, "--save_every_steps", 0, "--val_fraction", 0.25]
-    one = args_for(features, tmp_path / "one", gpt2_nodrop_dir, *common, "--bs", 4)
-    two = args_for(features, tmp_path / "two", gpt2_nodrop_dir, *common, "--bs", 2)
+    one = train_args(features, tmp_path / "one", gpt2_nodrop_dir, *common, "--bs", 4)
+    two = train_args(features, tmp_path / "two", gpt2_nodrop_dir, *common, "--bs", 2)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train.py"), *two], env=env, capture_output=True, text=True, timeout=300)
@@ -360,15 +301,15 @@ def test_the_original_readme_command_runs(tmp_path, gpt2_dir):
 
 def test_bad_arguments_and_missing_images_give_clear_errors(tmp_path, features, gpt2_dir):
     with pytest.raises(ValueError, match="with --train_encoder the data are images: give --annotations"):
-        train.main(args_for(features, tmp_path / "a", gpt2_dir, "--train_encoder"))
+        train.main(train_args(features, tmp_path / "a", gpt2_dir, "--train_encoder"))
     with pytest.raises(ValueError, match=r"fp16 training needs a CUDA GPU \(loss scaling\); on a CPU use "
                                          r"--precision auto, fp32 or bf16"):
-        train.main(args_for(features, tmp_path / "b", gpt2_dir, "--amp", "fp16"))
+        train.main(train_args(features, tmp_path / "b", gpt2_dir, "--amp", "fp16"))
     annotations = make_images(tmp_path)
     (tmp_path / "img3.png").unlink()
     with pytest.raises(ValueError, match=r"1 of 6 images are missing under --images_root .*img3.png"):
-        train.main(args_for(None, tmp_path / "d", gpt2_dir, "--train_encoder", "--annotations", annotations,
-                            "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random"))
+        train.main(train_args(None, tmp_path / "d", gpt2_dir, "--train_encoder", "--annotations", annotations,
+                              "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random"))
 
 
 def test_optimizer_uses_the_original_adam_epsilon():
@@ -381,20 +322,20 @@ def test_optimizer_uses_the_original_adam_epsilon():
 def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_previous_one(
         tmp_path, features, gpt2_dir, monkeypatch, capsys):
     common = ["--epochs", 3, "--bs", 4, "--save_every_steps", 0]  # 6 steps per epoch, a checkpoint after each
-    train.main(args_for(features, tmp_path / "whole", gpt2_dir, *common))
+    train.main(train_args(features, tmp_path / "whole", gpt2_dir, *common))
     out = tmp_path / "run"
     real_step = loop.Stepper.__call__
     calls = []
 
-    def crashing(self, micro):
+    def crashing(self, micro, step=0):
         calls.append(1)
         if len(calls) == 13:  # after the checkpoints of steps 6 and 12
             raise Crash()
-        return real_step(self, micro)
+        return real_step(self, micro, step)
 
     monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(Crash):
-        train.main(args_for(features, out, gpt2_dir, *common))
+        train.main(train_args(features, out, gpt2_dir, *common))
     monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     resume = out / "coco_prefix_resume.pt"
     assert load_state(out / "coco_prefix_resume.prev.pt")["step"] == 6 and load_state(resume)["step"] == 12
@@ -405,9 +346,9 @@ def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_p
     with pytest.raises(CheckpointError, match="coco_prefix_resume.pt"):
         load_state(resume)
     capsys.readouterr()
-    summary = train.main(args_for(features, out, gpt2_dir, *common, "--resume", "latest"))
+    summary = train.main(train_args(features, out, gpt2_dir, *common, "--resume", "latest"))
     printed = capsys.readouterr().out
-    assert f"coco_prefix_resume.pt" in printed and "refused, kept as" in printed
+    assert "coco_prefix_resume.pt" in printed and "refused, kept as" in printed
     assert f"continuing from the previous checkpoint {out / 'coco_prefix_resume.prev.pt'} (step 6)" in printed
     assert "changed arguments" not in printed  # --resume latest itself is no change
     assert (out / "coco_prefix_resume.pt.corrupt").read_bytes() == bytes(data)
@@ -417,7 +358,7 @@ def test_a_corrupt_resume_checkpoint_is_refused_and_the_run_continues_from_the_p
 
 
 def test_resume_checkpoints_without_a_checksum_still_load(tmp_path, features, gpt2_dir, capsys):
-    train.main(args_for(features, tmp_path, gpt2_dir, "--max_steps", 2))
+    train.main(train_args(features, tmp_path, gpt2_dir, "--max_steps", 2))
     path = tmp_path / "coco_prefix_resume.pt"
     old = torch.load(path, weights_only=True)
     del old["sha256"]  # as written before checksums
@@ -428,7 +369,7 @@ def test_resume_checkpoints_without_a_checksum_still_load(tmp_path, features, gp
         capsys.readouterr().out
     (tmp_path / "a_directory").mkdir()
     with pytest.raises(CheckpointError, match=r"--resume .*a_directory: is a directory; give the resume checkpoint"):
-        train.main(args_for(features, tmp_path, gpt2_dir, "--resume", tmp_path / "a_directory"))
+        train.main(train_args(features, tmp_path, gpt2_dir, "--resume", tmp_path / "a_directory"))
 
 
 def test_a_missing_features_file_is_reported_before_the_decoder_is_fetched(tmp_path):

@@ -4,13 +4,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import train
+from builders import ROOT, log_records, make_images, make_pickle, train_args, weights
+from captioning.data.images import load_image
+from captioning.inference import Captioner
 from captioning.training import loop
 from models.captioner import ClipCaptionModel
-from test_train import ROOT, args_for, log_records, make_images, make_pickle, weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,7 +24,7 @@ def data(tmp_path_factory):
 
 
 def cuda_args(data, out, gpt2, *extra):
-    return args_for(data, out, gpt2, "--device", "cuda", "--bs", 8, "--num_layers", 2, *extra)
+    return train_args(data, out, gpt2, "--device", "cuda", "--bs", 8, "--num_layers", 2, *extra)
 
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
@@ -39,11 +42,11 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path, data, gpt2_dir, monkeypat
     train.main(cuda_args(data, tmp_path / "whole", gpt2_dir, *common))
     real_step, calls = loop.Stepper.__call__, []
 
-    def crashing(self, micro):
+    def crashing(self, micro, step=0):
         calls.append(1)
         if len(calls) == 8:
             raise KeyboardInterrupt
-        return real_step(self, micro)
+        return real_step(self, micro, step)
 
     monkeypatch.setattr(loop.Stepper, "__call__", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -56,13 +59,33 @@ def test_resume_on_the_gpu_continues_the_run(tmp_path, data, gpt2_dir, monkeypat
 
 
 def test_end_to_end_with_workers_and_augmentation(tmp_path, gpt2_dir):
-    annotations = make_images(tmp_path, n=12)
-    train.main(cuda_args(None, tmp_path / "run", gpt2_dir, "--train_encoder", "--annotations", annotations,
-                         "--images_root", tmp_path, "--encoder", "test_resnet", "--encoder_weights", "random",
-                         "--image_size", 64, "--feature_type", "grid", "--amp", "bf16", "--num_workers", 2,
-                         "--augment", "--epochs", 2, "--bs", 4))
-    model = ClipCaptionModel.from_pretrained(tmp_path / "run" / "coco_prefix_latest")
-    assert model.config.encoder_in_checkpoint
+    annotations = make_images(tmp_path, n=12)  # 24 captions: 6 steps of 4 per epoch
+    extra = ["--train_encoder", "--annotations", annotations, "--images_root", tmp_path, "--encoder", "test_resnet",
+             "--encoder_weights", "random", "--image_size", 64, "--feature_type", "grid", "--amp", "bf16",
+             "--num_workers", 2, "--augment", "--epochs", 2, "--bs", 4]
+    train.main(cuda_args(None, tmp_path / "untrained", gpt2_dir, *extra, "--max_steps", 1, "--lr", 0,
+                         "--encoder_lr", 0))
+    out = tmp_path / "run"
+    train.main(cuda_args(None, out, gpt2_dir, *extra))
+    records = [r for r in log_records(out) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13)) and all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"]
+    recorded = json.loads((out / "train_args.json").read_text())
+    assert (recorded["device"], recorded["augment"], recorded["train_encoder"]) == ("cuda", True, True)
+    assert (recorded["runtime"]["precision"], recorded["runtime"]["num_workers"]) == ("bf16", 2)
+    export = out / "coco_prefix_latest"
+    model = ClipCaptionModel.from_pretrained(export)
+    assert model.config.encoder_in_checkpoint and model.config.encoder["name"] == "test_resnet"
+    assert model.config.feature_type == "grid" and model.config.num_grid_tokens == model.encoder.num_tokens
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # bf16 autocast, fp32 weights
+    trained, untrained = weights(export), weights(tmp_path / "untrained" / "coco_prefix_latest")
+    params = [n for n, _ in model.named_parameters() if n.startswith("encoder.")]
+    assert params and all(not torch.equal(trained[n], untrained[n]) for n in params)  # the encoder was trained
+    assert all(t.is_contiguous() for t in trained.values())  # channels_last (the CUDA default) is not exported
+    captioner = Captioner.from_pretrained(export, device="cuda")
+    assert captioner.encoder.preprocess(load_image(tmp_path / "img0.png")).shape == (3, 64, 64)
+    result = captioner.predict([tmp_path / "img0.png"], max_length=8)[0]
+    assert result.error is None and isinstance(result.caption, str) and len(result.captions) == 5
 
 
 def test_torchrun_with_nccl(tmp_path, data, gpt2_dir):

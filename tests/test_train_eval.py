@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import train
+from builders import ROOT, make_pickle, train_args
 from captioning.training import evaluation
 from captioning.data.features import read_features
 from predict import Captioner
 from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features
-from test_train import ROOT, args_for, make_pickle
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +34,8 @@ def eval_records(out_dir):
 
 def test_eval_every_logs_metrics_and_keeps_the_best_export(tmp_path, data, gpt2_dir, capsys):
     train_pkl, val_pkl = data
-    train.main(args_for(train_pkl, tmp_path, gpt2_dir, "--epochs", 2, "--val_data", val_pkl,
-                        "--eval_every", 1, "--eval_images", 4))
+    train.main(train_args(train_pkl, tmp_path, gpt2_dir, "--epochs", 2, "--val_data", val_pkl,
+                          "--eval_every", 1, "--eval_images", 4))
     records = eval_records(tmp_path)
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(r["eval_images"] == 4 and r["eval_cider"] >= 0 and 0 <= r["eval_bleu4"] <= 100 for r in records)
@@ -60,23 +60,23 @@ def test_eval_images_are_the_first_distinct_images_with_all_their_captions(data)
 def test_resume_keeps_a_better_best(tmp_path, data, gpt2_dir):
     train_pkl, val_pkl = data
     common = ["--val_data", val_pkl, "--eval_every", 1, "--eval_images", 4]
-    train.main(args_for(train_pkl, tmp_path, gpt2_dir, "--epochs", 1, *common))
+    train.main(train_args(train_pkl, tmp_path, gpt2_dir, "--epochs", 1, *common))
     best = tmp_path / "best" / "eval.json"
     best.write_text(json.dumps(dict(json.loads(best.read_text()), cider=1e9)))  # unbeatable
-    train.main(args_for(train_pkl, tmp_path, gpt2_dir, "--epochs", 2, "--resume", "latest", *common))
+    train.main(train_args(train_pkl, tmp_path, gpt2_dir, "--epochs", 2, "--resume", "latest", *common))
     assert [r["epoch"] for r in eval_records(tmp_path)] == [0, 1]
     assert json.loads(best.read_text())["cider"] == 1e9
 
 
 def test_eval_every_without_validation_data_is_an_error(tmp_path, data, gpt2_dir):
     with pytest.raises(ValueError, match="--eval_every needs validation data: give --val_data or --val_fraction"):
-        train.main(args_for(data[0], tmp_path, gpt2_dir, "--eval_every", 1))
+        train.main(train_args(data[0], tmp_path, gpt2_dir, "--eval_every", 1))
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
 def test_two_processes_evaluate_once_without_deadlock(tmp_path, data, gpt2_dir):
-    flags = args_for(data[0], tmp_path, gpt2_dir, "--bs", 2, "--epochs", 2, "--val_fraction", 0.25,
-                     "--eval_every", 1, "--eval_images", 4)
+    flags = train_args(data[0], tmp_path, gpt2_dir, "--bs", 2, "--epochs", 2, "--val_fraction", 0.25,
+                       "--eval_every", 1, "--eval_images", 4)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "train.py"), *flags], env=env, capture_output=True, text=True, timeout=300)

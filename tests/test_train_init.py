@@ -9,9 +9,8 @@ from transformers import GPT2Config
 
 import convert_checkpoint
 import train
+from builders import FIXTURES, make_images, make_pickle
 from models.captioner import ClipCaptionModel
-from conftest import FIXTURES
-from test_train import make_pickle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,5 +80,10 @@ def test_init_from_refuses_flags_and_features_that_do_not_fit_the_export(tmp_pat
     with pytest.raises(ValueError, match=r"small.pkl holds pooled features of dimension 16, but the mapper of "
                                          r"--init_from .*transformer takes pooled features of dimension 576"):
         fine_tune(converted / "transformer", small, tmp_path / "z")
-    with pytest.raises(ValueError, match="--init_from fine-tunes on features"):
-        fine_tune(converted / "transformer", data, tmp_path / "w", "--train_encoder")
+    # training the encoder on needs an export that holds one; a converted checkpoint refers to TinyViT only
+    annotations = make_images(tmp_path)
+    with pytest.raises(ValueError, match=r"--init_from .*transformer holds no encoder weights \(it was trained on "
+                                         r"features\): --train_encoder needs an export trained end to end"):
+        train.main(["--init_from", str(converted / "transformer"), "--train_encoder", "--annotations",
+                    str(annotations), "--images_root", str(tmp_path), "--out_dir", str(tmp_path / "w"),
+                    "--device", "cpu"])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.captioner import CaptionerConfig, ClipCaptionModel
+from builders import tiny_captioner_on
 from captioning.runtime import Distributed
 from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.datasets import (CaptionCollator, CaptionTable, CaptionTokens, FeatureCaptionDataset,
@@ -97,10 +97,7 @@ def test_validation_split_holds_out_whole_images():
 
 @pytest.fixture()
 def tiny_model(gpt2_dir, tokenizer):
-    torch.manual_seed(0)
-    config = CaptionerConfig(mapping_type="transformer", prefix_length=4, prefix_length_clip=4, num_layers=1,
-                             prefix_size=16, gpt2=str(gpt2_dir), eos_token_ids=[tokenizer.eos_token_id])
-    return ClipCaptionModel.create(config).eval()  # eval: no dropout, so runs compare exactly
+    return tiny_captioner_on(gpt2_dir, tokenizer).eval()  # eval: no dropout, so runs compare exactly
 
 
 def gradients(model, batches, pad_id):

@@ -3,9 +3,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from PIL import Image, ImageOps
-
-from models.encoder import to_rgb
 
 
 class ImageError(Exception):
@@ -18,6 +17,20 @@ class ImageError(Exception):
 
     def __reduce__(self):  # DataLoader workers send exceptions across processes
         return ImageError, (self.path, self.kind, self.reason)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit and float images are rescaled, transparency is put on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        image = Image.fromarray(a.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:

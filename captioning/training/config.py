@@ -7,14 +7,17 @@ parser from these defaults before the heavy imports.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Set
 
 from captioning.choices import json_object
 from models.choices import FEATURE_TYPES, MAPPING_TYPES, mapper_reads
 
 DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
-# The fields an export decides when training starts from it (--init_from): its architecture and decoder.
+# The fields an export decides when training starts from it (--init_from): its architecture and decoder, and,
+# training from images, its encoder.
 ARCHITECTURE_FLAGS = ("mapping_type", "prefix_length", "prefix_length_clip", "num_layers", "normalize_prefix", "gpt2")
+ENCODER_FLAGS = ("encoder", "encoder_weights", "encoder_kwargs", "image_size", "feature_type")
+SCST_BASELINES = ("mean", "greedy")
 
 
 @dataclass
@@ -74,6 +77,13 @@ class TrainConfig:
     augment: bool = False
     channels_last: Optional[bool] = None
     cache_images: bool = False
+    # ---- CIDEr optimisation (self-critical sequence training) after cross-entropy
+    scst: bool = False
+    scst_samples: int = 5  # captions drawn per image and step
+    scst_top_p: float = 1.0  # 1: the model's whole distribution
+    scst_max_length: Optional[int] = None  # None: the longest training caption's tokens (end token included)
+    scst_baseline: str = "mean"  # "mean" of the image's other samples (Luo 2020) or "greedy" (Rennie 2017)
+    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x BLEU-4
 
     def __post_init__(self):
         if not self.train_encoder and self.data is None:
@@ -85,9 +95,6 @@ class TrainConfig:
             raise ValueError(f"--mapping_type must be mlp or transformer, got {self.mapping_type!r}")
         if self.feature_type not in FEATURE_TYPES:
             raise ValueError(f"--feature_type must be one of {FEATURE_TYPES}, got {self.feature_type!r}")
-        if self.init_from and self.train_encoder:
-            raise ValueError("--init_from fine-tunes on features: extract them with the export's encoder "
-                             "(parse_coco.py) and give --data, without --train_encoder")
         if self.train_encoder and (self.data or self.val_data):
             raise ValueError("with --train_encoder the data are images: give --annotations (and --images_root, "
                              "--val_annotations), not --data/--val_data features pickles")
@@ -100,12 +107,30 @@ class TrainConfig:
                              "--train_encoder: --val_annotations or --val_fraction)")
         if (self.augment or self.cache_images) and not self.train_encoder:
             raise ValueError("--augment and --cache_images apply to images: add --train_encoder")
+        if self.scst:
+            self._check_scst()
         if self.augment and self.cache_images:
             raise ValueError("--cache_images keeps one fixed view per image, which --augment would not vary")
         if self.train_encoder:
             if not mapper_reads(self.mapping_type, self.feature_type):
                 raise ValueError("--feature_type grid needs --mapping_type transformer")
             self.encoder_model_kwargs()
+
+    def _check_scst(self) -> None:
+        if not self.init_from:
+            raise ValueError("--scst is a second stage: give the cross-entropy export to start from with "
+                             "--init_from DIR (and a new --out_dir)")
+        if self.scst_baseline not in SCST_BASELINES:
+            raise ValueError(f"--scst_baseline must be one of {SCST_BASELINES}, got {self.scst_baseline!r}")
+        if self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ValueError("--scst_baseline mean compares each sample with the image's other samples: give "
+                             "--scst_samples 2 or more, or --scst_baseline greedy")
+        if not 0.0 < self.scst_top_p <= 1.0:
+            raise ValueError(f"--scst_top_p must be in (0, 1], got {self.scst_top_p}")
+
+    @property
+    def stage(self) -> str:
+        return "scst" if self.scst else "cross-entropy"
 
     @property
     def has_validation(self) -> bool:
@@ -129,6 +154,11 @@ class TrainConfig:
         return EncoderConfig.from_flags(encoder=self.encoder, feature_type=self.feature_type,
                                         weights=self.encoder_weights, image_size=self.image_size,
                                         model_kwargs=self.encoder_model_kwargs())
+
+    def changed(self, names: Sequence[str]) -> Set[str]:
+        """Which of the fields `names` differ from their defaults (set by whoever built the config)."""
+        defaults = self.defaults()
+        return {name for name in names if getattr(self, name) != defaults[name]}
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

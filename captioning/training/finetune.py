@@ -5,27 +5,51 @@ depth, decoder and `normalize_prefix` replace the flags' defaults, so a converte
 dividing features by their norm, as it decodes. A flag given with another value than the export's is an error
 rather than silently ignored; the features must be of the kind and size the export's mapper takes.
 """
+import json
 from pathlib import Path
 from typing import Dict, Optional, Set
 
 from transformers import AutoTokenizer, GPT2Config
 
-from captioning.training.config import ARCHITECTURE_FLAGS, TrainConfig
+from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from models.captioner import ClipCaptionModel, read_config
+from models.encoder import EncoderConfig, ImageEncoder
 
 ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
 
 
 def adopt_export_config(config: TrainConfig, given: Set[str]) -> TrainConfig:
     """`config` with the architecture fields of its --init_from export (recorded as such in train_args.json);
-    a field in `given` (set on the command line) must agree with the export."""
+    a field in `given` (set on the command line) must agree with the export. With --train_encoder the export's
+    encoder is trained on: the encoder flags are its, and giving one is an error."""
     export = read_config(Path(config.init_from))
     for name in ARCHITECTURE_FLAGS:
         given_value, kept = getattr(config, name), getattr(export, name)
         if name in given and given_value != kept:
             raise ValueError(f"--{name} {given_value} conflicts with --init_from {config.init_from}, whose config "
                              f"has {name}={kept!r}: fine-tuning keeps the export's architecture (leave --{name} out)")
-    return config.replace(**{name: getattr(export, name) for name in ARCHITECTURE_FLAGS})
+    changes = {name: getattr(export, name) for name in ARCHITECTURE_FLAGS}
+    if config.train_encoder:
+        if not export.encoder_in_checkpoint:
+            raise ValueError(f"--init_from {config.init_from} holds no encoder weights (it was trained on features): "
+                             f"--train_encoder needs an export trained end to end; leave --train_encoder out to "
+                             f"fine-tune on features")
+        encoder = export.encoder
+        kept = dict(encoder=encoder["name"], encoder_weights=encoder["weights"], image_size=encoder["image_size"],
+                    feature_type=encoder["feature_type"], encoder_kwargs=json.dumps(encoder["model_kwargs"]))
+        for name in ENCODER_FLAGS:
+            value = getattr(config, name)
+            same = json.loads(value) == encoder["model_kwargs"] if name == "encoder_kwargs" else value == kept[name]
+            if name in given and not same:
+                raise ValueError(f"--{name} {value}: with --init_from and --train_encoder the export's encoder is "
+                                 f"trained on, as its config records it ({name}={kept[name]!r}); leave it out")
+        changes.update(kept)
+    return config.replace(**changes)
+
+
+def export_encoder(config: TrainConfig) -> ImageEncoder:
+    """The --init_from export's encoder, built as it records it; its weights come with the export's model."""
+    return ImageEncoder(EncoderConfig.from_dict(read_config(Path(config.init_from)).encoder), load_weights=False)
 
 
 def load_tokenizer(config: TrainConfig):
@@ -45,7 +69,7 @@ def model_from_export(config: TrainConfig, inputs, eos_token_id: int) -> ClipCap
     wanted = (c.feature_type, c.prefix_size, c.num_grid_tokens if c.feature_type == "grid" else None)
     got = (inputs.feature_type, inputs.prefix_size, inputs.num_grid_tokens)
     if wanted != got:
-        raise ValueError(f"{config.data} holds {got[0]} features of dimension {got[1]}"
+        raise ValueError(f"{config.data or config.annotations} holds {got[0]} features of dimension {got[1]}"
                          + (f" ({got[2]} tokens)" if got[2] else "") + f", but the mapper of --init_from "
                          f"{config.init_from} takes {wanted[0]} features of dimension {wanted[1]}"
                          + (f" ({wanted[2]} tokens)" if wanted[2] else ""))
@@ -63,6 +87,9 @@ def model_from_export(config: TrainConfig, inputs, eos_token_id: int) -> ClipCap
         c.only_prefix = False
         model.gpt.requires_grad_(True)
         model.gpt.train()
+    if config.train_encoder:  # trained on as cross-entropy trains it: the stem and first stages frozen
+        model.encoder.requires_grad_(True)
+        model.encoder.freeze_stages(config.frozen_stages)
     return model
 
 

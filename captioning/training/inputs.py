@@ -21,6 +21,7 @@ from captioning.data.annotations import read_annotations
 from captioning.data.features import read_features
 from captioning.data.images import load_image
 from captioning.training.config import TrainConfig
+from captioning.training.finetune import export_encoder
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
                                           split_by_image)
@@ -147,6 +148,10 @@ def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, Li
 
 
 def build_encoder(config: TrainConfig) -> ImageEncoder:
+    """The encoder to train: a new one from the flags, or, with --init_from, the export's (its weights are
+    loaded with the export's model; only its preprocessing and sizes are used from this one)."""
+    if config.init_from:
+        return export_encoder(config)
     encoder = ImageEncoder(config.encoder_config())
     encoder.freeze_stages(config.frozen_stages)
     return encoder
@@ -195,9 +200,8 @@ def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int 
     train_ids, val = np.arange(len(table)), None
     if config.val_annotations:
         v_table, v_paths = load_annotations(config.val_annotations, config.val_split, config)
-        v_tokens = cached_tokens(v_table.captions, tokenizer, token_cache_dirs(config),
-                                 Path(config.val_annotations).name + (f".{config.val_split}" if config.val_split else ""),
-                                 dist.print)
+        v_name = Path(config.val_annotations).name + (f".{config.val_split}" if config.val_split else "")
+        v_tokens = cached_tokens(v_table.captions, tokenizer, token_cache_dirs(config), v_name, dist.print)
         val = dataset(v_table, v_tokens, np.arange(len(v_table)), v_paths)
         val.augment = None
     train = dataset(table, tokens, train_ids, paths)

@@ -74,7 +74,13 @@ class Stepper:
         # is the faster one; so bf16 training on the CPU uses the math kernel.
         return self.precision.autocast(self.dist.device, math_attention_on_cpu=True)
 
-    def __call__(self, micro_batches: Sequence[Dict]) -> torch.Tensor:
+    @property
+    def caption_loss(self) -> nn.Module:
+        """The cross-entropy module validation runs (unwrapped: validation shards differ in length)."""
+        module = self.loss_module
+        return module.module if isinstance(module, DistributedDataParallel) else module
+
+    def __call__(self, micro_batches: Sequence[Dict], step: int = 0) -> torch.Tensor:
         counts = [b["num_tokens"] for b in micro_batches]
         denom = sum(counts)
         if self.dist.enabled:  # tokens of the global batch; a device tensor, so no host synchronisation
@@ -195,7 +201,8 @@ class Trainer:
         self._meter_reset()
         for i in range(todo):
             micro = [to_device(next(batches), self.dist.device) for _ in range(opts.grad_accum)]
-            self._meter_add(self.stepper(micro), sum(b["num_tokens"] for b in micro))
+            share = self.stepper(micro, step=self.pos.step)
+            self._meter_add(share, sum(b["num_tokens"] for b in micro), getattr(self.stepper, "stats", None))
             self.pos.step += 1
             self.pos.epoch_samples += self.global_batch
             bar.update()
@@ -230,9 +237,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean cross-entropy over every caption token of the validation set (all processes together)."""
-        module = self.stepper.loss_module
-        if isinstance(module, DistributedDataParallel):  # shards differ in length: no collective per batch
-            module = module.module
+        module = self.stepper.caption_loss  # unwrapped: shards differ in length, so no collective per batch
         module.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
         for batch in tqdm(self.val_loader, desc="validation", unit="batch", leave=False,
@@ -252,21 +257,31 @@ class Trainer:
         self.meter_loss = torch.zeros((), device=self.dist.device)
         self.meter_tokens = 0
         self.meter_steps = 0
+        self.meter_extra: Dict[str, float] = {}  # per-step figures a stepper reports (CIDEr optimisation's)
         self.meter_start = time.perf_counter()
 
-    def _meter_add(self, share: torch.Tensor, tokens: int) -> None:
+    def _meter_add(self, share: torch.Tensor, tokens: int, extra: Optional[Dict[str, float]] = None) -> None:
         self.meter_loss += share  # stays on the device: no synchronisation on every step
         self.meter_tokens += tokens
         self.meter_steps += 1
+        for name, value in (extra or {}).items():
+            if name == "tokens":
+                self.meter_tokens += int(value)
+            else:
+                self.meter_extra[name] = self.meter_extra.get(name, 0.0) + value
 
     def flush_log(self) -> Dict:
         """Average the loss since the last flush over all processes, stop on NaN/inf, append to the log."""
         if self.meter_steps == 0:
             return {}
-        totals = torch.stack([self.meter_loss.double(), torch.tensor(float(self.meter_tokens),
-                                                                     device=self.dist.device, dtype=torch.float64)])
-        loss_sum, tokens = self.dist.all_reduce(totals).tolist()
+        names = sorted(self.meter_extra)
+        totals = torch.stack([self.meter_loss.double(), *(torch.tensor(float(v), device=self.dist.device,
+                                                                       dtype=torch.float64)
+                                                          for v in [self.meter_tokens, *map(self.meter_extra.get,
+                                                                                            names)])])
+        loss_sum, tokens, *extra = self.dist.all_reduce(totals).tolist()
         loss = loss_sum / self.meter_steps
+        extra = {name: value / (self.meter_steps * self.dist.world_size) for name, value in zip(names, extra)}
         if not math.isfinite(loss):
             first = self.pos.step - self.meter_steps + 1
             where = f"at step {first}" if first == self.pos.step else f"between steps {first} and {self.pos.step}"
@@ -278,10 +293,12 @@ class Trainer:
         elapsed = max(time.perf_counter() - self.meter_start, 1e-9)
         record = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
                   "lr": self.stepper.scheduler.get_last_lr()[0],
-                  "samples_per_s": self.meter_steps * self.global_batch / elapsed, "tokens_per_s": tokens / elapsed}
+                  "samples_per_s": self.meter_steps * self.global_batch / elapsed, "tokens_per_s": tokens / elapsed,
+                  **extra}
         self.log.append(record)
         self._meter_reset()
-        return {"loss": f"{loss:.4f}", "samples/s": f"{record['samples_per_s']:.1f}", "lr": f"{record['lr']:.2e}"}
+        return {"loss": f"{loss:.4f}", **{name: f"{value:.3f}" for name, value in extra.items()},
+                "samples/s": f"{record['samples_per_s']:.1f}", "lr": f"{record['lr']:.2e}"}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
@@ -310,6 +327,11 @@ class Trainer:
             if self.dist.is_main:
                 set_aside_corrupt(path)
             self.dist.print(refused)
+        stage, ours = state.get("stage", "cross-entropy"), self.run_info.get("stage", "cross-entropy")
+        if stage != ours:
+            raise CheckpointError(f"{path} is a {stage} checkpoint and this is a {ours} run: --resume continues "
+                                  f"a run of the same stage. CIDEr optimisation (--scst) starts from an export "
+                                  f"(--init_from DIR) in a new --out_dir")
         diff = config_differences(state["config"], self.run_info["config"])
         if diff:
             raise CheckpointError(f"{path}: the checkpoint was made for another model: " + "; ".join(diff))

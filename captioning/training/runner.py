@@ -20,10 +20,11 @@ from captioning.outputs import check_output_dir
 from captioning.runtime import Distributed
 from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
 from captioning.training.evaluation import build_caption_evaluation
-from captioning.training.config import TrainConfig
-from captioning.training.finetune import load_tokenizer, model_from_export
+from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
+from captioning.training.finetune import adopt_export_config, load_tokenizer, model_from_export
 from captioning.training.inputs import build_feature_inputs, build_image_inputs
 from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
+from captioning.training.scst import Rewards, ScstImages, ScstLoss, ScstOptions, ScstStepper, collate_images
 from captioning.training.state import previous_state_path, seed_everything
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -52,14 +53,18 @@ def build_optimizer(model, config: TrainConfig, device) -> torch.optim.Optimizer
 
 
 def make_loaders(config: TrainConfig, inputs, dist: Distributed, pad_id: int, workers: int):
-    common = dict(batch_size=config.bs, num_workers=workers, collate_fn=CaptionCollator(pad_id),
-                  pin_memory=dist.device.type == "cuda", persistent_workers=False)
-    sampler = ResumableDistributedSampler(inputs.train, dist.world_size, dist.rank, seed=config.seed)
-    train_loader = DataLoader(inputs.train, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
+    """Training batches of captions (cross-entropy) or of images (--scst), and validation batches of captions."""
+    common = dict(batch_size=config.bs, num_workers=workers, pin_memory=dist.device.type == "cuda",
+                  persistent_workers=False)
+    collate = CaptionCollator(pad_id)
+    train_set, train_collate = (ScstImages(inputs.train), collate_images) if config.scst else (inputs.train, collate)
+    sampler = ResumableDistributedSampler(train_set, dist.world_size, dist.rank, seed=config.seed)
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, generator=torch.Generator(),
+                              collate_fn=train_collate, **common)
     val_loader = None
     if inputs.val is not None:
         shard = validation_shard(inputs.val.token_lengths(), dist.rank, dist.world_size)
-        val_loader = DataLoader(Subset(inputs.val, shard), shuffle=False, **common)
+        val_loader = DataLoader(Subset(inputs.val, shard), shuffle=False, collate_fn=collate, **common)
     return train_loader, sampler, val_loader
 
 
@@ -95,6 +100,8 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
             return train(config, dist)
         finally:
             dist.close()
+    if config.init_from:  # the export decides the architecture (train.py has adopted it, checking its flags)
+        config = adopt_export_config(config, config.changed(ARCHITECTURE_FLAGS + ENCODER_FLAGS))
     check_files(config)
     precision = runtime.resolve_precision(config.precision, dist.device, training=True)
     budget = runtime.plan_threads(dist.device, loads_images=config.train_encoder and not config.cache_images,
@@ -106,20 +113,23 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
         return run_training(config, dist, precision, budget)
 
 
-def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Precision, budget: runtime.ThreadBudget) -> dict:
+def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Precision,
+                 budget: runtime.ThreadBudget) -> dict:
     if config.is_rn:
         dist.print("note: --is_rn is ignored: the feature size and type come from the features pickle")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matrix products: fp32 training, much faster
         torch.backends.cudnn.allow_tf32 = True
-    options = TrainOptions(out_dir=Path(config.out_dir), prefix=config.prefix, epochs=config.epochs, batch_size=config.bs,
-                           grad_accum=config.grad_accum, max_steps=config.max_steps, save_every=config.save_every,
-                           save_every_steps=config.save_every_steps, log_every=config.log_every, seed=config.seed)
+    options = TrainOptions(out_dir=Path(config.out_dir), prefix=config.prefix, epochs=config.epochs,
+                           batch_size=config.bs, grad_accum=config.grad_accum, max_steps=config.max_steps,
+                           save_every=config.save_every, save_every_steps=config.save_every_steps,
+                           log_every=config.log_every, seed=config.seed)
     resume = resume_path(config, options, dist)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config) if config.init_from else AutoTokenizer.from_pretrained(config.gpt2)
     # Caching images happens before training, while torch waits: every core may decode then.
-    cache_workers = config.num_workers if config.num_workers is not None else (budget.cores if budget.cores > 1 else 0)
+    cache_workers = config.num_workers if config.num_workers is not None else \
+        (budget.cores if budget.cores > 1 else 0)
     build = functools.partial(build_image_inputs, cache_workers=cache_workers) if config.train_encoder else \
         build_feature_inputs
     inputs = None
@@ -136,29 +146,64 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     optimizer = build_optimizer(model, config, dist.device)
     scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps,
                                                 count_steps(len(train_loader), options)[1])
-    channels_last = config.train_encoder and (dist.device.type == "cuda" if config.channels_last is None
-                                            else config.channels_last)
-    if channels_last:
-        model.encoder.to(memory_format=torch.channels_last)
-    loss_module = CaptionLoss(model, images=config.train_encoder, channels_last=channels_last)
-    if dist.enabled:
-        loss_module = DistributedDataParallel(
-            loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-            find_unused_parameters=config.train_encoder)  # timm models may hold layers the features skip
-    stepper = Stepper(loss_module, optimizer, scheduler, dist, precision=precision, grad_clip=config.grad_clip)
-    run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": config.to_dict()}
+    stepper = build_stepper(config, model, tokenizer, train_loader, dist, precision, optimizer, scheduler)
+    run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": config.to_dict(),
+                "stage": config.stage}
     if dist.is_main:
         with atomic_write(options.out_dir / "train_args.json") as tmp:
             tmp.write_text(json.dumps({**config.to_dict(), "runtime": {**precision.record(), "torch_threads":
                                        budget.torch_threads, "num_workers": budget.workers}}, indent=2))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = f"{len(train_loader.dataset)} training images (CIDEr optimisation)" if config.scst else \
+        f"{len(inputs.train)} training captions"
     dist.print(f"training {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters on "
-               f"{dist.world_size} x {dist.device}; {len(inputs.train)} training captions")
+               f"{dist.world_size} x {dist.device}; {what}")
     trainer = Trainer(model, tokenizer, stepper, train_loader, sampler, options, dist, run_info,
                       val_loader=val_loader, epoch_end_hooks=epoch_end_hooks(config, inputs, precision))
     summary = trainer.fit(resume)
     dist.print(f"done: step {summary['step']}; latest export {summary['latest_export']}")
     return summary
+
+
+def build_stepper(config: TrainConfig, model, tokenizer, train_loader, dist: Distributed,
+                  precision: runtime.Precision, optimizer, scheduler) -> Stepper:
+    """The optimizer step of the stage: cross-entropy over captions, or CIDEr optimisation over images."""
+    channels_last = config.train_encoder and (dist.device.type == "cuda" if config.channels_last is None
+                                              else config.channels_last)
+    if channels_last:
+        model.encoder.to(memory_format=torch.channels_last)
+    caption_loss = CaptionLoss(model, images=config.train_encoder, channels_last=channels_last)
+    loss_module = caption_loss
+    if config.scst:
+        images = train_loader.dataset
+        options = ScstOptions(samples=config.scst_samples, top_p=config.scst_top_p,
+                              max_length=scst_max_length(config, images.base, model), baseline=config.scst_baseline,
+                              bleu_weight=config.scst_bleu_weight, seed=config.seed)
+        dist.print(f"CIDEr optimisation: {options.samples} samples per image of at most {options.max_length} "
+                   f"tokens, {options.baseline} baseline; CIDEr-D document frequencies from the references of "
+                   f"{len(images)} training images")
+        loss_module = ScstLoss(model, tokenizer, Rewards(images.references, options.bleu_weight), options,
+                               images=config.train_encoder, channels_last=channels_last)
+    if dist.enabled:
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=config.train_encoder)  # timm models may hold layers the features skip
+    if config.scst:
+        return ScstStepper(loss_module, caption_loss, optimizer, scheduler, dist, precision=precision,
+                           grad_clip=config.grad_clip)
+    return Stepper(loss_module, optimizer, scheduler, dist, precision=precision, grad_clip=config.grad_clip)
+
+
+def scst_max_length(config: TrainConfig, captions, model) -> int:
+    """--scst_max_length, or the longest training caption in tokens (end token included): a sample need not be
+    longer than any reference, and each extra step of every sample costs; within the decoder's positions."""
+    room = model.gpt.config.n_positions - model.config.prefix_length
+    if config.scst_max_length is not None:
+        if config.scst_max_length > room:
+            raise ValueError(f"--scst_max_length {config.scst_max_length} exceeds the {room} positions the "
+                             f"decoder has after its {model.config.prefix_length}-token prefix")
+        return config.scst_max_length
+    return int(min(captions.token_lengths().max(), room))
 
 
 def new_model(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:

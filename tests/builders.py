@@ -1,0 +1,265 @@
+"""Plain helpers the tests share: generated data (pickles, images, annotation files, a COCO-style tree), argument
+lists for the scripts, tiny GPT-2s and captioners over the test tokenizer, and readers of a run's outputs.
+The fixtures built from them are in conftest.py; tests import these with `from builders import ...`."""
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from captioning.data.features import write_features
+from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table"]
+PLACES = ["on a street", "in a field", "next to a tree", "on a table", "in the kitchen", "at the beach"]
+
+
+def caption_corpus():
+    """A few hundred COCO-like captions for training the test tokenizer."""
+    out = []
+    for i, colour in enumerate(COLOURS):
+        for j, thing in enumerate(THINGS):
+            for k, place in enumerate(PLACES):
+                article = "An" if colour[0] in "aeiou" else "A"
+                out.append(f"{article} {colour} {thing} {place}.")
+                out.append(f"There is a {thing} {place} , and it is {colour}!")
+    return out
+
+
+# ---- tiny models -----------------------------------------------------------------------------------------------
+
+def tiny_gpt2(tokenizer, seed=0, **config) -> GPT2LMHeadModel:
+    """A 2-layer, 32-wide GPT-2 over the test tokenizer; `config` overrides GPT2Config fields."""
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    return GPT2LMHeadModel(GPT2Config(**{**dict(n_layer=2, n_embd=32, n_head=4, n_positions=128,
+                                                vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos),
+                                         **config}))
+
+
+def tiny_captioner(tokenizer, encoder=None, *, encoder_config=None, n_layer=2, n_positions=128,
+                   **config) -> ClipCaptionModel:
+    """A captioner to caption with: a transformer mapper (prefix 4) over normalised 96-dimensional features (or
+    `encoder`'s) on a tiny GPT-2 with a wide initialisation (peaked distributions, no near-ties), stopping at the
+    end of text or a full stop. `encoder`: an ImageEncoder held inside; `encoder_config`: an encoder recorded in
+    the config only; `config` overrides CaptionerConfig fields (the grid feature type, say)."""
+    gpt = tiny_gpt2(tokenizer, n_layer=n_layer, n_positions=n_positions, initializer_range=0.2)
+    eos = tokenizer.eos_token_id
+    config = CaptionerConfig(**{**dict(mapping_type="transformer", prefix_length=4, prefix_length_clip=4,
+                                       num_layers=1, prefix_size=encoder.feature_dim if encoder else 96,
+                                       normalize_prefix=True, encoder=encoder_config,
+                                       eos_token_ids=[eos, tokenizer.convert_tokens_to_ids(".")]), **config})
+    return ClipCaptionModel(config, gpt=gpt, encoder=encoder)
+
+
+def tiny_captioner_on(gpt2_dir, tokenizer, encoder=None, **config) -> ClipCaptionModel:
+    """A captioner to train, built as train.py builds one: a transformer mapper (prefix 4, from 3 tokens: unlike
+    the prefix length, so that a mix-up of the two shows) over 16-dimensional features (or `encoder`'s) on the
+    GPT-2 saved in `gpt2_dir`; `config` overrides CaptionerConfig fields."""
+    torch.manual_seed(0)
+    config = CaptionerConfig(**{**dict(mapping_type="transformer", prefix_length=4, prefix_length_clip=3,
+                                       num_layers=1, prefix_size=encoder.feature_dim if encoder else 16,
+                                       gpt2=str(gpt2_dir), eos_token_ids=[tokenizer.eos_token_id]), **config})
+    return ClipCaptionModel.create(config, encoder=encoder)
+
+
+# ---- predict.py ------------------------------------------------------------------------------------------------
+
+SHORT = dict(max_length=10)  # tiny random models rarely stop early; short captions keep the tests fast
+
+
+def write_predict_images(folder: Path) -> Path:
+    """RGB JPEG and grayscale PNG with COCO-like numbers, an RGBA PNG without a number, a broken JPEG and a text
+    file."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / "COCO_val2014_000000000042.jpg")
+    Image.fromarray(rng.integers(0, 255, (36, 36), dtype=np.uint8)).save(folder / "000000000007.png")
+    Image.fromarray(rng.integers(0, 255, (30, 44, 4), dtype=np.uint8)).save(folder / "cat.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a picture")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def good_images(images):
+    """The readable images of `write_predict_images`."""
+    return [images / "COCO_val2014_000000000042.jpg", images / "000000000007.png", images / "cat.png"]
+
+
+# ---- evaluate.py -----------------------------------------------------------------------------------------------
+
+FAST_METRICS = ["--metrics", "BLEU", "CIDEr"]  # METEOR and SPICE start a JVM for seconds
+REFERENCES = {
+    1: ["A man riding a brown horse on a beach.", "A person rides a horse along the shore.",
+        "Man on horseback at the beach", "A rider and his horse near the ocean.", "A horse carrying a man by the sea."],
+    2: ["Two dogs playing with a frisbee in the grass.", "Dogs chase a frisbee on a lawn.",
+        "Two puppies play in a green field.", "A pair of dogs running on grass.", "Two dogs fight over a toy."],
+    3: ["A pizza with cheese and tomatoes on a table.", "A large pizza sitting on a wooden table.",
+        "A cheese pizza is on the table.", "Pizza on a plate on a dining table.", "A freshly baked pizza."],
+    4: ["A red bus driving down a city street.", "A double decker bus on the road.",
+        "A red bus in traffic.", "A city bus stopped at a light.", "The bus is driving through town."],
+    5: ["A cat sleeping on a laptop keyboard.", "A cat lying on a computer.", "A kitten naps on a laptop.",
+        "A cat curled up on the keyboard.", "A grey cat resting on a notebook computer."],
+    6: ["A woman holding an umbrella in the rain.", "A lady walks with an umbrella.",
+        "A person with a black umbrella on a wet street.", "Woman under an umbrella.", "A woman in the rain."],
+}
+PREDICTIONS = {1: "A man riding a horse on the beach.", 2: "Two dogs playing with a frisbee.",
+               3: "A pizza sitting on top of a table.", 4: "A red bus driving down the street.",
+               5: "A cat laying on a laptop computer.", 6: "A woman walking with an umbrella."}
+# Karpathy-style ids: 6 test images (ids 1-6 with the references above), 2 val, 2 train, 1 restval.
+SPLITS = {**{i: "test" for i in range(1, 7)}, 7: "val", 8: "val", 9: "train", 10: "train", 11: "restval"}
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def refs_of(image_id):
+    return REFERENCES.get(image_id, [f"A photo number {image_id}.", "Some picture."])
+
+
+def write_karpathy_file(path: Path) -> Path:
+    """A dataset_coco.json of the SPLITS images with their references."""
+    images = [{"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i, "split": split,
+               "sentences": [{"raw": c, "sentid": 10 * i + j} for j, c in enumerate(refs_of(i))]}
+              for i, split in SPLITS.items()]
+    return write_json(path, {"images": images, "dataset": "coco"})
+
+
+def write_coco_images(root: Path) -> Path:
+    """root/val2014 with an image for each of the SPLITS ids; its width is the id + 10."""
+    (root / "val2014").mkdir(parents=True)
+    for image_id in SPLITS:
+        Image.new("RGB", (10 + image_id, 12), (image_id * 20, 0, 0)).save(
+            root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+    return root
+
+
+# ---- parse_coco.py ---------------------------------------------------------------------------------------------
+
+GOOD = 12  # readable images 1..12, in several modes and folders
+BAD = {13: "missing", 14: "truncated", 15: "unreadable", 16: "too_large"}
+
+
+def coco_name(image_id: int) -> str:
+    if image_id % 3 == 0:
+        return f"val2014/COCO_val2014_{image_id:012d}.jpg"
+    if image_id % 5 == 0:
+        return f"train2017/{image_id:012d}.jpg"
+    return f"train2014/COCO_train2014_{image_id:012d}.jpg"
+
+
+def make_image(image_id: int, rng) -> Image.Image:
+    pixels = rng.integers(0, 255, (40 + image_id, 56, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    mode = {2: "L", 4: "CMYK", 7: "RGBA", 8: "P", 11: "I;16"}.get(image_id)
+    if mode == "I;16":
+        return Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
+    return image.convert(mode) if mode else image
+
+
+def bomb_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def make_coco_tree(root: Path) -> Path:
+    """COCO-style images under root/ (GOOD readable ones, then the BAD ones), a train_caption.json with 3-5
+    captions per image and two bad entries, the same without them as clean.json, and an encoder file."""
+    rng = np.random.default_rng(0)
+    for image_id in range(1, GOOD + 1):
+        path = root / coco_name(image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = make_image(image_id, rng)
+        # Formats by content, not extension, as in real data sets: PIL reads a PNG named .jpg.
+        image.save(path, format="JPEG" if image.mode in ("RGB", "L", "CMYK") else "PNG")
+    good_jpeg = (root / coco_name(1)).read_bytes()
+    (root / coco_name(14)).write_bytes(good_jpeg[: len(good_jpeg) // 2])
+    (root / coco_name(15)).write_bytes(b"this is not an image")
+    (root / coco_name(16)).write_bytes(bomb_bytes())
+    entries = [{"image_id": image_id, "id": 100 * image_id + k, "caption": f"image {image_id} caption {k}"}
+               for k in range(5) for image_id in range(1, GOOD + len(BAD) + 1) if k < 3 + image_id % 3]
+    (root / "clean.json").write_text(json.dumps(entries))
+    bad_entries = [{"id": 999, "caption": "an entry without image_id"}, {"image_id": 1, "id": 998, "caption": " "}]
+    (root / "train_caption.json").write_text(json.dumps(entries[:10] + bad_entries + entries[10:]))
+    torch.manual_seed(0)
+    encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=48))
+    torch.save(encoder.model.state_dict(), root / "encoder.pth")
+    return root
+
+
+def parse_coco_args(tree, out, *extra, annotations="train_caption.json"):
+    return ["--encoder", "test_resnet", "--encoder_weights", str(tree / "encoder.pth"), "--image_size", "48",
+            "--annotations", str(tree / annotations), "--images_root", str(tree), "--out_path", str(out),
+            "--device", "cpu", "--num_workers", "0", *extra]
+
+
+# ---- train.py --------------------------------------------------------------------------------------------------
+
+ENCODER_META = EncoderConfig(name="tiny_vit_21m_224", weights="pretrained",
+                             data_config={"input_size": [3, 224, 224]}).to_dict()
+
+
+def captions_for(n_images, per_image=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_images):
+        colour, thing = COLOURS[i % len(COLOURS)], THINGS[(i * 5) % len(THINGS)]
+        for _ in range(per_image):
+            out.append((i, f"A {colour} {thing} {PLACES[rng.integers(len(PLACES))]}."))
+    return out
+
+
+def make_pickle(path, n_images=8, per_image=3, dim=16, grid_tokens=None, seed=0, metadata=True):
+    """A features pickle of random features and generated captions, recording a TinyViT encoder unless
+    `metadata` is False."""
+    torch.manual_seed(seed)
+    shape = (n_images, grid_tokens, dim) if grid_tokens else (n_images, dim)
+    entries = [{"image_id": i, "caption": c, "clip_embedding": i} for i, c in captions_for(n_images, per_image, seed)]
+    meta = {"encoder": dict(ENCODER_META, feature_type="grid" if grid_tokens else "pooled")} if metadata else {}
+    write_features(path, torch.randn(*shape), entries, meta)
+    return path
+
+
+def make_images(root, n=6, size=40):
+    """`n` PNG images under root/ with 2 captions each in root/captions.json (COCO format); returns its path."""
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i in range(n):
+        pixels = np.full((size, size, 3), 255 * np.eye(3)[i % 3], dtype=np.uint8)
+        pixels[rng.integers(0, size // 2):, : size // 2] = 0
+        Image.fromarray(pixels).save(root / f"img{i}.png")
+        images.append({"id": i, "file_name": f"img{i}.png"})
+        annotations += [{"id": 10 * i + k, "image_id": i, "caption": c} for k, (_, c) in
+                        enumerate(captions_for(1, 2, seed=i))]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root / "captions.json"
+
+
+def train_args(data, out_dir, gpt2, *extra):
+    """train.py's flags for a small, quick CPU run; `extra` flags come last and win."""
+    return (["--data", str(data)] if data else []) + ["--out_dir", str(out_dir), "--gpt2", str(gpt2), "--bs", "4",
+            "--mapping_type", "transformer", "--num_layers", "1", "--prefix_length", "4", "--prefix_length_clip",
+            "4", "--warmup_steps", "0", "--lr", "1e-3", "--log_every", "1", "--device", "cpu", *map(str, extra)]
+
+
+def weights(export_dir):
+    return load_file(str(Path(export_dir) / "model.safetensors"))
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
