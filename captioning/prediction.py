@@ -15,7 +15,7 @@ from PIL import Image
 
 from captioning import runtime
 from captioning.data.annotations import image_id_from_name
-from captioning.data.features import FeaturesError, read_features
+from captioning.data.features import FeaturesError, metadata_file_names, read_features
 from captioning.data.results import Prediction, write_results
 from captioning.inference import CaptionResult, Captioner, DecodingOptions
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
@@ -72,9 +72,8 @@ def features_inputs(path):
     for caption in data["captions"]:
         rows.setdefault(caption["clip_embedding"], caption["image_id"])
     order = sorted(rows)
-    names = data["metadata"].get("file_names")
-    names = [str(names[row]) for row in order] if isinstance(names, list) and \
-        len(names) == data["clip_embedding"].shape[0] else None
+    names = metadata_file_names(data["metadata"], data["clip_embedding"].shape[0])
+    names = [names[row] for row in order] if names is not None else None
     return [data["clip_embedding"][row] for row in order], [rows[row] for row in order], names
 
 

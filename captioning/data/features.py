@@ -1,4 +1,5 @@
-"""The features pickle: its schema, checked on every read and write; the one reader and the one writer.
+"""The features pickle: its schema, checked on every read and write; the one reader and the one writer, and
+the readers of its metadata (captioning/featurize.py writes it: the encoder, and which image each row holds).
 
 The features pickle is the original ClipCap schema, readable by the original training code:
 `{"clip_embedding": Tensor (N, D) or (N, T, D), "captions": [{"image_id", "caption", "id"?, "clip_embedding":
@@ -15,7 +16,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from models.checkpoint_io import atomic_write
+from models.checkpoint_io import CheckpointError, atomic_write
+from models.encoder import EncoderConfig
 
 FEATURES_KEYS = ("clip_embedding", "captions", "metadata")
 
@@ -187,3 +189,36 @@ def write_features(path, features: torch.Tensor, captions: List[Dict], metadata:
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=4)
+
+
+# ---- the metadata ------------------------------------------------------------------------------------------
+
+def metadata_encoder(metadata: Dict, features: torch.Tensor, source) -> Optional[Dict]:
+    """The pickle's `metadata["encoder"]` (an EncoderConfig dict), checked against the features it made."""
+    raw = metadata.get("encoder")
+    if raw is None:
+        return None
+    try:
+        config = EncoderConfig.from_dict(raw)
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise FeaturesError(f"{source}: metadata['encoder'] is not an encoder config: {e}") from e
+    kind = "grid" if features.ndim == 3 else "pooled"
+    if config.feature_type != kind:
+        raise FeaturesError(f"{source}: metadata says feature_type {config.feature_type!r} but 'clip_embedding' has "
+                         f"shape {tuple(features.shape)} ({kind} features)")
+    return config.to_dict()
+
+
+def same_encoder(a: Optional[Dict], b: Optional[Dict]) -> bool:
+    """Whether two metadata encoder configs describe one encoder; the resolved timm tag and the weights'
+    fingerprint are compared only when both record them (files written before they were recorded lack them)."""
+    if a and b:
+        later = [k for k in ("resolved_name", "weights_sha256") if a.get(k) is None or b.get(k) is None]
+        a, b = ({k: v for k, v in d.items() if k not in later} for d in (a, b))
+    return a == b
+
+
+def metadata_file_names(metadata: Dict, num_rows: int) -> Optional[List[str]]:
+    """The file name of each row's image, where the metadata records one per row (parse_coco.py's does)."""
+    names = metadata.get("file_names")
+    return [str(n) for n in names] if isinstance(names, list) and len(names) == num_rows else None

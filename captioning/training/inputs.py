@@ -18,16 +18,15 @@ from timm.data.transforms import str_to_interp_mode
 from tqdm import tqdm
 
 from captioning.data.annotations import read_annotations
-from captioning.data.features import read_features
+from captioning.data.features import metadata_encoder, read_features, same_encoder
 from captioning.data.images import load_image
 from captioning.training.config import TrainConfig
 from captioning.training.finetune import export_encoder
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
                                           split_by_image)
-from models.checkpoint_io import CheckpointError
 from models.choices import mapper_reads
-from models.encoder import EncoderConfig, ImageEncoder
+from models.encoder import ImageEncoder
 
 
 @dataclass
@@ -63,31 +62,6 @@ class TrainingInputs:
 
 
 # ---- features pickle ---------------------------------------------------------------------------------------
-
-def encoder_config_from_metadata(metadata: Dict, features: torch.Tensor, source) -> Optional[Dict]:
-    """The pickle's `metadata["encoder"]` (an EncoderConfig dict), checked against the features it made."""
-    raw = metadata.get("encoder")
-    if raw is None:
-        return None
-    try:
-        config = EncoderConfig.from_dict(raw)
-    except (CheckpointError, TypeError, ValueError) as e:
-        raise ValueError(f"{source}: metadata['encoder'] is not an encoder config: {e}") from e
-    kind = "grid" if features.ndim == 3 else "pooled"
-    if config.feature_type != kind:
-        raise ValueError(f"{source}: metadata says feature_type {config.feature_type!r} but 'clip_embedding' has "
-                         f"shape {tuple(features.shape)} ({kind} features)")
-    return config.to_dict()
-
-
-def same_encoder(a: Optional[Dict], b: Optional[Dict]) -> bool:
-    """Whether two metadata encoder configs describe one encoder; the resolved timm tag and the weights'
-    fingerprint are compared only when both record them (files written before they were recorded lack them)."""
-    if a and b:
-        later = [k for k in ("resolved_name", "weights_sha256") if a.get(k) is None or b.get(k) is None]
-        a, b = ({k: v for k, v in d.items() if k not in later} for d in (a, b))
-    return a == b
-
 
 def token_cache_dirs(config: TrainConfig) -> List[Path]:
     """Where caption tokens are cached: --cache_dir (default: the user's cache directory), else the run's
@@ -129,7 +103,7 @@ def build_feature_inputs(config: TrainConfig, tokenizer, dist) -> TrainingInputs
         feature_type="grid" if grid else "pooled", num_grid_tokens=features.shape[1] if grid else None,
         fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
                      "features": list(features.shape)},
-        encoder_config=encoder_config_from_metadata(metadata, features, config.data))
+        encoder_config=metadata_encoder(metadata, features, config.data))
 
 
 # ---- images, end to end ------------------------------------------------------------------------------------
