@@ -42,8 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--scst", action="store_true",
                    help="after cross-entropy, optimise CIDEr-D (train.py --scst) and print both stages' figures")
-    p.add_argument("--scst_steps", type=POSITIVE, default=150, help="steps of CIDEr optimisation")
-    p.add_argument("--scst_lr", type=number(0, low_open=True), default=2e-4,
+    p.add_argument("--scst_steps", type=POSITIVE, default=90, help="steps of CIDEr optimisation")
+    p.add_argument("--scst_lr", type=number(0, low_open=True), default=1e-3,
                    help="learning rate of CIDEr optimisation (encoder included)")
     p.add_argument("--scst_samples", type=integer(2), default=5, help="captions sampled per image and step")
     return p.parse_args(argv)

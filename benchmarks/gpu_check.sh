@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one run of about 8 minutes on one GPU: the CUDA tests, then the GPU runs of
-# bench_parse, bench_train and bench_decode. Every line goes to the log; the RESULT lines are repeated at the end.
+# The checks that need a GPU, in one run of about 9 minutes on one GPU: the CUDA tests, then the GPU runs of
+# bench_parse, bench_train, bench_decode and bench_scst's step cost. Every line goes to the log; the RESULT lines are repeated at the end.
 #
 #     bash benchmarks/gpu_check.sh                  # log: $OUT/gpu_check.log if OUT is set, else runs/gpu_check.log
 #     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
@@ -42,9 +42,10 @@ step tests 120 "$PYTHON" -m pytest -q tests/test_train_cuda.py
 step bench_parse 150 "$PYTHON" benchmarks/bench_parse.py --device cuda --images 512
 step bench_train 120 "$PYTHON" benchmarks/bench_train.py --device cuda --also bf16
 step bench_decode 90 "$PYTHON" benchmarks/bench_decode.py --device cuda --with_generate
+step bench_scst 90 "$PYTHON" benchmarks/bench_scst.py --device cuda --skip_arms
 
 echo "=== RESULT lines" | tee -a "$LOG"
-for name in bench_parse bench_train bench_decode; do
+for name in bench_parse bench_train bench_decode bench_scst; do
   line=$(awk -v n="=== $name (" 'index($0, n) == 1 {on = 1; next} /^=== / {on = 0} on && /^RESULT /' "$LOG" | tail -1)
   echo "$name: ${line:-RESULT missing}" | tee -a "$LOG"
 done
