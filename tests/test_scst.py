@@ -1,10 +1,14 @@
 """CIDEr optimisation (train.py --scst): the self-critical loss, its sampling, and the stage as train.py runs it."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import train
-from builders import log_records, make_images, make_pickle, tiny_captioner, train_args, weights
+from builders import ROOT, log_records, make_images, make_pickle, tiny_captioner, tiny_gpt2, train_args, weights
 from captioning.training import scst
 from captioning.training.scst import ScstLoss, ScstOptions, baselines
 from captioning.training.state import load_state
@@ -141,3 +145,27 @@ def test_end_to_end_from_an_export_holding_its_encoder(tmp_path, gpt2_dir):
     before, after = weights(export), weights(tmp_path / "scst" / "coco_prefix_latest")
     encoder = [k for k in before if k.startswith("encoder.") and "bn" not in k and "num_batches" not in k]
     assert encoder and any(not torch.equal(before[k], after[k]) for k in encoder)
+
+
+def test_two_processes_match_one_and_evaluation_keeps_the_best(tmp_path, features, tokenizer):
+    """Each process samples and scores its own images, from the same per-image noise: two processes of 2 images
+    make the step one process of 4 makes. --eval_every keeps best/ as in cross-entropy."""
+    gpt2 = tmp_path / "gpt2"
+    tiny_gpt2(tokenizer, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).save_pretrained(gpt2)  # no dropout
+    tokenizer.save_pretrained(gpt2)
+    train.main(train_args(features, tmp_path / "xe", gpt2, "--epochs", 1))
+    export = tmp_path / "xe" / "coco_prefix_latest"
+    common = ["--max_steps", 2, "--save_every_steps", 0, "--val_fraction", 0.25]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    two = scst_args(features, tmp_path / "two", gpt2, export, *common, "--bs", 2)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *two], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main(scst_args(features, tmp_path / "one", gpt2, export, *common, "--bs", 4, "--eval_every", 1))
+    a, b = weights(tmp_path / "one" / "coco_prefix_latest"), weights(tmp_path / "two" / "coco_prefix_latest")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    logs = {d: [r for r in log_records(tmp_path / d) if "reward" in r] for d in ("one", "two")}
+    for key in ("loss", "reward", "baseline", "ended"):
+        assert [r[key] for r in logs["one"]] == pytest.approx([r[key] for r in logs["two"]], rel=1e-5, abs=1e-7)
+    evaluated = [r for r in log_records(tmp_path / "one") if "eval_cider" in r]
+    assert evaluated and (tmp_path / "one" / "best" / "eval.json").is_file()
