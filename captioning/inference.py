@@ -27,6 +27,7 @@ from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder
+from models.hub import resolve_export
 
 __all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder"]
 
@@ -178,8 +179,10 @@ class Captioner:
         or mismatched checkpoint raises `CheckpointError`, never falls back to random weights).
 
         `precision`: auto (the rule of captioning/runtime.py for `device`), fp32, bf16, fp16 or a torch dtype;
-        `dtype` is its earlier name. The choice and its reason are in `captioner.precision`."""
-        directory = Path(directory)
+        `dtype` is its earlier name. The choice and its reason are in `captioner.precision`. `directory` may
+        also be a Hugging Face Hub repository id, `user/name[@revision]`, downloaded and cached by huggingface_hub
+        (with HF_HUB_OFFLINE=1 only a cached one loads)."""
+        directory = resolve_export(directory)
         device = torch.device(device) if device is not None else torch.device("cpu")  # None: where weights load
         choice = dtype if dtype is not None else precision
         choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice

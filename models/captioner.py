@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from models.choices import MAPPING_TYPES, mapper_reads
 from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict
 from models.encoder import EncoderConfig, ImageEncoder
+from models.hub import resolve_export
 from models.mapping import MLP, TransformerMapper
 
 MODEL_TYPE = "clip_caption_model"
@@ -198,8 +199,9 @@ class ClipCaptionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> "ClipCaptionModel":
-        """Rebuild from `config.json` alone, then load `model.safetensors` strictly."""
-        directory = Path(directory)
+        """Rebuild from `config.json` alone, then load `model.safetensors` strictly. `directory` may also be a
+        Hugging Face Hub repository id, `user/name[@revision]` (models/hub.py)."""
+        directory = resolve_export(directory)
         config = read_config(directory)
         gpt = None if config.decoder_in_checkpoint else GPT2LMHeadModel.from_pretrained(config.gpt2)
         encoder = None
