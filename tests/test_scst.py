@@ -125,6 +125,9 @@ def test_the_stage_is_refused_where_it_cannot_work(tmp_path, features, gpt2_dir,
         train.main(train_args(features, tmp_path / "a", gpt2_dir, "--scst"))
     with pytest.raises(ValueError, match="--scst_baseline mean compares each sample"):
         train.main(scst_args(features, tmp_path / "b", gpt2_dir, xe_export, "--scst_samples", 1))
+    with pytest.raises(ValueError, match=r"8 training samples \(captions; images under --scst\) make no full global "
+                                         r"batch of 16"):  # --bs counts images: 8 of them, 24 captions
+        train.main(scst_args(features, tmp_path / "c", gpt2_dir, xe_export, "--bs", 16))
     # a cross-entropy run's checkpoint is not continued as CIDEr optimisation
     train.main(train_args(features, tmp_path / "xe", gpt2_dir, "--max_steps", 1))
     with pytest.raises(CheckpointError, match="is a cross-entropy checkpoint and this is a scst run"):

@@ -170,8 +170,8 @@ class Trainer:
 
     def fit(self, resume: Optional[Path] = None) -> Dict:
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.sampler.dataset)} training captions make no full global batch of "
-                             f"{self.global_batch} (--bs x --grad_accum x processes); lower --bs")
+            raise ValueError(f"{len(self.sampler.dataset)} training samples (captions; images under --scst) make no "
+                             f"full global batch of {self.global_batch} (--bs x --grad_accum x processes); lower --bs")
         if self.dist.is_main:
             names = [self.options.prefix, self.log.path.name, self.log.plot_path.name, "train_args.json"]
             for path in remove_stale_temporaries(self.options.out_dir, names):
