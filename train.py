@@ -13,6 +13,7 @@ import sys
 
 from captioning.choices import ANNOTATION_FORMATS
 from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
+from models.choices import LICENSES
 from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
                             number, pretrained_source)
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
     add_scst_flags(p.add_argument_group("CIDEr optimisation: self-critical sequence training after cross-entropy "
                                         "(--scst)").add_argument)
+    add_card_flags(p.add_argument_group("the exports' model cards").add_argument)
     p.set_defaults(**TrainConfig.defaults())  # the one place the defaults are written
     return p
 
@@ -141,6 +143,10 @@ def add_scst_flags(a) -> None:
       help="what a sample's reward is compared with: the mean reward of the image's other samples (default; "
            "Luo 2020) or the reward of its greedy caption (Rennie et al. 2017)")
     a("--scst_bleu_weight", type=number(0), help="reward = CIDEr-D + this x BLEU-4 (default 0)")
+
+
+def add_card_flags(a) -> None:
+    a("--license", choices=LICENSES, help="license the exports' model cards (README.md) name (default mit)")
 
 
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)

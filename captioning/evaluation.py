@@ -17,6 +17,7 @@ from captioning.metrics import ALL_METRICS, MetricsError, original_bleu, require
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.choices import DEFAULT_BEAM_SIZE
+from models.model_card import write_scores
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                  "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
@@ -226,6 +227,21 @@ def _predict(config: EvaluateConfig, records: Sequence[ImageRecord], out_dir: Pa
     return predictions
 
 
+def record_scores(config: EvaluateConfig, metrics: Dict[str, float], num_images: int) -> None:
+    """Put the scores into a local export's model card (never into the Hugging Face cache, whose snapshot of a
+    Hub repository is not the user's to change); an export that cannot be written to is left as it was."""
+    directory = Path(config.checkpoint)
+    if not directory.is_dir():  # a Hub repository id
+        return
+    where = f"{num_images:,} images of {config.annotations}" + (f" (split {config.split})" if config.split else "")
+    try:
+        path = write_scores(directory, metrics, where)
+    except OSError as e:
+        print(f"note: the scores were not added to {directory / 'README.md'} ({e.strerror})", file=sys.stderr)
+        return
+    print(f"added the scores to the model card {path}")
+
+
 def evaluate(config: EvaluateConfig) -> Dict:
     """Score `config.predictions`, or caption the split with `config.checkpoint` and score that; write the report
     to the output directory and return it (what metrics.json holds). Raises one of USER_ERRORS for a user's
@@ -262,6 +278,8 @@ def evaluate(config: EvaluateConfig) -> Dict:
                                                           "punctuation removed"}
     report = write_dir_or_rescue(out_dir, lambda d: write_report(d, result, predictions, original, info),
                                  "--out_dir")
+    if config.checkpoint:
+        record_scores(config, result["metrics"], len(predictions))
     print(format_table(result["metrics"], result["num_images"], config.metrics,
                        None if original is None else original["Bleu_4"]))
     for note in result["notes"]:

@@ -21,12 +21,14 @@ from models.choices import MAPPING_TYPES, mapper_reads
 from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
+from models.model_card import CARD_FILE, render_model_card
 from models.mapping import MLP, TransformerMapper
 
 MODEL_TYPE = "clip_caption_model"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added `training` (what the model was trained on); version 1 configs still load
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -48,6 +50,9 @@ class CaptionerConfig:
     encoder: Optional[Dict] = None  # EncoderConfig.to_dict(): encoder name, weights source, preprocessing
     encoder_in_checkpoint: bool = False  # model.safetensors holds the encoder weights (end-to-end training)
     source: str = "tinytiny"  # "original" for checkpoints imported from the original code
+    # What the model was trained on and how (train.py fills it): data, kind (features or images), dataset
+    # ("shapes" for the synthetic shapes dataset), number of captions, stage, command and license.
+    training: Optional[Dict] = None
 
     def __post_init__(self):
         if self.mapping_type not in MAPPING_TYPES:
@@ -64,8 +69,8 @@ class CaptionerConfig:
         if d.pop("model_type", None) != MODEL_TYPE:
             raise CheckpointError(f"{source}: not a captioner config (model_type must be {MODEL_TYPE!r})")
         version = d.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: format_version {version!r}, this code reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{source}: format_version {version!r}, this code reads {READABLE_VERSIONS}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise CheckpointError(f"{source}: unknown config keys {unknown}")
@@ -186,7 +191,8 @@ class ClipCaptionModel(nn.Module):
         return ["gpt.lm_head.weight"] if tied else []
 
     def save_pretrained(self, directory, tokenizer=None, include_decoder: bool = True) -> None:
-        """Write `config.json`, `model.safetensors` and the tokenizer atomically into `directory`."""
+        """Write `config.json`, `model.safetensors`, the tokenizer and the model card (README.md) atomically into
+        `directory`."""
         skip = set(self._tied_keys())
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip
                  and (include_decoder or not k.startswith("gpt."))}
@@ -196,6 +202,7 @@ class ClipCaptionModel(nn.Module):
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            (tmp / CARD_FILE).write_text(render_model_card(config.to_dict()), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> "ClipCaptionModel":

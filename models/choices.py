@@ -9,6 +9,8 @@ DEFAULT_TOP_P = 0.8  # nucleus sampling's probability mass: the original generat
 # is about equally likely.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
+# Licenses an export's model card may name (the Hub's identifiers); train.py --license picks one.
+LICENSES = ("mit", "apache-2.0", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "other")
 MAPPING_TYPES = ("mlp", "transformer")
 FEATURE_TYPES = ("pooled", "grid")
 

@@ -1,4 +1,5 @@
 """CIDEr optimisation (train.py --scst): the self-critical loss, its sampling, and the stage as train.py runs it."""
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,6 @@ def test_two_processes_match_one_and_evaluation_keeps_the_best(tmp_path, feature
         assert [r[key] for r in logs["one"]] == pytest.approx([r[key] for r in logs["two"]], rel=1e-5, abs=1e-7)
     evaluated = [r for r in log_records(tmp_path / "one") if "eval_cider" in r]
     assert evaluated and (tmp_path / "one" / "best" / "eval.json").is_file()
+    best = json.loads((tmp_path / "one" / "best" / "eval.json").read_text())
+    card = (tmp_path / "one" / "best" / "README.md").read_text()  # the best export's card shows its scores
+    assert f"| CIDEr | {best['cider']:.2f} |" in card and "- stage: scst" in card

@@ -238,7 +238,13 @@ def read_scenes(path) -> Dict[int, Scene]:
     """{image_id: scene} of the `images[]` entries of a COCO-format annotation file that carry a `scene`, as
     write_split writes them (files made elsewhere may have none: {})."""
     try:
-        images = json.loads(read_utf8(Path(path))).get("images", [])
-        return {im["id"]: scene_from_dict(im["scene"]) for im in images if isinstance(im, dict) and "scene" in im}
+        raw = json.loads(read_utf8(Path(path)))
+    except ValueError as e:
+        raise AnnotationError(f"{path}: not JSON ({e})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("images", []), list):
+        raise AnnotationError(f"{path}: not a COCO-format annotation file (a JSON object with an images[] list)")
+    try:
+        return {im["id"]: scene_from_dict(im["scene"]) for im in raw.get("images", [])
+                if isinstance(im, dict) and "scene" in im}
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise AnnotationError(f"{path}: an images[] entry's 'scene' is not a shapes scene ({e})") from e

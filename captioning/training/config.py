@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Set
 
 from captioning.choices import json_object
-from models.choices import FEATURE_TYPES, MAPPING_TYPES, mapper_reads
+from models.choices import FEATURE_TYPES, LICENSES, MAPPING_TYPES, mapper_reads
 
 DEFAULT_DATA = "./data/coco/oscar_split_tinyvit_train.pkl"
 # The fields an export decides when training starts from it (--init_from): its architecture and decoder, and,
@@ -84,6 +84,7 @@ class TrainConfig:
     scst_max_length: Optional[int] = None  # None: the longest training caption's tokens (end token included)
     scst_baseline: str = "mean"  # "mean" of the image's other samples (Luo 2020) or "greedy" (Rennie 2017)
     scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x BLEU-4
+    license: str = "mit"  # named in the exports' model cards
 
     def __post_init__(self):
         if not self.train_encoder and self.data is None:
@@ -107,6 +108,8 @@ class TrainConfig:
                              "--train_encoder: --val_annotations or --val_fraction)")
         if (self.augment or self.cache_images) and not self.train_encoder:
             raise ValueError("--augment and --cache_images apply to images: add --train_encoder")
+        if self.license not in LICENSES:
+            raise ValueError(f"--license must be one of {LICENSES}, got {self.license!r}")
         if self.scst:
             self._check_scst()
         if self.augment and self.cache_images:
@@ -159,6 +162,20 @@ class TrainConfig:
         """Which of the fields `names` differ from their defaults (set by whoever built the config)."""
         defaults = self.defaults()
         return {name for name in names if getattr(self, name) != defaults[name]}
+
+    def command_line(self) -> str:
+        """The train.py command that gives this config (fields away from their defaults; what only says where
+        and how often things are written is left out), as the model card records it."""
+        defaults, parts = self.defaults(), ["python train.py"]
+        for name, value in self.to_dict().items():
+            if name in ("resume", "num_workers", "cache_dir", "log_every", "save_every_steps", "threads") or \
+                    value == defaults[name] or (name == "data" and value == DEFAULT_DATA):
+                continue
+            if isinstance(value, bool):
+                parts.append(f"--{name}" if value else f"--no-{name}")
+            else:
+                parts.append(f"--{name} {value}")
+        return " ".join(parts)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

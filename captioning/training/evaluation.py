@@ -17,6 +17,7 @@ from captioning.runtime import Precision
 from captioning.training.config import TrainConfig
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory
+from models.model_card import CARD_FILE, render_model_card
 from models.decoding import DecodingOptions
 from captioning.inference import Captioner
 
@@ -110,6 +111,10 @@ class CaptionEvaluation:
         with atomic_directory(Path(export_dir).parent / BEST_DIR) as tmp:
             shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
             (tmp / BEST_INFO).write_text(json.dumps(info, indent=2))
+            card = render_model_card(json.loads((tmp / "config.json").read_text()),
+                                     {"CIDEr": info["cider"], "Bleu_4": info["bleu4"]},
+                                     f"{info['eval_images']} validation images (epoch {epoch}, step {step})")
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         self.best_cider = record["eval_cider"]
 
 

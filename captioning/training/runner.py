@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from captioning import runtime
+from captioning.data import shapes
+from captioning.data.annotations import AnnotationError
 from captioning.outputs import check_output_dir
 from captioning.runtime import Distributed
 from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
@@ -149,6 +151,8 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     stepper = build_stepper(config, model, tokenizer, train_loader, dist, precision, optimizer, scheduler)
     run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": config.to_dict(),
                 "stage": config.stage}
+    # After run_info: what the exports' model cards say, not what a resumed run must match.
+    model.config.training = training_record(config, len(train_loader.dataset), len(inputs.train))
     if dist.is_main:
         with atomic_write(options.out_dir / "train_args.json") as tmp:
             tmp.write_text(json.dumps({**config.to_dict(), "runtime": {**precision.record(), "torch_threads":
@@ -204,6 +208,26 @@ def scst_max_length(config: TrainConfig, captions, model) -> int:
                              f"decoder has after its {model.config.prefix_length}-token prefix")
         return config.scst_max_length
     return int(min(captions.token_lengths().max(), room))
+
+
+def training_record(config: TrainConfig, num_samples: int, num_captions: int) -> dict:
+    """The exports' `training` config field: data, its kind, the dataset when it is the shapes one (the
+    annotations carry its scenes), counts, stage, command and license."""
+    record = {"data": config.annotations if config.train_encoder else config.data,
+              "kind": "images" if config.train_encoder else "features", "num_captions": num_captions,
+              "num_images" if config.scst else "num_samples": num_samples, "stage": config.stage,
+              "command": config.command_line(), "license": config.license}
+    if config.train_encoder and is_shapes_dataset(config.annotations):
+        record["dataset"] = "shapes"
+    return record
+
+
+def is_shapes_dataset(annotations) -> bool:
+    """Whether the annotation file is the shapes generator's (its images carry scenes); other formats are not."""
+    try:
+        return bool(shapes.read_scenes(annotations))
+    except AnnotationError:  # a CSV, a JSON list, Karpathy's file: not the generator's
+        return False
 
 
 def new_model(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:
