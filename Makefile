@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: test demo install clean
+.PHONY: test demo app install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 # in COCO format (images/, captions_train.json, captions_test.json).
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) demo.py $(if $(DATA),--data $(DATA))
+
+# The web page over the export `make demo` wrote (or CHECKPOINT=dir or user/name), on http://127.0.0.1:7860
+app: $(STAMP)
+	$(PY) app.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

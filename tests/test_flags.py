@@ -1,6 +1,7 @@
 """Every numeric flag is checked for being finite and in range by argparse, and the error names the flag."""
 import pytest
 
+import app
 import convert_checkpoint
 import demo
 import evaluate
@@ -17,6 +18,7 @@ PARSERS = {
     "demo": demo.parse_args,
     "shapes_data": lambda argv: shapes_data.build_parser().parse_args(argv),
     "convert_checkpoint": lambda argv: convert_checkpoint.parse_args(["--checkpoint", "c", "--out_dir", "o", *argv]),
+    "app": app.parse_args,
 }
 
 BAD = [

@@ -30,7 +30,7 @@ def library_files():
 
 
 def test_the_root_holds_only_the_scripts():
-    assert SCRIPTS == {"parse_coco", "train", "predict", "evaluate", "convert_checkpoint", "demo", "shapes_data"}
+    assert SCRIPTS == {"parse_coco", "train", "predict", "evaluate", "convert_checkpoint", "demo", "shapes_data", "app"}
 
 
 def test_lower_layers_never_import_higher_ones():

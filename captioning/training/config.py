@@ -6,6 +6,7 @@ that cannot work are refused when it is built, before any file is read. No torch
 parser from these defaults before the heavy imports.
 """
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Set
 
@@ -174,7 +175,7 @@ class TrainConfig:
             if isinstance(value, bool):
                 parts.append(f"--{name}" if value else f"--no-{name}")
             else:
-                parts.append(f"--{name} {value}")
+                parts.append(f"--{name} {shlex.quote(str(value))}")
         return " ".join(parts)
 
     def replace(self, **changes) -> "TrainConfig":

@@ -1,0 +1,78 @@
+"""A local web page that captions images with an export (Gradio): `make app` after `make demo`.
+
+    python app.py                                         # the export make demo wrote, on http://127.0.0.1:7860
+    python app.py --checkpoint checkpoints/coco_prefix_latest --port 8080
+    python app.py --checkpoint user/name                  # a Hugging Face Hub repository
+
+Upload or drop images (or pick an example), choose the decoding, and read each image's captions and scores; a
+second tab captions many files into the COCO results JSON and the CSV that predict.py writes. A model trained on
+the shapes dataset also gets a sketch pad. The page names the checkpoint, its parts, and the device and precision.
+"""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from captioning.cli import POSITIVE, add_precision_argument, device_name, integer, number
+
+DEFAULT_CHECKPOINT = "./runs/demo/run/demo_latest"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="export directory or Hub repository id (default: the one make demo wrote)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--port", type=integer(1, 65535), default=7860)
+    p.add_argument("--share", action="store_true", help="also serve through a public Gradio link (off by default)")
+    p.add_argument("--device", type=device_name, default=None, help="default: cuda when available")
+    add_precision_argument(p, what="precision of the model while captioning")
+    p.add_argument("--max_file_mb", type=number(0, low_open=True), default=10.0, help="largest upload accepted")
+    p.add_argument("--examples", type=POSITIVE, default=6, help="example images offered")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
+    parse_args()
+
+from captioning import runtime
+from captioning.inference import Captioner
+from captioning.web import PageConfig, build_page
+from models.checkpoint_io import CheckpointError
+
+
+def example_images(captioner: Captioner, count: int):
+    """Test images of the shapes dataset a model was trained on, else scikit-image's sample photos."""
+    training = captioner.model.config.training or {}
+    if training.get("dataset") == "shapes":
+        images = sorted((Path(training["data"]).parent / "images").glob("test_*"))[:count]
+        if images:
+            return [str(p) for p in images]
+    from PIL import Image
+    from skimage import data
+    folder = Path(tempfile.mkdtemp(prefix="captioner-examples-"))
+    names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")[:count]
+    for name in names:
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return [str(folder / f"{name}.png") for name in names]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device or runtime.default_device(),
+                                              precision=args.precision)
+    except CheckpointError as e:
+        hint = " (run make demo first)" if args.checkpoint == DEFAULT_CHECKPOINT else ""
+        print(f"app.py: error: {e}{hint}", file=sys.stderr)
+        return 2
+    training = captioner.model.config.training or {}
+    page = PageConfig(max_file_mb=args.max_file_mb, examples=example_images(captioner, args.examples),
+                      sketch=training.get("dataset") == "shapes")
+    build_page(captioner, args.checkpoint, page).queue().launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size=int(args.max_file_mb * 1024 * 1024))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The web page in a real browser: app.py's page served on a loopback port, driven by headless Chromium
+(Debian's package, through Playwright; nothing is downloaded). Without Chromium the tests are skipped with how to
+install it, except under CI=true, where they fail."""
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from captioning.data import shapes
+from captioning.data.images import load_image
+from captioning.inference import Captioner, DecodingOptions
+from captioning.web import PageConfig, build_page, decoding_options
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium as root on a machine without network: no sandbox, no background connections
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def require_chromium():
+    if not Path(CHROMIUM).is_file():
+        message = "Chromium is not installed: apt-get install chromium (Debian's package) to run the browser tests"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(exports, tmp_path_factory):
+    require_chromium()
+    captioner = Captioner.from_pretrained(exports["inside"])
+    blocks = build_page(captioner, str(exports["inside"]), PageConfig(max_file_mb=1))
+    port = free_port()
+    blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                          max_file_size=1024 * 1024)
+    yield captioner, f"http://127.0.0.1:{port}/"
+    blocks.close()
+
+
+@pytest.fixture
+def page(served):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto(served[1])
+        yield page
+        browser.close()
+
+
+def caption_in_page(page, path) -> str:
+    page.set_input_files("#upload input[type=file]", str(path))
+    page.wait_for_function("name => document.querySelector('#upload').innerText.includes(name)", arg=Path(path).stem)
+    page.click("#caption")
+    page.wait_for_function("name => document.querySelector('#captions').innerText.includes(name)",
+                           arg=Path(path).stem, timeout=60000)
+    return page.locator("#captions").inner_text()
+
+
+def test_the_page_gives_the_captioners_caption(served, page, tmp_path):
+    captioner, _ = served
+    data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=2, seed=4, size=48)
+    image = data / "images" / "test_000001.png"
+    options = decoding_options("beam", 5, 0.8, 1.0, 1, 0, max_length=captioner.fit_max_length(None)[0])
+    expected = captioner.predict([load_image(image)], options, progress=False)[0].caption
+    assert expected and isinstance(options, DecodingOptions)
+    text = caption_in_page(page, image)
+    assert expected in text
+    header = page.locator("body").inner_text()
+    assert "test_resnet" in header and "precision fp32" in header
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_an_unreadable_upload_is_a_message_and_the_next_one_works(served, page, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    page.set_input_files("#upload input[type=file]", str(broken))
+    page.wait_for_function("document.querySelector('#upload').innerText.includes('broken')")
+    page.click("#caption")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('broken.png:')", timeout=60000)
+    assert "Traceback" not in page.locator("body").inner_text()
+    data = shapes.generate(tmp_path / "s", num_train=0, num_val=0, num_test=1, seed=5, size=48)
+    image = data / "images" / "test_000001.png"
+    captioner = served[0]
+    options = decoding_options("beam", 5, 0.8, 1.0, 1, 0, max_length=captioner.fit_max_length(None)[0])
+    expected = captioner.predict([load_image(image)], options, progress=False)[0].caption
+    assert expected in caption_in_page(page, image)
+
+
+def test_the_sketch_pad_captions_what_was_drawn(exports):
+    """The sketch pad's drawing (Gradio's ImageEditor value) is captioned as the same picture would be."""
+    import numpy as np
+    from captioning.web import Service
+    captioner = Captioner.from_pretrained(exports["inside"])
+    service = Service(captioner, PageConfig(sketch=True))
+    drawing = np.full((64, 64, 4), 255, dtype=np.uint8)
+    drawing[10:30, 10:30] = (255, 0, 0, 255)  # a red square
+    controls = ("greedy", 1, 0.8, 1.0, 1, 0)
+    expected = captioner.predict([drawing[..., :3]], service.options(*controls), progress=False)[0].caption
+    assert service.sketch({"background": None, "layers": [], "composite": drawing}, *controls) == expected
+    assert service.sketch({"composite": None}, *controls) == "Draw something first."
