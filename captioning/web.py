@@ -136,7 +136,11 @@ class Service:
             if message:
                 messages.append(message)
             else:
-                images.append(image), ids.append(image_id_from_name(path)), names.append(Path(path).name)
+                images.append(image)
+                ids.append(image_id_from_name(path))
+                names.append(Path(path).name)
+        if not images:
+            return None, "None of the files could be captioned:" + "".join(f"\n- {m}" for m in messages)
         results = self.captioner.predict(images, DecodingOptions(beam_size=DEFAULT_BEAM_SIZE,
                                                                  max_length=self.max_length), progress=False)
         results = [dataclasses.replace(r, source=name) for r, name in zip(results, names)]

@@ -108,3 +108,30 @@ def test_the_sketch_pad_captions_what_was_drawn(exports):
     expected = captioner.predict([drawing[..., :3]], service.options(*controls), progress=False)[0].caption
     assert service.sketch({"background": None, "layers": [], "composite": drawing}, *controls) == expected
     assert service.sketch({"composite": None}, *controls) == "Draw something first."
+
+
+class NoProgress:
+    def tqdm(self, iterable, desc=None):
+        return iterable
+
+
+def test_many_files_give_predict_pys_json_and_csv(exports, tmp_path):
+    """The second tab writes the files predict.py writes (its writers), and lists what it could not read."""
+    import csv
+    import json
+    from captioning.web import Service
+    data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=2, seed=6, size=48)
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = sorted(str(p) for p in (data / "images").glob("test_*")) + [str(tmp_path / "notes.txt")]
+    captioner = Captioner.from_pretrained(exports["inside"])
+    service = Service(captioner, PageConfig())
+    (json_file, csv_file), note = service.results_files(paths, progress=NoProgress())
+    expected = captioner.predict([load_image(p) for p in paths[:2]],
+                                 DecodingOptions(beam_size=5, max_length=service.max_length), progress=False)
+    entries = json.loads(Path(json_file).read_text())
+    assert [e["caption"] for e in entries] == [r.caption for r in expected]
+    assert [e["file_name"] for e in entries] == [Path(p).name for p in paths[:2]]
+    rows = list(csv.DictReader(open(csv_file, encoding="utf-8")))
+    assert [r["caption"] for r in rows] == [r.caption for r in expected] and {r["rank"] for r in rows} == {"1"}
+    assert note.startswith("2 of 3 images captioned.") and "notes.txt:" in note
+    assert service.results_files([str(tmp_path / "notes.txt")], progress=NoProgress())[0] is None
