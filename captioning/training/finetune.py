@@ -13,7 +13,6 @@ from transformers import AutoTokenizer, GPT2Config
 
 from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from models.captioner import ClipCaptionModel, read_config
-from models.encoder import EncoderConfig, ImageEncoder
 
 ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
 
@@ -47,11 +46,6 @@ def adopt_export_config(config: TrainConfig, given: Set[str]) -> TrainConfig:
     return config.replace(**changes)
 
 
-def export_encoder(config: TrainConfig) -> ImageEncoder:
-    """The --init_from export's encoder, built as it records it; its weights come with the export's model."""
-    return ImageEncoder(EncoderConfig.from_dict(read_config(Path(config.init_from)).encoder), load_weights=False)
-
-
 def load_tokenizer(config: TrainConfig):
     """The export's own tokenizer where it holds one (as predict.py loads it), else its decoder's."""
     directory = Path(config.init_from)
@@ -62,9 +56,9 @@ def load_tokenizer(config: TrainConfig):
     return AutoTokenizer.from_pretrained(str(directory), config=decoder)
 
 
-def model_from_export(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:
-    """The export's model, checked against the training features, with --only_prefix applied."""
-    model = ClipCaptionModel.from_pretrained(config.init_from)
+def model_from_export(config: TrainConfig, model: ClipCaptionModel, inputs, eos_token_id: int) -> ClipCaptionModel:
+    """The --init_from export's model (loaded once: with --train_encoder its encoder also prepared the images),
+    checked against the training features, with --only_prefix applied."""
     c = model.config
     wanted = (c.feature_type, c.prefix_size, c.num_grid_tokens if c.feature_type == "grid" else None)
     got = (inputs.feature_type, inputs.prefix_size, inputs.num_grid_tokens)

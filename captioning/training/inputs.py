@@ -21,7 +21,6 @@ from captioning.data.annotations import read_annotations
 from captioning.data.features import metadata_encoder, read_features, same_encoder
 from captioning.data.images import load_image
 from captioning.training.config import TrainConfig
-from captioning.training.finetune import export_encoder
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
                                           split_by_image)
@@ -122,10 +121,7 @@ def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, Li
 
 
 def build_encoder(config: TrainConfig) -> ImageEncoder:
-    """The encoder to train: a new one from the flags, or, with --init_from, the export's (its weights are
-    loaded with the export's model; only its preprocessing and sizes are used from this one)."""
-    if config.init_from:
-        return export_encoder(config)
+    """A new encoder to train, from the flags."""
     encoder = ImageEncoder(config.encoder_config())
     encoder.freeze_stages(config.frozen_stages)
     return encoder
@@ -156,13 +152,15 @@ def preprocess_all(paths: List[str], transform, workers: int, show: bool) -> tor
     return torch.cat([b for b in tqdm(loader, desc="preprocessing images", unit="batch", disable=not show)])
 
 
-def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int = 0) -> TrainingInputs:
-    """Images and captions of --annotations (and --val_annotations); with --cache_images every image is
-    preprocessed once, by `cache_workers` loader processes."""
+def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int = 0,
+                       encoder: Optional[ImageEncoder] = None) -> TrainingInputs:
+    """Images and captions of --annotations (and --val_annotations), prepared for `encoder` (the --init_from
+    export's; default: a new one from the flags); with --cache_images every image is preprocessed once, by
+    `cache_workers` loader processes."""
     table, paths = load_annotations(config.annotations, config.split, config)
     tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(config),
                            Path(config.annotations).name + (f".{config.split}" if config.split else ""), dist.print)
-    encoder = build_encoder(config)
+    encoder = encoder if encoder is not None else build_encoder(config)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if config.augment else None
 

@@ -132,14 +132,16 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     # Caching images happens before training, while torch waits: every core may decode then.
     cache_workers = config.num_workers if config.num_workers is not None else \
         (budget.cores if budget.cores > 1 else 0)
-    build = functools.partial(build_image_inputs, cache_workers=cache_workers) if config.train_encoder else \
+    export = ClipCaptionModel.from_pretrained(config.init_from) if config.init_from else None
+    build = functools.partial(build_image_inputs, cache_workers=cache_workers,
+                              encoder=export.encoder if export else None) if config.train_encoder else \
         build_feature_inputs
     inputs = None
     for turn in (True, False):  # rank 0 first, so that it alone writes the token cache
         if dist.is_main == turn:
             inputs = build(config, tokenizer, dist)
         dist.barrier()
-    model = model_from_export(config, inputs, tokenizer.eos_token_id) if config.init_from else \
+    model = model_from_export(config, export, inputs, tokenizer.eos_token_id) if export else \
         new_model(config, inputs, tokenizer.eos_token_id)
     inputs.fit_decoder(model.gpt.config, model.config.prefix_length, dist)
     model.to(dist.device)
