@@ -85,19 +85,29 @@ class Stepper:
         denom = sum(counts)
         if self.dist.enabled:  # tokens of the global batch; a device tensor, so no host synchronisation
             denom = self.dist.all_reduce(torch.tensor(float(denom), device=self.dist.device))
+        # DistributedDataParallel averages gradients over processes; the world size undoes that.
+        losses = self.backward(micro_batches, lambda i, batch: (
+            self.loss_module(batch["tokens"], batch["inputs"], batch["mask"]),
+            counts[i] * self.dist.world_size / denom))
+        share = sum(loss.float() * (count / denom) for (loss, _), count in zip(losses, counts))
+        self.update()
+        return share
+
+    def backward(self, micro_batches: Sequence[Dict], forward: Callable) -> List:
+        """Backpropagate each micro-batch's loss x weight, where `forward(i, batch)` gives (loss, weight) or
+        (loss, weight, extra) under autocast; loss scaling for fp16, and gradients synchronised across processes
+        on the last micro-batch only. Returns each micro-batch's (detached loss, extra or None)."""
         ddp = isinstance(self.loss_module, DistributedDataParallel)
-        share = torch.zeros((), device=self.dist.device)
+        out = []
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self.loss_module.no_sync() if ddp and not last else contextlib.nullcontext():
                 with self.autocast():
-                    loss = self.loss_module(batch["tokens"], batch["inputs"], batch["mask"])
-                # DistributedDataParallel averages gradients over processes; the world size undoes that.
-                scaled = loss * (counts[i] * self.dist.world_size / denom)
+                    loss, weight, *extra = forward(i, batch)
+                scaled = loss * weight
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            share = share + loss.detach().float() * (counts[i] / denom)
-        self.update()
-        return share
+            out.append((loss.detach(), extra[0] if extra else None))
+        return out
 
     def update(self) -> None:
         if self.grad_clip > 0:

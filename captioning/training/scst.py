@@ -11,7 +11,6 @@ its greedy caption (Rennie et al. 2017, arXiv 1612.00563). Draws come from noise
 so a step does not depend on which other images share its batch, and a resumed run draws what an uninterrupted
 one would. Rewards are computed per process for its own images; only the logged means cross processes.
 """
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from captioning.cider import CiderD, bleu4
@@ -202,20 +200,19 @@ class ScstStepper(Stepper):
         return self._caption_loss
 
     def __call__(self, micro_batches: Sequence[Dict], step: int = 0) -> torch.Tensor:
-        ddp = isinstance(self.loss_module, DistributedDataParallel)
-        share = torch.zeros((), device=self.dist.device)
+        n = len(micro_batches)
+
+        def forward(i, batch):
+            loss, stats = self.loss_module(batch["inputs"], batch["rows"], step)
+            return loss, 1.0 / n, stats
+
+        losses = self.backward(micro_batches, forward)
+        # this process's part of the mean over all processes' samples, as Stepper returns it
+        share = sum(loss.float() / (n * self.dist.world_size) for loss, _ in losses)
         totals: Dict[str, float] = {}
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with self.loss_module.no_sync() if ddp and not last else contextlib.nullcontext():
-                with self.autocast():
-                    loss, stats = self.loss_module(batch["inputs"], batch["rows"], step)
-                scaled = loss / len(micro_batches)
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            # this process's part of the mean over all processes' samples, as Stepper returns it
-            share = share + loss.detach().float() / (len(micro_batches) * self.dist.world_size)
+        for _, stats in losses:
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + (v if k == "tokens" else v / len(micro_batches))
+                totals[k] = totals.get(k, 0.0) + (v if k == "tokens" else v / n)
         self.update()
         self.stats = totals
         return share
