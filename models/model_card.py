@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCardData
 
 from models.checkpoint_io import atomic_write
 
@@ -59,8 +59,3 @@ def write_scores(directory, scores: Dict[str, float], scored_on: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(render_model_card(config, scores, scored_on), encoding="utf-8")
     return path
-
-
-def load_model_card(path) -> ModelCard:
-    """The card as huggingface_hub reads it."""
-    return ModelCard.load(path)

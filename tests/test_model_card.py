@@ -3,6 +3,7 @@ and its scores once measured; configs of format version 1 (before `training` was
 import json
 
 import pytest
+from huggingface_hub import ModelCard
 
 import evaluate
 import train
@@ -10,7 +11,6 @@ from builders import FAST_METRICS, make_pickle, train_args
 from captioning.data import shapes
 from models import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
-from models.model_card import load_model_card
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +19,7 @@ def test_a_training_export_has_a_complete_card(tmp_path, gpt2_dir):
     data = make_pickle(tmp_path / "train.pkl", n_images=8)
     train.main(train_args(data, tmp_path / "run", gpt2_dir, "--max_steps", 1, "--license", "apache-2.0"))
     export = tmp_path / "run" / "coco_prefix_latest"
-    card = load_model_card(export / "README.md")
+    card = ModelCard.load(export / "README.md")
     assert (card.data.library_name, card.data.pipeline_tag, card.data.license) == \
         ("tini-tiny-captioner", "image-to-text", "apache-2.0")
     training = json.loads((export / "config.json").read_text())["training"]
@@ -45,7 +45,7 @@ def test_the_shapes_dataset_is_recorded_and_evaluation_adds_scores(tmp_path, gpt
     text = (export / "README.md").read_text()
     assert "## Evaluation" in text and f"| CIDEr | {report['metrics']['CIDEr']:.2f} |" in text
     assert f"| BLEU-4 | {report['metrics']['Bleu_4']:.2f} |" in text and "(split test)" in text
-    assert load_model_card(export / "README.md").data.pipeline_tag == "image-to-text"
+    assert ModelCard.load(export / "README.md").data.pipeline_tag == "image-to-text"
 
 
 def test_format_version_1_configs_still_load(tmp_path, exports):

@@ -285,10 +285,9 @@ class Trainer:
         if self.meter_steps == 0:
             return {}
         names = sorted(self.meter_extra)
-        totals = torch.stack([self.meter_loss.double(), *(torch.tensor(float(v), device=self.dist.device,
-                                                                       dtype=torch.float64)
-                                                          for v in [self.meter_tokens, *map(self.meter_extra.get,
-                                                                                            names)])])
+        counts = torch.tensor([float(self.meter_tokens), *(self.meter_extra[n] for n in names)],
+                              dtype=torch.float64, device=self.dist.device)
+        totals = torch.cat([self.meter_loss.double().view(1), counts])
         loss_sum, tokens, *extra = self.dist.all_reduce(totals).tolist()
         loss = loss_sum / self.meter_steps
         extra = {name: value / (self.meter_steps * self.dist.world_size) for name, value in zip(names, extra)}
