@@ -28,9 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--image_size", type=integer(16), default=48,
                    help="pixels per side of the generated images and of the encoder's input")
-    p.add_argument("--steps", type=POSITIVE, default=None,
-                   help="cross-entropy optimizer steps, rounded to whole epochs (default 1500: 2.5-5 minutes on 2 "
-                        "CPU cores in fp32; with --scst 1000, so that both stages take about as long)")
+    p.add_argument("--steps", type=POSITIVE, default=1500,
+                   help="cross-entropy optimizer steps, rounded to whole epochs (1500: 2.5-5 minutes on 2 CPU cores "
+                        "in fp32; --scst adds its steps after them)")
     p.add_argument("--epochs", type=POSITIVE, default=None,
                    help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=POSITIVE, default=64)

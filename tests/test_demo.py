@@ -116,3 +116,43 @@ def test_demo_rejects_a_folder_without_the_coco_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions_train.json is missing"):
         demo.main(["--data", str(tmp_path), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # a run that cannot start leaves nothing behind
+
+
+def test_cider_optimisation_follows_the_whole_cross_entropy_recipe(tmp_path, capsys):
+    data = shapes.generate(tmp_path / "shapes", num_train=20, num_val=2, num_test=4, seed=5)  # 100 captions
+    out = tmp_path / "out"
+    result = demo.main(["--data", str(data), "--out_dir", str(out), "--steps", "12", "--bs", "16", "--beam_size", "1",
+                        "--scst", "--scst_steps", "1", "--scst_samples", "2"])
+    xe_args = json.loads((out / "run" / "train_args.json").read_text())
+    scst_args = json.loads((out / "run_scst" / "train_args.json").read_text())
+    # --scst leaves the cross-entropy stage as it is without it: 12 steps of 6 an epoch
+    assert xe_args["epochs"] == demo_pipeline.epochs_for(100, demo_pipeline.DemoConfig(bs=16), 12) == 2
+    assert not xe_args["scst"] and scst_args["scst"] and scst_args["epochs"] == 1
+    assert scst_args["init_from"] == str(out / "run" / "demo_latest")
+    assert (scst_args["scst_baseline"], scst_args["lr"], scst_args["scst_samples"]) == ("greedy", 1e-3, 2)
+    xe_weights = (out / "run" / "demo_latest" / "model.safetensors").read_bytes()
+    assert (out / "run_scst" / "demo_latest" / "model.safetensors").read_bytes() != xe_weights
+    for name in ("test_predictions.json", "test_predictions_cross_entropy.json"):
+        assert len(json.loads((out / name).read_text())) == 4
+    assert set(result["cross_entropy"]) == {"accuracy", "cider"} and result["cross_entropy"]["cider"] >= 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT colour_acc=") and f"xe_cider={result['cross_entropy']['cider']:.1f}" in last
+
+
+def test_the_cross_entropy_budget_is_the_same_with_cider_optimisation(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def first_stage(config):
+        raise Stop(config)
+
+    monkeypatch.setattr(demo_pipeline, "train", first_stage)
+    epochs = {}
+    for scst in (False, True):
+        config = demo_pipeline.DemoConfig(out_dir=str(tmp_path / str(scst)), num_train=40, num_val=2, num_test=4,
+                                          scst=scst)
+        with pytest.raises(Stop) as stopped:
+            demo_pipeline.run_demo(config)
+        epochs[scst] = stopped.value.args[0].epochs
+    # 200 captions, 3 steps an epoch: the whole recipe's 1,500 steps either way
+    assert epochs == {False: 500, True: 500} and demo_pipeline.XE_STEPS == 1500
