@@ -40,9 +40,9 @@ GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
 TOKENIZER_VOCAB = 400
 XE_STEPS = 1500
-# CIDEr optimisation (demo.py --scst) starts from the whole cross-entropy recipe: after 1,000 steps, shapes are
-# unlearned on some datasets and the stage then reverses relations (the README's demo section). The greedy
-# baseline and this learning rate did best on the either-order dataset (the README's CIDEr optimisation section).
+# CIDEr optimisation (demo.py --scst) starts from the whole cross-entropy recipe: after only 1,000 steps, shapes
+# were unlearned on some datasets, and on others the stage reversed relations. The greedy baseline and this
+# learning rate did best on the either-order dataset (both in the README's CIDEr optimisation section).
 SCST_STEPS = 90
 SCST_LR = 1e-3
 SCST_BASELINE = "greedy"
