@@ -141,7 +141,7 @@ def test_cider_optimisation_follows_the_whole_cross_entropy_recipe(tmp_path, cap
 
 def test_the_cross_entropy_budget_is_the_same_with_cider_optimisation(tmp_path, monkeypatch):
     class Stop(Exception):
-        pass
+        """Raised in place of the first training stage; its argument is the TrainConfig the demo built."""
 
     def first_stage(config):
         raise Stop(config)
