@@ -13,6 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # depend on the machine: with oneDNN capped below bf16, captioning/runtime.py finds no native bf16 (here and in
 # the subprocesses the tests start). tests/test_runtime.py patches the capability checks to test the rule itself.
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# ATen's own kernels too: with AVX-512 a matrix product's last bits can depend on the batch size, which tests of
+# batch-size invariance (nucleus samples, features) would see as differences.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 # Caption-token caches of the tests' runs go to a directory of their own, not the user's cache.
 os.environ["TINYTINY_CACHE"] = tempfile.mkdtemp(prefix="tinytiny-test-cache-")
 

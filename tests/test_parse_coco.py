@@ -188,9 +188,11 @@ parse_coco.main({argv!r})
 """
 
 
-def test_resume_after_kill_9(tree, reference, tmp_path):
+def test_resume_after_kill_9(tree, tmp_path):
     out = tmp_path / "f.pkl"
     argv = parse_coco_args(tree, out, "--batch_size", "4", "--num_workers", "1")
+    reference = tmp_path / "uninterrupted.pkl"  # the same flags, so the same thread budget
+    parse_coco.main(parse_coco_args(tree, reference, "--batch_size", "4", "--num_workers", "1"))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
     with open(tmp_path / "log.txt", "w") as log:
