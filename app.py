@@ -16,6 +16,7 @@ from pathlib import Path
 from captioning.cli import POSITIVE, add_precision_argument, device_name, integer, number
 
 DEFAULT_CHECKPOINT = "./runs/demo/run/demo_latest"
+EXAMPLES_SEED = 7  # the shapes examples a page offers: the same scenes on every start
 
 
 def parse_args(argv=None):
@@ -36,21 +37,21 @@ if __name__ == "__main__":  # --help and flag errors answer before the heavy imp
     parse_args()
 
 from captioning import runtime
+from captioning.data import shapes
 from captioning.inference import Captioner
 from captioning.web import PageConfig, build_page
 from models.checkpoint_io import CheckpointError
 
 
 def example_images(captioner: Captioner, count: int):
-    """Test images of the shapes dataset a model was trained on, else scikit-image's sample photos."""
-    training = captioner.model.config.training or {}
-    if training.get("dataset") == "shapes":
-        images = sorted((Path(training["data"]).parent / "images").glob("test_*"))[:count]
-        if images:
-            return [str(p) for p in images]
+    """Test scenes drawn by the shapes generator for a model trained on the shapes dataset (its export records the
+    dataset's name, and nothing outside the export is read), else scikit-image's sample photos."""
     from PIL import Image
-    from skimage import data
     folder = Path(tempfile.mkdtemp(prefix="captioner-examples-"))
+    if (captioner.model.config.training or {}).get("dataset") == shapes.NAME:
+        data = shapes.generate(folder, num_train=0, num_val=0, num_test=count, seed=EXAMPLES_SEED)
+        return [str(p) for p in sorted((data / "images").glob("test_*"))]
+    from skimage import data
     names = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")[:count]
     for name in names:
         Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         return 2
     training = captioner.model.config.training or {}
     page = PageConfig(max_file_mb=args.max_file_mb, examples=example_images(captioner, args.examples),
-                      sketch=training.get("dataset") == "shapes")
+                      sketch=training.get("dataset") == shapes.NAME)
     build_page(captioner, args.checkpoint, page).queue().launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size=int(args.max_file_mb * 1024 * 1024))
     return 0

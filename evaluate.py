@@ -23,7 +23,8 @@ from models.choices import DEFAULT_BEAM_SIZE
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score captions with the COCO caption metrics (pycocoevalcap).")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help="COCO results file: [{\"image_id\", \"caption\", \"beams\"?}]")
+    source.add_argument("--predictions", help="COCO results file, [{\"image_id\", \"caption\", \"beams\"?}], or the "
+                                              "CSV file predict.py writes")
     source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
     p.add_argument("--annotations", required=True,
                    help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "

@@ -147,6 +147,8 @@ def add_scst_flags(a) -> None:
 
 def add_card_flags(a) -> None:
     a("--license", choices=LICENSES, help="license the exports' model cards (README.md) name (default mit)")
+    a("--dataset", help="name of the training data (coco, shapes, ...), recorded in the exports' config and model "
+                        "card; app.py offers shapes examples and a sketch pad to a 'shapes' model")
 
 
 if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)

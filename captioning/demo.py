@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from captioning import runtime
 from captioning.data import shapes
-from captioning.data.annotations import read_annotations
+from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.results import read_results
 from captioning.data.shapes import parse_caption, same_scene_facts
 from captioning.evaluation import EvaluateConfig, evaluate
@@ -123,7 +123,15 @@ def train_config(data: Path, root: Path, gpt2_dir: Path, run_dir: Path, epochs: 
         cache_images=True, channels_last=True, mapping_type="transformer", num_layers=2, prefix_length=8,
         prefix_length_clip=4, gpt2=str(gpt2_dir), out_dir=str(run_dir), prefix="demo", epochs=epochs, bs=config.bs,
         lr=config.lr, encoder_lr=config.encoder_lr, warmup_steps=100, precision=config.precision, seed=config.seed,
-        device=config.device, threads=config.threads)
+        device=config.device, threads=config.threads, dataset=shapes.NAME if is_shapes_dataset(data) else None)
+
+
+def is_shapes_dataset(data: Path) -> bool:
+    """Whether the dataset is the shapes generator's: its annotation files carry each image's scene."""
+    try:
+        return bool(shapes.read_scenes(data / "captions_train.json"))
+    except AnnotationError:  # a CSV, a JSON list, Karpathy's file: not the generator's
+        return False
 
 
 def ground_truth(data: Path, records) -> Dict:
@@ -296,7 +304,8 @@ def scst_config(run: Run, export: Path, out_dir: Path) -> TrainConfig:
         init_from=str(export), scst=True, scst_samples=c.scst_samples, scst_baseline=SCST_BASELINE,
         out_dir=str(out_dir), prefix="demo",
         epochs=max(1, round(c.scst_steps / images_per_epoch)), bs=c.bs, lr=c.scst_lr, encoder_lr=c.scst_lr,
-        warmup_steps=0, precision=c.precision, seed=c.seed, device=c.device, threads=c.threads)
+        warmup_steps=0, precision=c.precision, seed=c.seed, device=c.device, threads=c.threads,
+        dataset=shapes.NAME if is_shapes_dataset(run.data) else None)
 
 
 def print_stages_side_by_side(xe: Dict, scst: Dict) -> None:

@@ -69,6 +69,17 @@ def load_references(annotations, split: Optional[str], images_root="./data/coco"
     return records, {r.image_id: list(r.captions) for r in records if r.captions}
 
 
+def coverage_percent(covered: int, total: int) -> str:
+    """`covered` of `total` as a percentage that reads 100% only when nothing is missing and 0% only when nothing
+    is covered: 4,999 of 5,000 is 99.98%, not 100.0%."""
+    percent = 100 * covered / total
+    decimals = 1
+    while decimals < 12 and (round(percent, decimals) == 100 and covered < total or
+                             round(percent, decimals) == 0 and covered > 0):
+        decimals += 1
+    return f"{percent:.{decimals}f}%"
+
+
 def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_partial: bool, source: str) -> Dict:
     """Every prediction must have references; every reference image needs a prediction unless allow_partial."""
     unknown = [p.image_id for p in predictions if p.image_id not in references]
@@ -82,7 +93,7 @@ def check_coverage(predictions: Sequence[Prediction], references: Dict, allow_pa
     coverage = {"predicted": covered, "reference_images": len(references),
                 "fraction": covered / len(references)}
     print(f"coverage: predictions for {covered:,} of {len(references):,} reference images "
-          f"({100 * coverage['fraction']:.1f}%)")
+          f"({coverage_percent(covered, len(references))})")
     if covered < len(references):
         predicted = {p.image_id for p in predictions}
         missing = [i for i in references if i not in predicted]

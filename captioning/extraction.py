@@ -48,7 +48,7 @@ class ExtractionError(RuntimeError):
 class Failure:
     index: int  # position in the annotation's image order
     path: str
-    kind: str  # missing, unreadable, truncated, too_large
+    kind: str  # an ImageError's kind: missing, not_regular, unreadable, truncated, too_large, empty
     reason: str
 
 

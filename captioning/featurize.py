@@ -25,7 +25,7 @@ from captioning.extraction import (ExtractionError, Failure, assemble, check_man
                                    plan_batches, prepare_partial)
 from captioning.outputs import check_output_file, write_or_rescue
 from captioning.runtime import Distributed, Precision
-from models.checkpoint_io import CheckpointError, atomic_write
+from models.checkpoint_io import CheckpointError, atomic_write, remove_stale_temporaries
 from models.encoder import EncoderConfig, ImageEncoder
 
 FORMAT_VERSION = 1  # of the features metadata and of the resume manifest
@@ -214,6 +214,9 @@ def run(config: ExtractionConfig, processes: Distributed) -> Optional[dict]:
     if main_process:  # before hours of encoding
         check_output_file(config.out_path, "--out_path")
         check_output_file(config.error_log, "--error_log")
+        for output in (config.out_path, config.error_log):
+            for path in remove_stale_temporaries(output.parent, [output.name]):
+                print(f"removed {path}, left by an interrupted write", file=sys.stderr)
     records, skipped_entries = read_records(config, main_process)
     precision = runtime.resolve_precision(config.precision, device, training=False)
     budget = runtime.plan_threads(device, loads_images=True, workers=config.num_workers, threads=config.threads)

@@ -1,6 +1,6 @@
-"""The Captioner API: images (paths, PIL images, numpy arrays) or precomputed features -> captions, with the encoder,
-preprocessing, prefix normalisation and stop tokens an export records. predict.py, evaluate.py, the training-time
-evaluation, the demo and the notebook caption through it.
+"""The Captioner API: images (paths, PIL images, numpy arrays, image tensors) or precomputed features -> captions,
+with the encoder, preprocessing, prefix normalisation and stop tokens an export records. predict.py, evaluate.py,
+the training-time evaluation, the demo and the notebook caption through it.
 
     from captioning.inference import Captioner      # also `from predict import Captioner`
     captioner = Captioner.from_pretrained("checkpoints/coco_prefix_latest", device="cuda")
@@ -121,8 +121,8 @@ def _to_pil(item, source: str) -> Image.Image:
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if not isinstance(item, np.ndarray):
-        raise ImageError(source, "unreadable", f"expected an image path, a PIL image, a numpy array or a features "
-                                               f"tensor, got {type(item).__name__}")
+        raise ImageError(source, "unreadable", f"expected an image path, a PIL image, a numpy array, an image "
+                                               f"tensor or a features tensor, got {type(item).__name__}")
     array = item
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ImageError(source, "unreadable", f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got "
@@ -142,8 +142,31 @@ def _to_pil(item, source: str) -> Image.Image:
     return to_rgb(Image.fromarray(array))
 
 
+def is_image_tensor(tensor: torch.Tensor) -> bool:
+    """An image laid out as (H, W), (H, W, C) or torchvision's (C, H, W), C in 1, 3, 4, or a batch of them."""
+    if tensor.ndim == 2:
+        return not tensor.is_floating_point()
+    return tensor.ndim in (3, 4) and (tensor.shape[-1] in (1, 3, 4) or tensor.shape[-3] in (1, 3, 4))
+
+
+def tensor_to_array(tensor: torch.Tensor) -> np.ndarray:
+    """An image tensor as the numpy array (H, W[, C]) the array path reads: (C, H, W) is moved to channels last
+    unless its last dimension already is the channels (C in 1, 3, 4)."""
+    tensor = tensor.detach().cpu()
+    if tensor.ndim == 3 and tensor.shape[-1] not in (1, 3, 4) and tensor.shape[0] in (1, 3, 4):
+        tensor = tensor.permute(1, 2, 0)
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()  # numpy has no bfloat16
+    return tensor.numpy()
+
+
 class Captioner:
-    """Images (paths, PIL images, numpy arrays) or precomputed features -> captions, in batches.
+    """Images (paths, PIL images, numpy arrays, image tensors) or precomputed features -> captions, in batches.
+
+    A torch tensor is features when it is floating point and its shape is the model's feature shape, (D,) or
+    (T, D) for grid features, or a batch of it; otherwise it is an image: uint8 (or bool) of any layout below,
+    or floating point in [0, 1] laid out as (H, W, C) or torchvision's (C, H, W) with C in 1, 3, 4; a 4-D
+    tensor is a batch of images. Numpy arrays are always images.
 
     Images go through the encoder and preprocessing recorded in the checkpoint; prefixes are normalised
     exactly when training normalised them; captions end at the checkpoint's `eos_token_ids`.
@@ -300,12 +323,25 @@ class Captioner:
         return (config.prefix_size,) if config.feature_type == "pooled" else (config.num_grid_tokens,
                                                                               config.prefix_size)
 
+    def _is_features(self, tensor: torch.Tensor) -> bool:
+        """Whether a tensor holds features rather than an image: floating point, and not image-shaped unless
+        its shape is the model's feature shape (one input, or a batch of them)."""
+        if not tensor.is_floating_point():
+            return False
+        shape = self._feature_shape()
+        if tuple(tensor.shape[-len(shape):]) == shape and tensor.ndim in (len(shape), len(shape) + 1):
+            return True
+        return not is_image_tensor(tensor)
+
     def _as_list(self, images):
-        """(list of single inputs, whether one input was given)."""
+        """(list of single inputs, whether one input was given); image tensors become arrays (H, W, C)."""
         if isinstance(images, (str, os.PathLike, Image.Image)):
             return [images], True
         if isinstance(images, np.ndarray):
             return (list(images), False) if images.ndim == 4 else ([images], True)
+        if torch.is_tensor(images) and not self._is_features(images):
+            arrays = [tensor_to_array(t) for t in (images if images.ndim == 4 else [images])]
+            return arrays, images.ndim != 4
         if torch.is_tensor(images):
             single = len(self._feature_shape())
             if images.ndim not in (single, single + 1):
@@ -313,9 +349,10 @@ class Captioner:
                                  f"{tuple(images.shape)}")
             return ([images], True) if images.ndim == single else (list(images), False)
         if isinstance(images, (list, tuple)):
-            return list(images), False
-        raise TypeError(f"expected image paths, PIL images, numpy arrays or feature tensors (or a list of "
-                        f"them), got {type(images).__name__}")
+            return [tensor_to_array(x) if torch.is_tensor(x) and not self._is_features(x) else x for x in images], \
+                False
+        raise TypeError(f"expected image paths, PIL images, numpy arrays, image tensors or feature tensors (or a "
+                        f"list of them), got {type(images).__name__}")
 
     def _source(self, item, index: int) -> str:
         if isinstance(item, (str, os.PathLike)):

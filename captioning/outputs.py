@@ -9,14 +9,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
 
 class OutputError(Exception):
     """An output location that cannot be written; the message names the flag and, after work, where the
-    results went instead."""
+    results went instead (`rescued`, None when nowhere)."""
+
+    def __init__(self, message: str, rescued: Optional[Path] = None):
+        super().__init__(message)
+        self.rescued = rescued
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -72,7 +76,7 @@ def write_or_rescue(path, write: Callable[[Path], T], flag: str) -> T:
         except OSError:
             continue
         raise OutputError(f"{flag} {path} could not be written ({failure.strerror or failure}); the results were "
-                          f"saved to {place} instead")
+                          f"saved to {place} instead", rescued=place)
     raise OutputError(f"{flag} {path} could not be written ({failure.strerror or failure}), nor beside it, nor in "
                       f"{tempfile.gettempdir()}")
 
@@ -94,4 +98,4 @@ def write_dir_or_rescue(path, write: Callable[[Path], T], flag: str) -> T:
         raise OutputError(f"{flag} {path} could not be written ({failure.strerror or failure}), nor {rescue} "
                           f"({e.strerror or e})") from e
     raise OutputError(f"{flag} {path} could not be written ({failure.strerror or failure}); the results were "
-                      f"saved to {rescue} instead")
+                      f"saved to {rescue} instead", rescued=rescue)

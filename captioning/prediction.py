@@ -16,7 +16,8 @@ from PIL import Image
 from captioning import runtime
 from captioning.data.annotations import image_id_from_name
 from captioning.data.features import FeaturesError, metadata_file_names, read_features
-from captioning.data.results import Prediction, write_results
+from captioning.data.results import CSV_COLUMNS, Prediction, write_results
+from captioning.data.text import printable_name, to_csv_cell
 from captioning.inference import CaptionResult, Captioner, DecodingOptions
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
@@ -50,15 +51,16 @@ class PredictConfig:
 
 
 def list_images(directory: Path):
-    """Image files directly inside `directory` (by the extensions PIL can open), sorted, and the other
-    entries, which are reported rather than silently skipped."""
+    """Entries directly inside `directory` named as images (by the extensions PIL can open), sorted, and the
+    other entries, which are reported rather than silently skipped. An image entry that is no regular file (a
+    FIFO, a symlink loop) is kept, so that captioning it reports what it is."""
     if not directory.is_dir():
         raise ValueError(f"{directory}: " + ("is a file, not a directory" if directory.exists()
                                              else "no such directory"))
     extensions = set(Image.registered_extensions())
     images, ignored = [], []
     for path in sorted(directory.iterdir()):
-        (images if path.is_file() and path.suffix.lower() in extensions else ignored).append(path)
+        (images if not path.is_dir() and path.suffix.lower() in extensions else ignored).append(path)
     if not images:
         raise ValueError(f"{directory}: no image files found")
     return images, ignored
@@ -113,31 +115,34 @@ def write_json(path, results: Sequence[CaptionResult], image_ids, num_captions: 
     scores when several were asked for), written by captioning/data/results.py. Images that failed are not
     entries; they are reported on stderr."""
     several = num_captions > 1
-    write_results(path, [Prediction(image_id, r.caption, r.captions[:num_captions] if several else [], r.source,
-                                    r.scores[:num_captions] if several else [])
+    write_results(path, [Prediction(image_id, r.caption, r.captions[:num_captions] if several else [],
+                                    printable_name(r.source), r.scores[:num_captions] if several else [])
                          for r, image_id in zip(results, image_ids) if r.error is None], beams_key="captions")
 
 
 def write_csv(path, results: Sequence[CaptionResult], image_ids, num_captions: int) -> None:
-    """One row per caption (`rank` 1 is the best), and one row with the `error` for each image that failed."""
+    """One row per caption (`rank` 1 is the best), and one row with the `error` for each image that failed; text
+    cells as captioning/data/text.py writes them (never a spreadsheet formula), which `read_results` reads back."""
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["file_name", "image_id", "rank", "caption", "score", "error"])
+            writer.writerow(CSV_COLUMNS)
             for result, image_id in zip(results, image_ids):
+                name, image_id = to_csv_cell(result.source), to_csv_cell(str(image_id))
                 if result.error is not None:
-                    writer.writerow([result.source, image_id, "", "", "", result.error])
+                    writer.writerow([name, image_id, "", "", "", to_csv_cell(result.error)])
                 for rank, (caption, score) in enumerate(zip(result.captions[:num_captions],
                                                             result.scores[:num_captions]), start=1):
-                    writer.writerow([result.source, image_id, rank, caption, f"{score:.5f}", ""])
+                    writer.writerow([name, image_id, rank, to_csv_cell(caption), f"{score:.5f}", ""])
 
 
 def print_results(results: Sequence[CaptionResult], num_captions: int) -> None:
     for result in results:
+        source = printable_name(result.source)
         if result.error is not None:
-            print(f"{result.source}\tERROR: {result.error}")
+            print(f"{source}\tERROR: {printable_name(result.error)}")
         for caption in result.captions[:num_captions]:
-            print(f"{result.source}\t{caption}")
+            print(f"{source}\t{caption}")
 
 
 def output_writer(path):

@@ -34,12 +34,37 @@ class PageConfig:
     sketch: bool = False  # offer a sketch pad (models trained on the shapes dataset)
 
 
+# What the page says it takes: Pillow reads these raster formats (and a few rarer ones), never vector drawings.
+ACCEPTED = "JPEG, PNG, WebP, GIF, BMP or TIFF images (not SVG or PDF)"
+
+
 def describe(captioner: Captioner, checkpoint: str) -> str:
+    """The header: the checkpoint's name and its parts, each from the export's own config, so an export moved
+    elsewhere shows the same page."""
     c = captioner.model.config
     encoder = (c.encoder or {}).get("name", "none (features only)")
-    return (f"**Checkpoint** `{checkpoint}` · **encoder** {encoder} · **mapper** {c.mapping_type} "
-            f"({c.prefix_length} prefix tokens) · **decoder** {c.gpt2} · **device** {captioner.device} · "
-            f"**precision** {captioner.precision.name}")
+    name = Path(checkpoint).resolve().name if Path(checkpoint).is_dir() else checkpoint  # a folder, or a Hub id
+    return (f"**Checkpoint** `{name}` · **encoder** {encoder} · **mapper** "
+            f"{c.mapping_type} ({c.prefix_length} prefix tokens) · **decoder** {describe_decoder(captioner.model.gpt)}"
+            f" · **device** {captioner.device} · **precision** {captioner.precision.name}")
+
+
+def describe_decoder(decoder) -> str:
+    """`gpt2, 6 layers, 81.9M parameters`: the decoder's model type and size, from the weights the export holds."""
+    config = decoder.config
+    layers = getattr(config, "num_hidden_layers", None)
+    count = sum(p.numel() for p in decoder.parameters())
+    return f"{config.model_type}, {layers} layers, {count / 1e6:.1f}M parameters"
+
+
+def upload_message(name: str, error: ImageError) -> str:
+    """Why an uploaded file cannot be captioned, naming the file the user gave: never a server path or an
+    exception class."""
+    if error.kind == "unreadable":
+        return f"{name}: not an image this page can read; it takes {ACCEPTED}"
+    if error.kind == "truncated":
+        return f"{name}: the image file is cut short (an interrupted download or copy?); upload the whole file"
+    return f"{name}: {error.reason.replace(str(error.path), name)}"
 
 
 def decoding_options(decoding: str, beam_size, top_p, temperature, num_captions, seed,
@@ -67,11 +92,10 @@ class Service:
 
     def load(self, path: str):
         """The image of an uploaded file, or the message saying why it cannot be captioned."""
-        name = Path(path).name
         try:
             return load_image(path, max_pixels=self.page.max_image_pixels), None
         except ImageError as e:
-            return None, f"{name}: {e.reason}"
+            return None, upload_message(Path(path).name, e)
 
     def batch(self, files_per_request, *controls_per_request):
         """Gradio's batched event: lists with one entry per waiting request; one Captioner call per setting."""
@@ -106,15 +130,20 @@ class Service:
                 outputs[i] = self.render(mine, messages[i], not files_per_request[i], options.num_captions)
         return [list(x) for x in zip(*outputs)]
 
-    @staticmethod
-    def render(captioned, messages: List[str], empty: bool, num_captions: int):
+    def nothing_to_caption(self) -> str:
+        """The message of a request without files: also what follows a file refused for its size, whose notice
+        fades."""
+        return (f"Nothing to caption: upload one or more {ACCEPTED}, of at most {self.page.max_file_mb:g} MB each "
+                f"(a larger file is refused as it is dropped).")
+
+    def render(self, captioned, messages: List[str], empty: bool, num_captions: int):
         """(gallery, table rows, message) of one request: each image with its best caption; its `num_captions`
         best captions with their scores (mean log-probability per token)."""
         gallery = [(np.asarray(image), result.caption or result.error or "") for _, image, result in captioned]
         rows = [[name, rank, caption, round(score, 4)] for name, _, result in captioned
                 for rank, (caption, score) in enumerate(zip(result.captions[:num_captions],
                                                             result.scores[:num_captions]), 1)]
-        text = "\n".join(f"- {m}" for m in messages) or ("Upload one or more images first." if empty else "")
+        text = "\n".join(f"- {m}" for m in messages) or (self.nothing_to_caption() if empty else "")
         return gallery, rows, text
 
     def sketch(self, drawing, *controls):
@@ -129,7 +158,7 @@ class Service:
         """Tab 2: the COCO results JSON and the CSV predict.py writes, for many files."""
         paths = [str(p) for p in files or []]
         if not paths:
-            return None, "Upload images first."
+            return None, self.nothing_to_caption()
         images, ids, names, messages = [], [], [], []
         for path in progress.tqdm(paths, desc="reading"):
             image, message = self.load(path)
@@ -174,7 +203,8 @@ def build_page(captioner: Captioner, checkpoint: str, page: Optional[PageConfig]
     with gr.Blocks(title=page.title) as blocks:
         gr.Markdown(f"# {page.title}\n{describe(captioner, checkpoint)}")
         with gr.Tab("Caption"):
-            files = gr.File(file_count="multiple", label="images", elem_id="upload")
+            files = gr.File(file_count="multiple", label=f"images: {ACCEPTED}, at most {page.max_file_mb:g} MB each",
+                            elem_id="upload")
             controls = decoding_controls()
             button = gr.Button("Caption", variant="primary", elem_id="caption")
             message = gr.Markdown(elem_id="message")
@@ -185,7 +215,7 @@ def build_page(captioner: Captioner, checkpoint: str, page: Optional[PageConfig]
             if page.examples:
                 gr.Examples([[[p]] for p in page.examples], inputs=[files], label="examples")
         with gr.Tab("Many files"):
-            many = gr.File(file_count="multiple", label="images")
+            many = gr.File(file_count="multiple", label=f"images, at most {page.max_file_mb:g} MB each")
             go = gr.Button("Caption all")
             downloads, note = gr.File(label="COCO results JSON and CSV"), gr.Markdown()
             go.click(service.results_files, [many], [downloads, note])

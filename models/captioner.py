@@ -13,12 +13,11 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.choices import MAPPING_TYPES, mapper_reads
-from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict
+from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict, save_safetensors
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
 from models.model_card import CARD_FILE, render_model_card
@@ -199,7 +198,7 @@ class ClipCaptionModel(nn.Module):
         config = dataclasses.replace(self.config, decoder_in_checkpoint=include_decoder)
         with atomic_directory(directory) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_safetensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             (tmp / CARD_FILE).write_text(render_model_card(config.to_dict()), encoding="utf-8")

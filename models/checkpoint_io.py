@@ -4,17 +4,19 @@ Writes are atomic (temp file + rename), so a crash never leaves a half-written f
 execute pickled code (`weights_only=True`) and turn every failure into a `CheckpointError` naming the file.
 """
 import contextlib
+import glob
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +77,29 @@ def atomic_directory(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """safetensors' `save_file`, with a failed write raised as the OSError it is (a full disk is ENOSPC naming
+    `path`), not as a SafetensorError whose message holds the error number."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code[1])
+        raise OSError(number, os.strerror(number), str(path)) from e
+
+
+def remove_stale_temporaries(directory: Path, names: List[str]) -> List[Path]:
+    """Remove the temporary files and directories that `atomic_write` and `atomic_directory` left in `directory`
+    when a run was killed (SIGKILL, or SIGTERM with no handler) while writing one of `names`; returns them."""
+    stale = [p for name in names for p in Path(directory).glob(f".{glob.escape(name)}*")
+             if p.name.endswith((".tmp", ".old"))]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return stale
 
 
 def hash_tensor(digest, tensor: torch.Tensor) -> None:

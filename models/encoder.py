@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, create_transform, resolve_data_config
 from timm.models import group_modules
 from timm.models.tiny_vit import TinyVit
@@ -23,7 +22,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.checkpoint_io import (CheckpointError, atomic_directory, hash_tensor, load_state_dict_file,
-                                  load_state_dict_strict)
+                                  load_state_dict_strict, save_safetensors)
 from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES  # noqa: F401 (re-exported)
 
 ENCODER_CONFIG_FILE = "config.json"
@@ -322,8 +321,8 @@ class ImageEncoder(nn.Module):
         with atomic_directory(directory) as tmp:
             (tmp / ENCODER_CONFIG_FILE).write_text(json.dumps(
                 {"model_type": "image_encoder", "encoder": self.config.to_dict()}, indent=2))
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                      str(tmp / ENCODER_WEIGHTS_FILE), metadata={"format": "pt"})
+            save_safetensors({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                             tmp / ENCODER_WEIGHTS_FILE, metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory) -> "ImageEncoder":

@@ -11,7 +11,7 @@ import pytest
 from captioning.data import shapes
 from captioning.data.images import load_image
 from captioning.inference import Captioner, DecodingOptions
-from captioning.web import PageConfig, build_page, decoding_options
+from captioning.web import ACCEPTED, PageConfig, build_page, decoding_options, describe, describe_decoder
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium as root on a machine without network: no sandbox, no background connections
@@ -76,6 +76,8 @@ def test_the_page_gives_the_captioners_caption(served, page, tmp_path):
     assert expected in text
     header = page.locator("body").inner_text()
     assert "test_resnet" in header and "precision fp32" in header
+    assert f"decoder {describe_decoder(captioner.model.gpt)}" in header and "Checkpoint inside" in header
+    assert describe_decoder(captioner.model.gpt).startswith("gpt2, 2 layers, ")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 0
 
@@ -87,7 +89,10 @@ def test_an_unreadable_upload_is_a_message_and_the_next_one_works(served, page, 
     page.wait_for_function("document.querySelector('#upload').innerText.includes('broken')")
     page.click("#caption")
     page.wait_for_function("document.querySelector('#message').innerText.includes('broken.png:')", timeout=60000)
+    message = page.locator("#message").inner_text()
+    assert f"broken.png: not an image this page can read; it takes {ACCEPTED}" in message
     assert "Traceback" not in page.locator("body").inner_text()
+    assert "Error" not in message and str(tmp_path) not in message and "/gradio/" not in message
     data = shapes.generate(tmp_path / "s", num_train=0, num_val=0, num_test=1, seed=5, size=48)
     image = data / "images" / "test_000001.png"
     captioner = served[0]
@@ -135,3 +140,43 @@ def test_many_files_give_predict_pys_json_and_csv(exports, tmp_path):
     assert [r["caption"] for r in rows] == [r.caption for r in expected] and {r["rank"] for r in rows} == {"1"}
     assert note.startswith("2 of 3 images captioned.") and "notes.txt:" in note
     assert service.results_files([str(tmp_path / "notes.txt")], progress=NoProgress())[0] is None
+
+
+def test_a_file_refused_for_its_size_leaves_a_message_that_stays(served, page, tmp_path):
+    import numpy as np
+    from PIL import Image
+    big = tmp_path / "big.png"  # over the page's 1 MB: refused by the server as it is dropped
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1024 * 1024
+    page.set_input_files("#upload input[type=file]", str(big))
+    page.click("#caption")
+    page.wait_for_function("document.querySelector('#message').innerText.includes('Nothing to caption')",
+                           timeout=60000)
+    page.wait_for_timeout(6000)  # longer than Gradio's notice stays
+    message = page.locator("#message").inner_text()
+    assert message == f"Nothing to caption: upload one or more {ACCEPTED}, of at most 1 MB each (a larger file is " \
+                      f"refused as it is dropped)."
+    assert "at most 1 MB each" in page.locator("#upload").inner_text()
+
+
+def test_an_export_moved_elsewhere_shows_the_same_page(exports, tmp_path):
+    """The header and the examples come from the export alone: a copy elsewhere, whose training data is gone,
+    shows the same; a shapes model offers shapes scenes it draws itself."""
+    import app
+    from models.captioner import ClipCaptionModel
+    model = ClipCaptionModel.from_pretrained(exports["inside"])
+    model.config.training = {"data": str(tmp_path / "gone" / "captions_train.json"), "dataset": "shapes"}
+    tokenizer_source = Captioner.from_pretrained(exports["inside"]).tokenizer
+    model.save_pretrained(tmp_path / "here" / "shapes_latest", tokenizer_source)
+    shutil.copytree(tmp_path / "here", tmp_path / "moved")
+    pages = []
+    for where in ("here", "moved"):
+        captioner = Captioner.from_pretrained(tmp_path / where / "shapes_latest")
+        examples = app.example_images(captioner, 3)
+        pages.append((describe(captioner, str(tmp_path / where / "shapes_latest")),
+                      [Path(p).read_bytes() for p in examples]))
+        assert len(examples) == 3 and all(load_image(p).size == (64, 64) for p in examples)
+        assert captioner.caption(examples[0], max_length=5)  # a picture the model can caption
+    assert pages[0] == pages[1] and str(tmp_path) not in pages[0][0]
+    plain = Captioner.from_pretrained(exports["inside"])
+    assert [Path(p).name for p in app.example_images(plain, 2)] == ["astronaut.png", "coffee.png"]

@@ -186,7 +186,7 @@ def test_failed_save_keeps_the_previous_export(tmp_path, gpt2_dir, tokenizer, mo
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("models.captioner.save_file", broken_save)
+    monkeypatch.setattr("models.captioner.save_safetensors", broken_save)
     with torch.no_grad():
         model.clip_project.prefix_const.add_(1.0)
     with pytest.raises(OSError, match="disk full"):

@@ -128,6 +128,7 @@ def test_cider_optimisation_follows_the_whole_cross_entropy_recipe(tmp_path, cap
     # --scst leaves the cross-entropy stage as it is without it: 12 steps of 6 an epoch
     assert xe_args["epochs"] == demo_pipeline.epochs_for(100, demo_pipeline.DemoConfig(bs=16), 12) == 2
     assert not xe_args["scst"] and scst_args["scst"] and scst_args["epochs"] == 1
+    assert xe_args["dataset"] == scst_args["dataset"] == "shapes"  # a record the web page reads, not a path
     assert scst_args["init_from"] == str(out / "run" / "demo_latest")
     assert (scst_args["scst_baseline"], scst_args["lr"], scst_args["scst_samples"]) == ("greedy", 1e-3, 2)
     xe_weights = (out / "run" / "demo_latest" / "model.safetensors").read_bytes()

@@ -260,3 +260,28 @@ def test_predict_py_captions_list_is_read_as_the_beams(tmp_path):
                                              "captions": ["a", "b"], "scores": [-0.1, -0.2]},
                                             {"image_id": 2, "caption": "c", "beams": ["c", "d"], "captions": ["x"]}])
     assert [p.beams for p in read_results(path)] == [["a", "b"], ["c", "d"]]
+
+
+def test_coverage_reads_100_percent_only_when_nothing_is_missing():
+    assert evaluation.coverage_percent(4999, 5000) == "99.98%"
+    assert evaluation.coverage_percent(5000, 5000) == "100.0%"
+    assert evaluation.coverage_percent(1, 100_000) == "0.001%"
+    assert evaluation.coverage_percent(0, 5000) == "0.0%" and evaluation.coverage_percent(2, 3) == "66.7%"
+
+
+def test_predict_py_csv_scores_as_its_json(tmp_path, coco_file):
+    from captioning.inference import CaptionResult
+    from captioning.prediction import write_csv, write_json as write_predictions
+    results = [CaptionResult(f"{k}.jpg", [v, "-other"], [-0.1, -0.2]) for k, v in PREDICTIONS.items()]
+    results.append(CaptionResult("broken.jpg", [], [], error="broken.jpg: unreadable"))
+    ids = [*PREDICTIONS, "broken.jpg"]
+    write_csv(tmp_path / "p.csv", results, ids, 2)
+    write_predictions(tmp_path / "p.json", results, ids, 2)
+    from_csv, from_json = read_results(tmp_path / "p.csv"), read_results(tmp_path / "p.json")
+    assert [(p.image_id, p.caption, p.beams, p.file_name) for p in from_csv] == \
+        [(p.image_id, p.caption, p.beams, p.file_name) for p in from_json]
+    assert from_csv[0].beams == [PREDICTIONS[1], "-other"]  # a caption that began with "-" comes back as it was
+    reports = [evaluate.main(["--predictions", str(tmp_path / name), "--annotations", str(coco_file),
+                              "--out_dir", str(tmp_path / name.replace(".", "_")), *FAST_METRICS])
+               for name in ("p.csv", "p.json")]
+    assert reports[0]["metrics"] == reports[1]["metrics"]

@@ -36,7 +36,8 @@ def test_the_shapes_dataset_is_recorded_and_evaluation_adds_scores(tmp_path, gpt
     data = shapes.generate(tmp_path / "shapes", num_train=8, num_val=0, num_test=0, seed=1, size=32)
     train.main(train_args(None, tmp_path / "run", gpt2_dir, "--train_encoder", "--annotations",
                           data / "captions_train.json", "--images_root", data, "--encoder", "test_resnet",
-                          "--encoder_weights", "random", "--image_size", 32, "--max_steps", 1))
+                          "--encoder_weights", "random", "--image_size", 32, "--max_steps", 1, "--dataset",
+                          "shapes"))
     config = json.loads((tmp_path / "run" / "coco_prefix_latest" / "config.json").read_text())
     assert config["training"]["dataset"] == "shapes" and config["training"]["kind"] == "images"
     report = evaluate.main(["--checkpoint", str(export), "--images_root", str(coco_images), "--annotations",

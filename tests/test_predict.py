@@ -33,6 +33,24 @@ def test_paths_pil_arrays_and_features_give_the_same_captions(captioner, images)
     assert captioner.caption([features, str(png)], **SHORT) == [expected, expected]
 
 
+def test_image_tensors_are_images_and_features_remain_features(captioner, images):
+    png = images / "000000000007.png"
+    rgb = np.asarray(to_rgb(Image.open(png)))  # (H, W, 3) uint8
+    expected = captioner.caption(rgb, **SHORT)
+    hwc = torch.from_numpy(rgb)
+    chw = hwc.permute(2, 0, 1).float() / 255  # torchvision's layout and range
+    assert captioner.caption(hwc, **SHORT) == expected and captioner.caption(chw, **SHORT) == expected
+    assert captioner.caption(torch.stack([chw, chw]), **SHORT) == [expected, expected]
+    assert captioner.caption([hwc, str(png), chw.to(torch.bfloat16)], **SHORT)[:2] == [expected, expected]
+    with torch.no_grad():
+        features = captioner.encoder(captioner.encoder.preprocess(to_rgb(Image.open(png)))[None])[0]
+    assert captioner.caption(features, **SHORT) == expected  # features by their dtype and shape
+    with pytest.raises(ImageError, match=r"<array 0>: a float image array must hold finite values in \[0, 1\]"):
+        captioner.caption(chw * 255, **SHORT)
+    with pytest.raises(ImageError, match=r"unsupported image array dtype int64"):
+        captioner.caption(hwc.long(), **SHORT)
+
+
 def test_captions_follow_the_recorded_preprocessing_and_normalisation(captioner, images):
     image = Image.open(images / "cat.png")
     model = captioner.model
@@ -133,6 +151,8 @@ def test_grid_features(tokenizer, images, tmp_path):
     assert grid.shape == (encoder.num_tokens, encoder.feature_dim)
     assert captioner.caption(grid, **SHORT) == captioner.caption(image, **SHORT)
     assert len(captioner.caption(torch.stack([grid, grid]), **SHORT)) == 2
+    image_tensor = torch.from_numpy(np.asarray(to_rgb(image)))  # uint8 (H, W, 3): an image, not features
+    assert captioner.caption(image_tensor, **SHORT) == captioner.caption(image, **SHORT)
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +256,8 @@ def test_the_api_refuses_inputs_that_are_no_image_and_fits_its_defaults(tokenize
     results = with_encoder.predict([None, np.full((8, 8, 3), np.nan, dtype=np.float32), str(tmp_path)],
                                    max_length=5)
     assert [r.error for r in results] == [
-        "<array 0>: expected an image path, a PIL image, a numpy array or a features tensor, got NoneType",
+        "<array 0>: expected an image path, a PIL image, a numpy array, an image tensor or a features tensor, got "
+        "NoneType",
         "<array 1>: a float image array must hold finite values in [0, 1] (as scikit-image's); convert it to uint8",
         f"{tmp_path}: is a directory, not an image file"]
 

@@ -6,9 +6,9 @@ import torch
 from builders import tiny_captioner_on
 from captioning.runtime import Distributed
 from captioning.training.loop import CaptionLoss, Stepper
-from captioning.training.datasets import (CaptionCollator, CaptionTable, CaptionTokens, FeatureCaptionDataset,
-                           ResumableDistributedSampler, cached_tokens, split_by_image, token_cache_key,
-                           tokenize_captions)
+from captioning.training.datasets import (MAX_CAPTION_TOKENS, CaptionCollator, CaptionTable, CaptionTokens,
+                                         FeatureCaptionDataset, ResumableDistributedSampler, cached_tokens,
+                                         caption_char_limit, split_by_image, token_cache_key, tokenize_captions)
 
 CAPTIONS = ["A red dog on a street.", "A cat.", "There is a bus in a field , and it is blue!"]
 
@@ -25,6 +25,23 @@ def test_tokens_end_with_eos_and_round_trip(tokenizer):
         assert ids[-1].item() == tokenizer.eos_token_id
         assert tokenizer.decode(ids[:-1]) == caption
     assert tokens.get(2, max_tokens=3).tolist() == tokens.get(2)[:3].tolist()
+
+
+def test_a_caption_of_megabytes_is_cut_before_it_is_tokenized(tokenizer):
+    import tracemalloc
+    huge = "a red dog " * 600_000  # 6 MB, 1.8 million tokens: tokenized whole, its ids alone took 60 MB
+    tracemalloc.start()
+    try:
+        tokens = tokenize_captions([huge, CAPTIONS[0]], tokenizer, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB"
+    assert len(tokens.get(0)) == MAX_CAPTION_TOKENS + 1 and tokens.get(0)[-1].item() == tokenizer.eos_token_id
+    head = tokenizer(huge[:caption_char_limit(tokenizer) // 4], add_special_tokens=False)["input_ids"]
+    n = min(len(head) - 1, MAX_CAPTION_TOKENS)  # the last token of a cut text may be a cut word's
+    assert n > 1000 and tokens.get(0)[:n].tolist() == head[:n]  # the caption's first tokens, as they were
+    assert tokenizer.decode(tokens.get(1)[:-1]) == CAPTIONS[0]
 
 
 def test_token_cache_is_keyed_by_captions_and_tokenizer(tmp_path, tokenizer, tokenizer_dir):

@@ -11,7 +11,12 @@ Annotation formats (`read_annotations(..., fmt=...)`, "auto" detects them):
 
 An image's path is `images_root / file_name` when the annotation names the file; otherwise it follows COCO's
 naming: `train2014/COCO_train2014_{id:012d}.jpg`, then `val2014/COCO_val2014_...`, then the 2017 names
-`train2017/{id:012d}.jpg` and `val2017/{id:012d}.jpg`, the first that exists.
+`train2017/{id:012d}.jpg` and `val2017/{id:012d}.jpg`, the first that exists. A file name with `\\xNN` escapes, as
+the project writes names that are not valid UTF-8 (captioning/data/text.py), names the file with those bytes.
+
+Image ids are matched as `image_id_key` says, in every reader (annotations and predictions alike): an integer is
+itself; a string of digits is that integer, so "391895", "0391895" and 391895 are one image (and "0007" is image
+7); any other string is an id as it is, compared exactly.
 """
 import contextlib
 import csv
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from captioning.choices import ANNOTATION_FORMATS
+from captioning.data.text import existing_path, from_csv_cell, printable_name
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 FILE_KEYS = ("file_name", "filename", "image", "path")
@@ -56,9 +62,10 @@ COCO_FILE_NAME = re.compile(r"(?:COCO_[a-z]+\d{4}_)?(\d{12})")
 
 def image_id_from_name(path) -> object:
     """COCO's `image_id` for a COCO file name (`COCO_val2014_000000391895.jpg` -> 391895), else the file name
-    itself: a number taken from any other name could give two files one id (`gray16.png`, `rgb16.png`)."""
+    itself (as UTF-8 text: captioning/data/text.py): a number taken from any other name could give two files one id
+    (`gray16.png`, `rgb16.png`)."""
     match = COCO_FILE_NAME.fullmatch(Path(path).stem)
-    return int(match[1]) if match else Path(path).name
+    return int(match[1]) if match else printable_name(Path(path).name)
 
 
 class _Records:
@@ -110,7 +117,8 @@ class _Records:
                                       f"names no file; expected a numeric COCO image_id or a file_name")
             candidates = coco_image_candidates(image_id)
             file_name = next((c for c in candidates if (self.root / c).is_file()), candidates[0])
-        return ImageRecord(image_id if image_id is not None else file_name, self.root / file_name, [], file_name)
+        return ImageRecord(image_id if image_id is not None else file_name, existing_path(self.root / file_name), [],
+                           file_name)
 
 
 def image_id_key(value) -> Optional[Union[int, str]]:
@@ -254,7 +262,7 @@ def _csv_header(path: Path, records: _Records, line: int, row: List[str]):
 
 def _read_csv(path: Path, records: _Records) -> None:
     reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
-    rows = [(reader.line_num, row) for row in reader if row]
+    rows = [(reader.line_num, [from_csv_cell(cell) for cell in row]) for row in reader if row]
     if not rows:
         raise AnnotationError(f"{path}: empty CSV file; expected rows of file name, caption")
     columns = _csv_header(path, records, *rows[0])

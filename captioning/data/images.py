@@ -1,4 +1,7 @@
 """Image files -> 8-bit RGB PIL images, with the reason when a file cannot be used."""
+import errno
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -8,8 +11,8 @@ from PIL import Image, ImageOps
 
 
 class ImageError(Exception):
-    """An image file that cannot be used; `kind` is one of missing, unreadable, truncated, too_large,
-    empty."""
+    """An image file that cannot be used; `kind` is one of missing, not_regular (a directory, FIFO, socket,
+    device or symlink loop), unreadable, truncated, too_large, empty."""
 
     def __init__(self, path, kind: str, reason: str):
         super().__init__(f"{path}: {reason}")
@@ -33,6 +36,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def check_regular_file(path: Path) -> None:
+    """Raise `ImageError` unless `path` is a regular file (after symlinks): "missing" when nothing is there,
+    "not_regular" for an entry that exists but holds no file to read, saying what it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(path, "missing", "file not found" + (" (a symlink to nothing)" if os.path.islink(path)
+                                                             else "")) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(path, "not_regular", "not a regular file: a symlink loop") from None
+        raise ImageError(path, "unreadable", f"unreadable: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(path, "not_regular", "is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "an unknown kind of entry")
+        raise ImageError(path, "not_regular", f"not a regular file: {what}")
+
+
 def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
     """An image file as 8-bit RGB, EXIF orientation applied; raises `ImageError` naming the file and reason.
 
@@ -41,8 +64,7 @@ def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
     """
     path = Path(path)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    if not path.is_file():
-        raise ImageError(path, "missing", "is a directory, not an image file" if path.is_dir() else "file not found")
+    check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses

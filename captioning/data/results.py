@@ -2,8 +2,12 @@
 
 predict.py writes an entry per captioned image with its `file_name`, and with `--num_captions` above 1 the other
 captions and their scores (`captions`, `scores`); evaluate.py --checkpoint keeps every beam (`beams`). The reader
-takes either, refusing malformed entries, empty captions (unless allowed) and duplicate ids.
+takes either, and predict.py's CSV file (`read_results` of a `.csv` path: rank 1 is the caption, every rank a
+beam, rows of images that failed are not predictions), refusing malformed entries, empty captions (unless
+allowed) and duplicate ids. File names and ids are written as captioning/data/text.py says.
 """
+import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Hashable, List, Optional, Sequence
 
 from captioning.data.annotations import image_id_key
+from captioning.data.text import from_csv_cell, printable_name
 from models.checkpoint_io import atomic_write
 
 
@@ -32,9 +37,10 @@ def write_results(path, predictions: Sequence[Prediction], beams_key: str = "bea
     scores), and fields left empty are left out."""
     entries = []
     for p in predictions:
-        entry = {"image_id": p.image_id, "caption": p.caption}
+        entry = {"image_id": printable_name(p.image_id) if isinstance(p.image_id, str) else p.image_id,
+                 "caption": p.caption}
         if p.file_name is not None:
-            entry["file_name"] = p.file_name
+            entry["file_name"] = printable_name(p.file_name)
         if p.beams:
             entry[beams_key] = list(p.beams)
         if p.scores:
@@ -67,13 +73,44 @@ def _parse_entry(entry, where: str, allow_empty: bool) -> Prediction:
     return Prediction(image_id, caption, beams, entry.get("file_name"))
 
 
+CSV_COLUMNS = ("file_name", "image_id", "rank", "caption", "score", "error")  # predict.py's CSV
+
+
+def _csv_entries(path: Path, text: str) -> list:
+    """predict.py's CSV -> entries as in the JSON file, one per captioned image, in order of first appearance."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or [c.strip() for c in header] != list(CSV_COLUMNS):
+        raise ResultsError(f"{path}: line 1: expected predict.py's CSV header {','.join(CSV_COLUMNS)}, got "
+                           f"{header}")
+    entries = {}
+    for row in reader:
+        where = f"{path}: line {reader.line_num}"
+        if len(row) != len(CSV_COLUMNS):
+            raise ResultsError(f"{where}: {len(row)} column(s); expected {len(CSV_COLUMNS)}")
+        file_name, image_id, rank, caption, _, error = (from_csv_cell(cell) for cell in row)
+        if error and not caption:  # an image predict.py could not caption: not a prediction
+            continue
+        if not rank.strip().isdigit():
+            raise ResultsError(f"{where}: rank {rank!r}; expected a positive integer")
+        entry = entries.setdefault(image_id, {"image_id": image_id, "file_name": file_name, "ranks": []})
+        entry["ranks"].append((int(rank), caption))
+    out = []
+    for entry in entries.values():
+        beams = [caption for _, caption in sorted(entry.pop("ranks"))]
+        out.append({**entry, "caption": beams[0], **({"beams": beams} if len(beams) > 1 else {})})
+    return out
+
+
 def read_results(path, allow_empty: bool = False) -> List[Prediction]:
-    """A COCO results file -> predictions, refusing malformed entries, empty captions and duplicate ids."""
+    """A COCO results file (or predict.py's CSV) -> predictions, refusing malformed entries, empty captions and
+    duplicate ids."""
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: no such predictions file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = _csv_entries(path, text) if path.suffix.lower() == ".csv" else json.loads(text)
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
     except UnicodeDecodeError as e:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from captioning.data.annotations import AnnotationError, read_utf8
 from models.checkpoint_io import atomic_write
 
+NAME = "shapes"  # the dataset's name in an export's training record (train.py --dataset)
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")  # where a lone shape sits

@@ -86,6 +86,7 @@ class TrainConfig:
     scst_baseline: str = "mean"  # "mean" of the image's other samples (Luo 2020) or "greedy" (Rennie 2017)
     scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x BLEU-4
     license: str = "mit"  # named in the exports' model cards
+    dataset: Optional[str] = None  # the training data's name (coco, shapes, ...), recorded in the exports
 
     def __post_init__(self):
         if not self.train_encoder and self.data is None:

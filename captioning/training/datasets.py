@@ -18,7 +18,10 @@ from tqdm import tqdm
 
 from models.checkpoint_io import atomic_write
 
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2  # 2: captions cut to MAX_CAPTION_TOKENS
+# More tokens than any decoder here holds after its prefix (fit_decoder cuts to what it holds): the bound that
+# keeps one enormous caption (a corrupt annotation) from costing gigabytes while it is tokenized.
+MAX_CAPTION_TOKENS = 8192
 
 
 # ---- captions and their images ----------------------------------------------------------------------------
@@ -88,17 +91,28 @@ def captions_fingerprint(captions: Sequence[str]) -> str:
     return hashlib.sha256("\0".join(captions).encode()).hexdigest()
 
 
-def tokenize_captions(captions: Sequence[str], tokenizer, chunk: int = 8192, progress: bool = True
-                      ) -> CaptionTokens:
-    """Each caption's ids followed by the end-of-text token (the original never appended one)."""
+def caption_char_limit(tokenizer, max_tokens: int = MAX_CAPTION_TOKENS) -> int:
+    """Characters that hold more than `max_tokens` tokens of any text: no token covers more characters than the
+    longest entry of the vocabulary (its bytes, for byte-level vocabularies), so a longer caption keeps only the
+    tokens of its first this-many characters, and memory stays bounded whatever the caption's size."""
+    return max_tokens * max(len(token) for token in tokenizer.get_vocab())
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer, chunk: int = 8192, progress: bool = True,
+                      max_tokens: int = MAX_CAPTION_TOKENS) -> CaptionTokens:
+    """Each caption's ids (at most `max_tokens`, from its first `caption_char_limit` characters) followed by the
+    end-of-text token (the original never appended one); a caption that was cut keeps the end token too, and
+    fit_decoder cuts it to what the decoder holds."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no end-of-text (eos) token")
+    limit = caption_char_limit(tokenizer, max_tokens)
     flats, lengths = [], []
     for start in tqdm(range(0, len(captions), chunk), desc="tokenizing captions", unit="chunk",
                       disable=not progress or len(captions) <= chunk):
-        part = CaptionTokens.from_sequences([s + [eos] for s in tokenizer(
-            list(captions[start:start + chunk]), add_special_tokens=False)["input_ids"]])
+        texts = [c[:limit] for c in captions[start:start + chunk]]  # before tokenizing: memory bounded
+        part = CaptionTokens.from_sequences([s[:max_tokens] + [eos] for s in tokenizer(
+            texts, add_special_tokens=False)["input_ids"]])
         flats.append(part.flat)  # chunk by chunk into arrays: Python lists of ints cost ~10x more memory
         lengths.append(part.lengths)
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)

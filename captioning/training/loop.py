@@ -15,10 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from captioning.outputs import OutputError, write_or_rescue
 from captioning.runtime import FP32, Distributed, Precision
-from models.checkpoint_io import CheckpointError, load_state_dict_strict
+from models.checkpoint_io import CheckpointError, load_state_dict_strict, remove_stale_temporaries
 from captioning.training.state import (TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
-                         remove_stale_temporaries, restore_rng, save_state, set_aside_corrupt)
+                                       restore_rng, save_state, set_aside_corrupt)
 
 # Arguments that cannot change what is computed: where and how often things are written, how many processes load
 # images, and --resume itself (`--resume latest` after a run started without it).
@@ -172,6 +173,7 @@ class Trainer:
         self.log = TrainLog(options.out_dir, dist.is_main)
         self.pos = Position()
         self.last_checkpoint: Optional[Path] = None
+        self.last_step: Optional[int] = None
         self.global_batch = options.batch_size * options.grad_accum * dist.world_size
         self.steps_per_epoch, self.total_steps = count_steps(len(loader), options)
         self._meter_reset()
@@ -312,22 +314,42 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def checkpoint(self, exports: List[str]) -> None:
-        """Exports first, then the resume checkpoint, which marks them complete; all after a finite loss."""
+        """The resume checkpoint, then the exports, all after a finite loss. The checkpoint holds the exports'
+        weights and names them, so a run stopped between the two (killed, or out of disk space) writes them again
+        when it resumes; a write that fails is a TrainingError naming the file, the cause and the resume point."""
         self.flush_log()
         rng = self.dist.all_gather_object(capture_rng(self.dist.device))
         if not self.dist.is_main:
             return
-        for name in exports:
-            self.model.save_pretrained(Path(self.options.out_dir) / name, self.tokenizer)
         scaler = self.stepper.scaler
-        save_state(self.options.resume_path, {
+        state = {
             "model": self.model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
             "scheduler": self.stepper.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": self.pos.step, "epoch": self.pos.epoch, "epoch_samples": self.pos.epoch_samples,
             "data_order": {"seed": self.sampler.seed, "num_samples": len(self.sampler.dataset),
                            "global_batch": self.global_batch},
-            "rng": rng, **self.run_info})
-        self.last_checkpoint = self.options.resume_path
+            "rng": rng, "exports": list(exports), **self.run_info}
+        path = self.options.resume_path
+        try:
+            write_or_rescue(path, lambda target: save_state(target, state), "the resume checkpoint")
+        except OutputError as e:
+            kept = f"continue with --resume {e.rescued}" if e.rescued else \
+                f"the last resume point is intact: {self.last_checkpoint} (step {self.last_step})" \
+                if self.last_checkpoint else "no resume point had been written yet"
+            raise TrainingError(f"at step {self.pos.step}: {e}; {kept}") from e
+        self.last_checkpoint, self.last_step = path, self.pos.step
+        self.write_exports(exports)
+
+    def write_exports(self, names: Sequence[str]) -> None:
+        for name in names:
+            directory = Path(self.options.out_dir) / name
+            try:
+                self.model.save_pretrained(directory, self.tokenizer)
+            except OSError as e:
+                raise TrainingError(f"at step {self.pos.step}: the export {directory} could not be written "
+                                    f"({e.strerror or e}); the resume checkpoint {self.last_checkpoint} holds "
+                                    f"its weights: make room, then run the same command with --resume latest, "
+                                    f"which writes the export again") from e
 
     def restore(self, path: Path) -> None:
         state, refused = load_resumable(path)
@@ -372,6 +394,8 @@ class Trainer:
             raise CheckpointError(f"{path}: the checkpoint stopped {self.pos.epoch_samples} samples into epoch "
                                   f"{self.pos.epoch}, not a multiple of this run's global batch "
                                   f"{self.global_batch}; resume with the same --bs, --grad_accum and processes")
-        self.last_checkpoint = Path(path)
+        self.last_checkpoint, self.last_step = Path(path), self.pos.step
         self.dist.print(f"resumed from {path}: step {self.pos.step}, epoch {self.pos.epoch}, "
                         f"{self.pos.epoch_samples} samples into the epoch")
+        if self.dist.is_main:  # a stop after the checkpoint and before its exports left them unwritten or old
+            self.write_exports(state.get("exports", []))

@@ -16,8 +16,6 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from captioning import runtime
-from captioning.data import shapes
-from captioning.data.annotations import AnnotationError
 from captioning.outputs import check_output_dir
 from captioning.runtime import Distributed
 from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
@@ -25,6 +23,7 @@ from captioning.training.evaluation import build_caption_evaluation
 from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from captioning.training.finetune import adopt_export_config, load_tokenizer, model_from_export
 from captioning.training.inputs import build_feature_inputs, build_image_inputs
+from captioning.training.lock import hold_run_directory
 from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from captioning.training.scst import Rewards, ScstImages, ScstLoss, ScstOptions, ScstStepper, collate_images
 from captioning.training.state import previous_state_path, seed_everything
@@ -105,14 +104,15 @@ def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
     if config.init_from:  # the export decides the architecture (train.py has adopted it, checking its flags)
         config = adopt_export_config(config, config.changed(ARCHITECTURE_FLAGS + ENCODER_FLAGS))
     check_files(config)
-    precision = runtime.resolve_precision(config.precision, dist.device, training=True)
-    budget = runtime.plan_threads(dist.device, loads_images=config.train_encoder and not config.cache_images,
-                                  workers=config.num_workers, threads=config.threads)
-    if dist.is_main:
-        runtime.announce(precision)
-        print(budget.describe(), file=sys.stderr, flush=True)
-    with runtime.thread_budget(budget):
-        return run_training(config, dist, precision, budget)
+    with hold_run_directory(config.out_dir, dist):  # one run at a time writes into --out_dir
+        precision = runtime.resolve_precision(config.precision, dist.device, training=True)
+        budget = runtime.plan_threads(dist.device, loads_images=config.train_encoder and not config.cache_images,
+                                      workers=config.num_workers, threads=config.threads)
+        if dist.is_main:
+            runtime.announce(precision)
+            print(budget.describe(), file=sys.stderr, flush=True)
+        with runtime.thread_budget(budget):
+            return run_training(config, dist, precision, budget)
 
 
 def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Precision,
@@ -213,23 +213,15 @@ def scst_max_length(config: TrainConfig, captions, model) -> int:
 
 
 def training_record(config: TrainConfig, num_samples: int, num_captions: int) -> dict:
-    """The exports' `training` config field: data, its kind, the dataset when it is the shapes one (the
-    annotations carry its scenes), counts, stage, command and license."""
+    """The exports' `training` config field: data, its kind, the dataset's name when --dataset gives it, counts,
+    stage, command and license."""
     record = {"data": config.annotations if config.train_encoder else config.data,
               "kind": "images" if config.train_encoder else "features", "num_captions": num_captions,
               "num_images" if config.scst else "num_samples": num_samples, "stage": config.stage,
               "command": config.command_line(), "license": config.license}
-    if config.train_encoder and is_shapes_dataset(config.annotations):
-        record["dataset"] = "shapes"
+    if config.dataset:
+        record["dataset"] = config.dataset
     return record
-
-
-def is_shapes_dataset(annotations) -> bool:
-    """Whether the annotation file is the shapes generator's (its images carry scenes); other formats are not."""
-    try:
-        return bool(shapes.read_scenes(annotations))
-    except AnnotationError:  # a CSV, a JSON list, Karpathy's file: not the generator's
-        return False
 
 
 def new_model(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:

@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -103,7 +102,13 @@ def save_state(path: Path, state: Dict) -> None:
     state = dict(state, format=STATE_FORMAT, version=STATE_VERSION)
     state["sha256"] = state_checksum(state)
     with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+        except RuntimeError as e:  # torch reports a failed write ("unexpected pos"); the OSError says why
+            if isinstance(e.__context__, OSError):
+                raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from e
+            raise
         if path.is_file():  # the rename below replaces it: keep it, for when this one turns out corrupt
             os.replace(path, previous_state_path(path))
 
@@ -160,15 +165,6 @@ def load_state(path: Path) -> Dict:
     if missing:
         raise CheckpointError(f"{path}: resume checkpoint lacks {missing}")
     return state
-
-
-def remove_stale_temporaries(out_dir: Path, names: List[str]) -> List[Path]:
-    """Remove temporary files and directories that a killed run left (atomic writes of files whose names
-    start with one of `names`)."""
-    stale = [p for name in names for p in Path(out_dir).glob(f".{name}*") if p.name.endswith((".tmp", ".old"))]
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return stale
 
 
 def config_differences(saved: Dict, current: Dict) -> List[str]:
