@@ -134,8 +134,9 @@ def test_parse_coco_removes_what_an_interrupted_final_write_left(tmp_path, capsy
     encoder = ImageEncoder(EncoderConfig(name="test_resnet", weights="random", image_size=32))
     torch.save(encoder.model.state_dict(), tmp_path / "encoder.pth")
     parse_coco.main(["--encoder", "test_resnet", "--encoder_weights", str(tmp_path / "encoder.pth"),
-                     "--image_size", "32", "--annotations", str(tmp_path / "captions.json"), "--images_root", str(tmp_path),
-                     "--out_path", str(out / "f.pkl"), "--device", "cpu", "--num_workers", "0"])
+                     "--image_size", "32", "--annotations", str(tmp_path / "captions.json"),
+                     "--images_root", str(tmp_path), "--out_path", str(out / "f.pkl"), "--device", "cpu",
+                     "--num_workers", "0"])
     assert not stale.exists() and (out / ".unrelated.tmp").exists() and (out / "f.pkl").is_file()
     assert f"removed {stale}, left by an interrupted write" in capsys.readouterr().err
 
