@@ -29,8 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=integer(16), default=48,
                    help="pixels per side of the generated images and of the encoder's input")
     p.add_argument("--steps", type=POSITIVE, default=1500,
-                   help="cross-entropy optimizer steps, rounded to whole epochs (1500: 2.5-5 minutes on 2 CPU cores "
-                        "in fp32; --scst adds its steps after them)")
+                   help="cross-entropy optimizer steps, rounded to whole epochs (times per CPU kind: docs/demo.md; "
+                        "--scst adds its steps after them)")
     p.add_argument("--epochs", type=POSITIVE, default=None,
                    help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=POSITIVE, default=64)

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
                    choices=sorted(FEATURE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
     p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
-                   help="channels-last memory format (TinyViT-21M on a CPU measured 26-36%% faster)")
+                   help="channels-last memory format (faster for convolutional encoders: docs/benchmarks.md)")
     p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
                    help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
     p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")

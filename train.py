@@ -122,8 +122,8 @@ def add_encoder_flags(e) -> None:
     e("--augment", action="store_true",
       help="light augmentation: a random resized crop (no flips: captions say left and right)")
     e("--channels_last", action=argparse.BooleanOptionalAction,
-      help="run the encoder in channels-last memory format (default: on CUDA); faster for convolutions, "
-           "measured 2x for test_resnet under bf16 on an AMX CPU")
+      help="run the encoder in channels-last memory format (default: on CUDA); faster for convolutions "
+           "(docs/benchmarks.md)")
     e("--cache_images", action="store_true",
       help="preprocess every image once and keep it in memory (small datasets)")
 

@@ -29,8 +29,7 @@ from models.checkpoint_io import CheckpointError, atomic_write, remove_stale_tem
 from models.encoder import EncoderConfig, ImageEncoder
 
 FORMAT_VERSION = 1  # of the features metadata and of the resume manifest
-# Images per encoder call. On a CPU small batches stay in cache: TinyViT-21M at 224 px (channels-last, 2 cores)
-# ran 11-12% faster at 4 than at 8, on an AVX512-BF16 CPU and with torch and oneDNN limited to AVX2.
+# Images per encoder call. On a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
 BATCH_SIZES = {"cuda": 128, "cpu": 4}
 
 

@@ -29,9 +29,9 @@ from captioning.choices import PRECISION_ALIASES, PRECISIONS, normalize_precisio
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# What a software bf16 matrix product costs on a CPU without bf16 units (torch 2.14, 1024x1024 products; see the
-# README's speed section): quoted in the warning, so that a user knows what an explicit bf16 there means.
-SOFTWARE_BF16_SLOWDOWN = "about 80-170x slower than fp32"
+# What a software bf16 matrix product costs on a CPU without bf16 units, in words (the figures are in
+# docs/benchmarks.md): quoted in the warning, so that a user knows what an explicit bf16 there means.
+SOFTWARE_BF16_SLOWDOWN = "far slower than fp32"
 
 
 # ---- precision ---------------------------------------------------------------------------------------------
@@ -245,8 +245,8 @@ def plan_threads(device, *, loads_images: bool, workers: Optional[int] = None, t
     """The thread budget of one process. `loads_images`: the work decodes images beside the model (features
     in memory need no workers). Explicit `workers` / `threads` (and OMP_NUM_THREADS for threads) win.
 
-    On a CPU the model is the work and decoding a small part of it (TinyViT-21M at 224 px on 2 cores: about 50 ms
-    against 3.4 ms per image), so torch gets every core and images are decoded in its pauses; a worker appears
+    On a CPU the model is the work and decoding a small part of it (an encoder's forward pass costs an order of
+    magnitude more than decoding its image), so torch gets every core and images are decoded in its pauses; a worker appears
     only from 8 cores on, one per 8. On a GPU the CPU's only heavy work is decoding: workers take every core but
     one.
     """

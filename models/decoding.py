@@ -4,13 +4,12 @@ Every method runs the decoder over the prefix once per image, keeps its key/valu
 token per sequence and step; an image whose sequences have all ended leaves the batch. Beam search and
 sampling copy the prefix's cache to their `beam_size` / `num_samples` rows per image.
 
-Why hand-written rather than transformers' `generate` (bench_decode.py --with_generate on the 2-core CPU: a
-distilgpt2-sized decoder, 40-token prefix, beam 5, 20 new tokens, fp32, in a quiet spell of the machine):
+Why hand-written rather than transformers' `generate` (measured with bench_decode.py --with_generate; the
+figures are in docs/benchmarks.md):
 - beam search: `generate` repeats the prefix embeddings once per beam before its first forward pass, so the
   prefix runs `beam_size` times, and it copies the whole key/value cache twice per step (appending, then
-  reordering the beams). Sharing the prefix, appending in place and reordering only the generated positions
-  gives 7.1 captions/s on a batch of 32 against `generate`'s 4.2 (1.7x; AMD EPYC Zen 5, 2 cores); on one image
-  both are bound by reading the weights at every step (1.53 against 1.34 captions/s).
+  reordering the beams). Sharing the prefix, appending in place and reordering only the generated positions is
+  faster on a batch; on one image both are bound by reading the weights at every step.
   It also keeps the original ClipCap scoring (mean log-probability per token, finished beams stay among the
   beams), which `generate`'s length penalty does not reproduce, and drops images whose beams have all ended.
 - nucleus sampling: `generate` draws from one global random stream, so a caption depends on the other images
@@ -18,7 +17,7 @@ distilgpt2-sized decoder, 40-token prefix, beam 5, 20 new tokens, fp32, in a qui
   image instead of once per returned sequence.
 - greedy: as fast as `generate(do_sample=False)` and with the same output (tests check it). It shares the
   sampling loop, which scores each caption as it goes and drops finished images, where `generate` would keep
-  every step's logits (`output_scores`: about 430 MB for 32 captions of 67 tokens) to give the same scores.
+  every step's logits (`output_scores`: a (captions, vocabulary) tensor per step) to give the same scores.
 
 Sequences end at any of `eos_token_ids` (the stop token is kept in the sequence); an empty list never stops.
 Scores are mean log-probabilities per token, stop token included, under the untempered model.
@@ -261,8 +260,8 @@ def nucleus_pick(logits: torch.Tensor, top_p: float, uniform: torch.Tensor) -> t
     probs = logits.softmax(dim=-1)
     if top_p >= 1.0:
         return _inverse_cdf(probs, uniform, probs.shape[-1])
-    # Sorting the whole vocabulary costs about 1 s per step for 160 rows of 50257 on 2 CPU cores; the nucleus
-    # almost always lies within the few most probable tokens, so look there first and widen only when needed.
+    # Sorting the whole vocabulary at every step is slow on a CPU; the nucleus almost always lies within the few
+    # most probable tokens, so look there first and widen only when needed.
     k = min(64, probs.shape[-1])
     while True:
         top_probs, top_tokens = probs.topk(k, dim=-1)  # (R, k), descending

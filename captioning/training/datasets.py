@@ -113,7 +113,7 @@ def tokenize_captions(captions: Sequence[str], tokenizer, chunk: int = 8192, pro
         texts = [c[:limit] for c in captions[start:start + chunk]]  # before tokenizing: memory bounded
         part = CaptionTokens.from_sequences([s[:max_tokens] + [eos] for s in tokenizer(
             texts, add_special_tokens=False)["input_ids"]])
-        flats.append(part.flat)  # chunk by chunk into arrays: Python lists of ints cost ~10x more memory
+        flats.append(part.flat)  # chunk by chunk into arrays: Python lists of ints cost far more memory
         lengths.append(part.lengths)
     offsets = np.zeros(len(captions) + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])

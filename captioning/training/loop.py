@@ -70,9 +70,9 @@ class Stepper:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def autocast(self):
-        # Measured (torch 2.14, AMX CPU): under bf16 the CPU flash-attention kernel's forward + backward is 2-5x
-        # slower than the math kernel at caption shapes (e.g. 64x8x20x16: 28 ms against 5 ms), while in fp32 it
-        # is the faster one; so bf16 training on the CPU uses the math kernel.
+        # Under bf16 the CPU flash-attention kernel's forward + backward is slower than the math kernel at
+        # caption shapes, while in fp32 it is the faster one (docs/benchmarks.md); so bf16 training on the CPU
+        # uses the math kernel.
         return self.precision.autocast(self.dist.device, math_attention_on_cpu=True)
 
     @property
