@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: test demo app install clean
+.PHONY: test lint demo app install clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+
+# ruff, with the rules pyproject.toml chooses
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The whole pipeline on the synthetic shapes dataset; `make demo DATA=path` runs the recipe on another dataset
 # in COCO format (images/, captions_train.json, captions_test.json).

@@ -7,6 +7,7 @@
 Upload or drop images (or pick an example), choose the decoding, and read each image's captions and scores; a
 second tab captions many files into the COCO results JSON and the CSV that predict.py writes. A model trained on
 the shapes dataset also gets a sketch pad. The page names the checkpoint, its parts, and the device and precision.
+The page is captioning/web.py's; this script loads the export and serves it.
 """
 import argparse
 import sys
@@ -14,39 +15,32 @@ import tempfile
 from pathlib import Path
 
 from captioning.cli import POSITIVE, add_precision_argument, device_name, integer, number
+from captioning.configs import DEMO_EXPORT, AppConfig, defaults
 
-DEFAULT_CHECKPOINT = "./runs/demo/run/demo_latest"
 EXAMPLES_SEED = 7  # the shapes examples a page offers: the same scenes on every start
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="export directory or Hub repository id (default: the one make demo wrote)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    p.add_argument("--port", type=integer(1, 65535), default=7860)
+    p.add_argument("--checkpoint", help="export directory or Hub repository id (default: the one make demo wrote, "
+                                        "%(default)s)")
+    p.add_argument("--host", help="address to serve on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=integer(1, 65535), help="(default %(default)s)")
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio link (off by default)")
-    p.add_argument("--device", type=device_name, default=None, help="default: cuda when available")
+    p.add_argument("--device", type=device_name, help="default: cuda when available")
     add_precision_argument(p, what="precision of the model while captioning")
-    p.add_argument("--max_file_mb", type=number(0, low_open=True), default=10.0, help="largest upload accepted")
-    p.add_argument("--examples", type=POSITIVE, default=6, help="example images offered")
-    return p.parse_args(argv)
+    p.add_argument("--max_file_mb", type=number(0, low_open=True), help="largest upload accepted (default %(default)s)")
+    p.add_argument("--examples", type=POSITIVE, help="example images offered (default %(default)s)")
+    p.set_defaults(**defaults(AppConfig))
+    return p
 
 
-if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
-    parse_args()
-
-from captioning import runtime
-from captioning.data import shapes
-from captioning.inference import Captioner
-from captioning.web import PageConfig, build_page
-from models.checkpoint_io import CheckpointError
-
-
-def example_images(captioner: Captioner, count: int):
+def example_images(captioner, count: int):
     """Test scenes drawn by the shapes generator for a model trained on the shapes dataset (its export records the
     dataset's name, and nothing outside the export is read), else scikit-image's sample photos."""
     from PIL import Image
+
+    from captioning.data import shapes
     folder = Path(tempfile.mkdtemp(prefix="captioner-examples-"))
     if (captioner.model.config.training or {}).get("dataset") == shapes.NAME:
         data = shapes.generate(folder, num_train=0, num_val=0, num_test=count, seed=EXAMPLES_SEED)
@@ -59,19 +53,26 @@ def example_images(captioner: Captioner, count: int):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Serve the page until interrupted; returns the exit status (2 when the export cannot be loaded)."""
+    config = AppConfig(**vars(build_parser().parse_args(argv)))
+    from captioning import runtime  # torch, transformers and gradio: after the flags
+    from captioning.data import shapes
+    from captioning.inference import Captioner
+    from captioning.web import PageConfig, build_page
+    from models.checkpoint_io import CheckpointError
     try:
-        captioner = Captioner.from_pretrained(args.checkpoint, device=args.device or runtime.default_device(),
-                                              precision=args.precision)
+        captioner = Captioner.from_pretrained(config.checkpoint, device=config.device or runtime.default_device(),
+                                              precision=config.precision)
     except CheckpointError as e:
-        hint = " (run make demo first)" if args.checkpoint == DEFAULT_CHECKPOINT else ""
+        hint = " (run make demo first)" if config.checkpoint == DEMO_EXPORT else ""
         print(f"app.py: error: {e}{hint}", file=sys.stderr)
         return 2
     training = captioner.model.config.training or {}
-    page = PageConfig(max_file_mb=args.max_file_mb, examples=example_images(captioner, args.examples),
+    page = PageConfig(max_file_mb=config.max_file_mb, examples=example_images(captioner, config.examples),
                       sketch=training.get("dataset") == shapes.NAME)
-    build_page(captioner, args.checkpoint, page).queue().launch(
-        server_name=args.host, server_port=args.port, share=args.share, max_file_size=int(args.max_file_mb * 1024 * 1024))
+    build_page(captioner, config.checkpoint, page).queue().launch(
+        server_name=config.host, server_port=config.port, share=config.share,
+        max_file_size=int(config.max_file_mb * 1024 * 1024))
     return 0
 
 

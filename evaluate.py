@@ -15,9 +15,9 @@ import argparse
 import sys
 from typing import Dict
 
+from captioning.choices import ALL_METRICS
 from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
-from captioning.metrics import ALL_METRICS
-from models.choices import DEFAULT_BEAM_SIZE
+from captioning.configs import EvaluateConfig, defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,43 +29,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", required=True,
                    help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
                         "or any format captioning.data.annotations reads")
-    p.add_argument("--split", default=None,
+    p.add_argument("--split",
                    help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
-    p.add_argument("--images_root", default="./data/coco",
-                   help="--checkpoint: folder the annotation's file names are relative to (default ./data/coco)")
-    p.add_argument("--out_dir", default=None, help="where metrics.json, scores_hist.png (and predictions.json) go; "
-                                                   "default: <predictions>_eval or <checkpoint>_eval_<split>")
-    p.add_argument("--metrics", nargs="+", default=list(ALL_METRICS), choices=ALL_METRICS,
+    p.add_argument("--images_root",
+                   help="--checkpoint: folder the annotation's file names are relative to (default %(default)s)")
+    p.add_argument("--out_dir", help="where metrics.json, scores_hist.png (and predictions.json) go; default: "
+                                     "<predictions>_eval or <checkpoint>_eval_<split>")
+    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS,
                    help="metrics to compute (default: all; SPICE is skipped with a note when not installed)")
     p.add_argument("--allow_partial", action="store_true",
                    help="score only the predicted images when some reference images have no prediction")
     p.add_argument("--allow_empty", action="store_true", help="score empty captions as 0 instead of refusing them")
     p.add_argument("--original_bleu", action="store_true",
                    help="also compute the original notebook's BLEU-4 (not comparable with papers)")
-    p.add_argument("--beam_size", type=POSITIVE, default=DEFAULT_BEAM_SIZE,
-                   help="--checkpoint: beam width; every beam is kept")
-    p.add_argument("--max_length", type=POSITIVE, default=None,
-                   help="--checkpoint: most tokens per caption (default: 67, the original's, or the most the "
+    p.add_argument("--beam_size", type=POSITIVE,
+                   help="--checkpoint: beam width; every beam is kept (default %(default)s)")
+    p.add_argument("--max_length", type=POSITIVE,
+                   help="--checkpoint: most tokens per caption (default: the original's 67, or the most the "
                         "checkpoint's decoder holds after its prefix if fewer)")
-    p.add_argument("--batch_size", type=POSITIVE, default=16, help="--checkpoint: images captioned together")
-    p.add_argument("--max_images", type=POSITIVE, default=None, help="--checkpoint: caption only the first N images")
-    p.add_argument("--device", type=device_name, default=None,
+    p.add_argument("--batch_size", type=POSITIVE, help="--checkpoint: images captioned together (default %(default)s)")
+    p.add_argument("--max_images", type=POSITIVE, help="--checkpoint: caption only the first N images")
+    p.add_argument("--device", type=device_name,
                    help="--checkpoint: torch device (default: cuda when available)")
     add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
     add_thread_arguments(p, workers=False)
+    p.set_defaults(**defaults(EvaluateConfig))
     return p
-
-
-if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
-    build_parser().parse_args()
-
-from captioning.evaluation import USER_ERRORS, EvaluateConfig, evaluate
 
 
 def main(argv=None) -> Dict:
     """Flags -> an `EvaluateConfig` -> `captioning.evaluation.evaluate`; returns its report. A user's mistake is
     one line on stderr and exit status 1."""
     config = EvaluateConfig(**vars(build_parser().parse_args(argv)))
+    from captioning.evaluation import USER_ERRORS, evaluate  # torch and transformers: after the flags
     try:
         return evaluate(config)
     except USER_ERRORS as e:

@@ -12,7 +12,10 @@ import sys
 from typing import Optional
 
 from captioning.choices import ANNOTATION_FORMATS, FEATURE_DTYPES
-from captioning.cli import POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, json_object
+from captioning.cli import (POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, json_object,
+                            run_command)
+from captioning.configs import EXTRACTION_BATCH_SIZES as BATCH_SIZES
+from captioning.configs import ExtractionConfig, defaults
 from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES
 
 
@@ -26,69 +29,68 @@ def feature_dtype(text: str) -> str:
     return {"fp32": "float32", "fp16": "float16"}.get(text.lower(), text.lower())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--clip_model_type", default="tinyvit", choices=["tinyvit", *CLIP_MODEL_TYPES],
+    p.add_argument("--clip_model_type", choices=["tinyvit", *CLIP_MODEL_TYPES],
                    help="image encoder: TinyViT-21M, or an OpenAI CLIP image tower (timm) as in the original")
-    p.add_argument("--encoder", default=None,
+    p.add_argument("--encoder",
                    help="timm model as NAME (timm's default tag) or NAME.TAG (e.g. "
                         "tiny_vit_21m_224.dist_in22k_ft_in1k); overrides --clip_model_type")
-    p.add_argument("--encoder_weights", default="pretrained",
+    p.add_argument("--encoder_weights",
                    help="'pretrained' (timm hub or cache), 'random', or a checkpoint file (timm or official TinyViT)")
-    p.add_argument("--encoder_kwargs", type=json_object, default={},
+    p.add_argument("--encoder_kwargs", type=json_object,
                    help="extra timm.create_model arguments as JSON, e.g. '{\"drop_path_rate\": 0}'")
-    p.add_argument("--feature_type", default="pooled", choices=FEATURE_TYPES,
+    p.add_argument("--feature_type", choices=FEATURE_TYPES,
                    help="pooled: one vector per image (N, D); grid: the last feature map as tokens (N, T, D)")
-    p.add_argument("--image_size", type=POSITIVE, default=None, help="encoder input size; default: the model's own")
-    p.add_argument("--annotations", default="./data/coco/annotations/train_caption.json",
+    p.add_argument("--image_size", type=POSITIVE, help="encoder input size; default: the model's own")
+    p.add_argument("--annotations",
                    help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, or your own "
                         "JSON list / CSV of (file name, caption)")
-    p.add_argument("--annotation_format", default="auto", choices=ANNOTATION_FORMATS,
+    p.add_argument("--annotation_format", choices=ANNOTATION_FORMATS,
                    help="auto detects it; list: a JSON list of caption entries, coco, karpathy, csv")
-    p.add_argument("--split", default=None,
+    p.add_argument("--split",
                    help="Karpathy split: train, val, test, restval, or several joined by '+' (train+restval)")
-    p.add_argument("--images_root", default="./data/coco", help="folder that annotation file names are relative to")
-    p.add_argument("--out_path", default=None,
+    p.add_argument("--images_root", help="folder that annotation file names are relative to")
+    p.add_argument("--out_path",
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
-    p.add_argument("--batch_size", type=POSITIVE, default=None,
-                   help="images per encoder call; default 128 on CUDA, 4 on CPU (where small batches stay in cache)")
+    p.add_argument("--batch_size", type=POSITIVE,
+                   help=f"images per encoder call; default {BATCH_SIZES['cuda']} on CUDA, {BATCH_SIZES['cpu']} on "
+                        f"CPU (where small batches stay in cache)")
     add_thread_arguments(p)
-    p.add_argument("--device", type=device_name, default="auto",
+    p.add_argument("--device", type=device_name,
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_precision_argument(p, what="encoder compute precision (autocast)")
-    p.add_argument("--feature_dtype", "--dtype", dest="dtype", default="float32", type=feature_dtype,
+    p.add_argument("--feature_dtype", "--dtype", dest="dtype", type=feature_dtype,
                    choices=sorted(FEATURE_DTYPES), help="stored feature dtype (--dtype: the earlier spelling)")
-    p.add_argument("--channels_last", default=True, action=argparse.BooleanOptionalAction,
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction,
                    help="channels-last memory format (faster for convolutional encoders: docs/benchmarks.md)")
-    p.add_argument("--on_error", default="skip", choices=["skip", "fail"],
+    p.add_argument("--on_error", choices=["skip", "fail"],
                    help="unusable images (missing, unreadable, truncated, too large): report and leave out, or stop")
-    p.add_argument("--error_log", default=None, help="where unusable images are listed; default <out>.errors.log")
-    p.add_argument("--max_image_pixels", type=POSITIVE, default=None,
+    p.add_argument("--error_log", help="where unusable images are listed; default <out>.errors.log")
+    p.add_argument("--max_image_pixels", type=POSITIVE,
                    help="refuse images with more pixels (decompression bombs); default PIL's limit (89,478,485)")
     p.add_argument("--fresh", action="store_true", help="discard partial results of an earlier interrupted run")
-    p.add_argument("--seed", type=SEED, default=0,
+    p.add_argument("--seed", type=SEED,
                    help="seed of the encoder's weights with --encoder_weights random (recorded in the metadata)")
-    return p.parse_args(argv)
-
-
-if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
-    parse_args()
-
-from captioning.data.annotations import AnnotationError
-from captioning.data.features import FeaturesError
-from captioning.extraction import ExtractionError
-from captioning.featurize import ExtractionConfig, extract_features
-from captioning.outputs import OutputError
-from models.checkpoint_io import CheckpointError
+    p.set_defaults(**defaults(ExtractionConfig))
+    return p
 
 
 def main(argv=None) -> Optional[dict]:
     """Run the extraction; the main process returns a summary (out_path, counts, extraction_seconds)."""
-    return extract_features(ExtractionConfig(**vars(parse_args(argv))))
+    config = ExtractionConfig(**vars(build_parser().parse_args(argv)))
+    from captioning.featurize import extract_features  # torch and timm: after the flags
+    return extract_features(config)
+
+
+def user_errors() -> tuple:
+    from captioning.data.annotations import AnnotationError
+    from captioning.data.features import FeaturesError
+    from captioning.extraction import ExtractionError
+    from captioning.outputs import OutputError
+    from models.checkpoint_io import CheckpointError
+    return AnnotationError, ExtractionError, FeaturesError, CheckpointError, OutputError, ValueError
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (AnnotationError, ExtractionError, FeaturesError, CheckpointError, OutputError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_command(main, user_errors))

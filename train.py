@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from captioning.choices import ANNOTATION_FORMATS
-from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
-from models.choices import LICENSES
-from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name,
-                            number, pretrained_source)
+from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, number,
+                            pretrained_source, run_command)
+from captioning.training.config import ARCHITECTURE_FLAGS, DEFAULT_DATA, ENCODER_FLAGS, TrainConfig
+from models.choices import LICENSES, MAPPING_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_original_flags(a) -> None:
     a("--data",
-      help="features pickle from parse_coco.py (default: ./data/coco/oscar_split_tinyvit_train.pkl)")
+      help=f"features pickle from parse_coco.py (default: {DEFAULT_DATA})")
     a("--out_dir", help="where exports, the resume checkpoint and logs go")
     a("--prefix", help="name prefix of the saved exports and checkpoint")
     a("--epochs", type=POSITIVE, help="passes over the training captions")
@@ -45,7 +45,7 @@ def add_original_flags(a) -> None:
     a("--bs", type=POSITIVE, help="batch size per process")
     a("--only_prefix", dest="only_prefix", action="store_true",
       help="train only the mapping network (and encoder); the GPT-2 decoder stays frozen")
-    a("--mapping_type", choices=["mlp", "transformer"], help="mapping network type")
+    a("--mapping_type", choices=MAPPING_TYPES, help="mapping network type (default %(default)s)")
     a("--num_layers", type=POSITIVE, help="transformer mapper depth")
     a("--is_rn", dest="is_rn", action="store_true",
       help="ignored: the feature size and type now come from the features pickle (kept for old commands)")
@@ -69,7 +69,8 @@ def add_training_flags(a) -> None:
     a("--warmup_steps", type=COUNT, help="optimizer steps of linear learning-rate warmup")
     a("--weight_decay", type=number(0), help="AdamW weight decay on weight matrices (not biases, norms)")
     a("--adam_eps", type=number(0, low_open=True),
-      help="AdamW epsilon: 1e-6, the default of the transformers.AdamW the original trained with (torch's is 1e-8)")
+      help="AdamW epsilon (default %(default)s: the default of the transformers.AdamW the original trained with; "
+           "torch's is 1e-8)")
     a("--grad_clip", type=number(0), help="clip the gradient norm to this value (0: off)")
     a("--grad_accum", type=POSITIVE, help="micro-batches accumulated per optimizer step")
     a("--seed", type=SEED, help="seed of initialisation, data order, dropout and augmentation")
@@ -134,32 +135,22 @@ def add_scst_flags(a) -> None:
            "each step samples captions per image, scores them against the image's training references and "
            "reinforces those above the baseline (--bs counts images; --resume latest continues an interrupted "
            "CIDEr optimisation only)")
-    a("--scst_samples", type=POSITIVE, help="captions sampled per image and step (default 5)")
+    a("--scst_samples", type=POSITIVE, help="captions sampled per image and step (default %(default)s)")
     a("--scst_top_p", type=number(0, 1, low_open=True),
-      help="sample from this probability mass (default 1: the model's whole distribution, at temperature 1)")
+      help="sample from this probability mass (default %(default)s: the model's whole distribution, at temperature "
+           "1)")
     a("--scst_max_length", type=POSITIVE,
       help="most tokens per sampled caption, end token included (default: the longest training caption's)")
     a("--scst_baseline", choices=["mean", "greedy"],
       help="what a sample's reward is compared with: the mean reward of the image's other samples (default; "
            "Luo 2020) or the reward of its greedy caption (Rennie et al. 2017)")
-    a("--scst_bleu_weight", type=number(0), help="reward = CIDEr-D + this x BLEU-4 (default 0)")
+    a("--scst_bleu_weight", type=number(0), help="reward = CIDEr-D + this x BLEU-4 (default %(default)s)")
 
 
 def add_card_flags(a) -> None:
-    a("--license", choices=LICENSES, help="license the exports' model cards (README.md) name (default mit)")
+    a("--license", choices=LICENSES, help="license the exports' model cards (README.md) name (default %(default)s)")
     a("--dataset", help="name of the training data (coco, shapes, ...), recorded in the exports' config and model "
                         "card; app.py offers shapes examples and a sketch pad to a 'shapes' model")
-
-
-if __name__ == "__main__":  # --help and flag errors answer before the heavy imports below (seconds)
-    build_parser().parse_args()
-
-from captioning.data.images import ImageError
-from captioning.outputs import OutputError
-from captioning.training.finetune import adopt_export_config
-from captioning.training.runner import train
-from captioning.training.state import TrainingError
-from models.checkpoint_io import CheckpointError
 
 
 def flags_given(parser: argparse.ArgumentParser, argv, names) -> set:
@@ -171,22 +162,26 @@ def flags_given(parser: argparse.ArgumentParser, argv, names) -> set:
 
 
 def parse_config(argv=None) -> TrainConfig:
-    parser = build_parser()
-    config = TrainConfig(**vars(parser.parse_args(argv)))
-    if config.init_from:  # the export's architecture; a flag given with another value is an error
-        config = adopt_export_config(config, flags_given(parser, argv, ARCHITECTURE_FLAGS + ENCODER_FLAGS))
-    return config
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv=None) -> dict:
     """Train; returns the run's summary (step, latest export, ...)."""
-    return train(parse_config(argv))
+    config = parse_config(argv)
+    # With --init_from the export decides the architecture: a flag given with another value is an error.
+    given = flags_given(build_parser(), argv, ARCHITECTURE_FLAGS + ENCODER_FLAGS)
+    from captioning.training.runner import train  # torch, timm and transformers: after the flags
+    return train(config, given=given)
+
+
+def user_errors() -> tuple:
+    from captioning.data.images import ImageError
+    from captioning.outputs import OutputError
+    from captioning.training.state import TrainingError
+    from models.checkpoint_io import CheckpointError
+    return ValueError, CheckpointError, TrainingError, ImageError, OSError, OutputError
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, CheckpointError, TrainingError, ImageError, OSError, OutputError) as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: the last checkpoint is intact; continue with the same command and --resume latest")
+    sys.exit(run_command(main, user_errors, interrupted="the last checkpoint is intact; continue with the same "
+                                                        "command and --resume latest"))

@@ -21,8 +21,8 @@ import time
 import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from captioning.original_decoding import original_beam_search
 from captioning import runtime
+from captioning.original_decoding import original_beam_search
 from models.decoding import beam_search
 
 

@@ -59,14 +59,17 @@ def compare_arms(args) -> dict:
 
     first, first_steps = xe_config("arm_scst_xe", args.xe_steps)
     seconds = {"scst_xe": timed_train(first)}
-    second = demo.scst_config(run, Path(first.out_dir) / "demo_latest", run.fresh("arm_scst"))
+    second = demo.scst_config(run.data, run.root, len(run.train_records), Path(first.out_dir) / "demo_latest",
+                              run.fresh("arm_scst"), config)
     seconds["scst_stage"] = timed_train(second)
     total = seconds["scst_xe"] + seconds["scst_stage"]
     alone, alone_steps = xe_config("arm_xe", round(first_steps * total / seconds["scst_xe"]))
     seconds["xe"] = timed_train(alone)
-    scores = {"xe": run.score(run.caption(Path(alone.out_dir) / "demo_latest", "arm_xe"), "arm_xe"),
-              "scst_xe": run.score(run.caption(Path(first.out_dir) / "demo_latest", "arm_scst_xe"), "arm_scst_xe"),
-              "scst": run.score(run.caption(Path(second.out_dir) / "demo_latest", "arm_scst"), "arm_scst")}
+    scores = {}
+    for name, trained in (("xe", alone), ("scst_xe", first), ("scst", second)):
+        path = run.caption(Path(trained.out_dir) / "demo_latest", out / f"test_predictions_arm_{name}.json")
+        figures = run.score(path, out / f"eval_arm_{name}")
+        scores[name] = {"accuracy": figures.accuracy, "cider": figures.cider}
     print(f"\narm xe:   {alone_steps} cross-entropy steps in {seconds['xe']:.0f} s")
     print(f"arm scst: {first_steps} cross-entropy steps in {seconds['scst_xe']:.0f} s, then "
           f"{second.epochs * (len(run.train_records) // config.bs)} CIDEr optimisation steps in "

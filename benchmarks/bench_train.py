@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 from captioning import runtime
-from models.captioner import CaptionerConfig, ClipCaptionModel
-from captioning.training.config import TrainConfig
-from captioning.training.runner import build_optimizer
 from captioning.runtime import Distributed
-from captioning.training.loop import CaptionLoss, Stepper
+from captioning.training.config import TrainConfig
 from captioning.training.datasets import CaptionCollator
+from captioning.training.loop import CaptionLoss, Stepper
+from captioning.training.runner import build_optimizer
+from models.captioner import CaptionerConfig, ClipCaptionModel
 
 VOCAB, EOS, PREFIX, FEATURE_DIM = 50257, 50256, 40, 576
 

@@ -39,6 +39,7 @@ def current_rss_gb() -> float:
 def generate(path: Path, images: int, per_image: int, seed: int) -> None:
     import numpy as np
     import torch
+
     from captioning.data.features import write_features
 
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat
                      "half": "fp16"}
 ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
 FEATURE_DTYPES = ("float16", "float32")  # how a features pickle may store its features
+ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")  # the COCO caption metrics evaluate.py computes
 
 
 def json_object(text: str) -> dict:

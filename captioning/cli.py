@@ -106,10 +106,10 @@ def precision_value(text: str) -> str:
 
 
 def add_precision_argument(parser, *, aliases: Sequence[str] = (), what: str) -> None:
-    """`--precision auto|fp32|bf16|fp16` (default auto), also spelled as each of `aliases`; `what` says what
-    it applies to. Old values such as `none` (of --amp) mean fp32."""
+    """`--precision auto|fp32|bf16|fp16`, also spelled as each of `aliases`; `what` says what it applies to. Old
+    values such as `none` (of --amp) mean fp32. The default is the script's config's (`auto`)."""
     parser.add_argument(
-        "--precision", *aliases, dest="precision", type=precision_value, default="auto", choices=PRECISIONS,
+        "--precision", *aliases, dest="precision", type=precision_value, choices=PRECISIONS,
         metavar="{" + ",".join(PRECISIONS) + "}",
         help=f"{what}. auto: bf16 on a GPU that supports it (else fp16), fp32 on a CPU without native bf16 "
              f"matrix units (AMX or AVX512-BF16; bf16 runs in software there, far slower), bf16 on one with them; "
@@ -120,11 +120,28 @@ def add_precision_argument(parser, *, aliases: Sequence[str] = (), what: str) ->
 
 def add_thread_arguments(parser, *, workers: bool = True, workers_help: str = "") -> None:
     """`--threads` (torch's intra-op threads) and, where the script has loader workers, `--num_workers`."""
-    parser.add_argument("--threads", type=POSITIVE, default=None,
+    parser.add_argument("--threads", type=POSITIVE,
                         help="torch intra-op threads (default: the usable cores, less the loader workers beside "
                              "them; OMP_NUM_THREADS also sets it). On a machine busy with other work, fewer "
                              "threads than cores avoid OpenMP threads waiting on a contended core")
     if workers:
-        parser.add_argument("--num_workers", type=COUNT, default=None, help=workers_help or (
+        parser.add_argument("--num_workers", type=COUNT, help=workers_help or (
             "loader processes decoding images beside the model (default: on a CPU none below 8 usable cores, "
             "the model gets them; on a GPU every core but one, at most 8)"))
+
+
+def run_command(main: Callable[[], object], user_errors: Callable[[], tuple], interrupted: Optional[str] = None):
+    """A script's `main()` as a command; returns what `sys.exit` takes. A user's mistake (an exception of one of
+    `user_errors()`, called only then, since its classes live beside torch) is one line `error: ...` on stderr and
+    exit status 1, not a traceback; Ctrl-C is one line too where `interrupted` says what is kept."""
+    try:
+        result = main()
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        return f"interrupted: {interrupted}"
+    except Exception as error:
+        if isinstance(error, user_errors()):
+            return f"error: {error}"
+        raise
+    return result if isinstance(result, int) else 0

@@ -7,16 +7,15 @@ predictions.json. (captioning/training/evaluation.py is the other job: the metri
 """
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from captioning.configs import EvaluateConfig
 from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
 from captioning.data.results import Prediction, ResultsError, read_results, write_results
-from captioning.metrics import ALL_METRICS, MetricsError, original_bleu, require_toolkit, score_captions
+from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
-from models.choices import DEFAULT_BEAM_SIZE
 from models.model_card import write_scores
 
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
@@ -32,29 +31,6 @@ class EvaluationError(Exception):
 
 # What `evaluate` raises for a user's mistake: a message to show, not a stack trace.
 USER_ERRORS = (EvaluationError, AnnotationError, MetricsError, CheckpointError, OutputError, ResultsError)
-
-
-@dataclass
-class EvaluateConfig:
-    """evaluate.py's flags, by their destinations: exactly one of `predictions` and `checkpoint`; the fields
-    from `beam_size` on apply to `checkpoint` only."""
-    annotations: str
-    predictions: Optional[str] = None  # a COCO results file
-    checkpoint: Optional[str] = None  # an export directory: caption the split with it, then score
-    split: Optional[str] = None  # Karpathy split of dataset_coco.json
-    images_root: str = "./data/coco"
-    out_dir: Optional[str] = None  # None: <predictions>_eval or <checkpoint>_eval_<split>
-    metrics: List[str] = field(default_factory=lambda: list(ALL_METRICS))
-    allow_partial: bool = False
-    allow_empty: bool = False
-    original_bleu: bool = False
-    beam_size: int = DEFAULT_BEAM_SIZE
-    max_length: Optional[int] = None  # None: the original's 67, or what the checkpoint's decoder holds
-    batch_size: int = 16
-    max_images: Optional[int] = None
-    device: Optional[str] = None  # None: captioning.runtime.default_device()
-    precision: str = "auto"
-    threads: Optional[int] = None
 
 
 # -------------------------------------------------------------------------------------------------- references

@@ -2,9 +2,10 @@
 
 Images are decoded and preprocessed in DataLoader workers and encoded in fixed batches: batch k always holds
 images [k * B, (k + 1) * B) of the annotation order, whichever process runs it, so a resumed run computes exactly
-what one uninterrupted run computes (bit for bit on the same machine and thread count). Each finished batch is appended as one checksummed,
-fsynced record to a log file in the partial directory (`<out>.partial/`), so an interruption (Ctrl-C, kill -9,
-power loss) loses at most the batch in flight; a torn last record is recognised by its length and CRC and ignored.
+what one uninterrupted run computes (bit for bit on the same machine and thread count). Each finished batch is
+appended as one checksummed, fsynced record to a log file in the partial directory (`<out>.partial/`), so an
+interruption (Ctrl-C, kill -9, power loss) loses at most the batch in flight; a torn last record is recognised by
+its length and CRC and ignored.
 """
 import functools
 import json
@@ -27,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
+from captioning.choices import FEATURE_DTYPES
 from captioning.data.annotations import ImageRecord
 from captioning.data.images import ImageError, load_image
-from captioning.choices import FEATURE_DTYPES
 from captioning.runtime import FP32, Precision
 from models.checkpoint_io import atomic_write
 

@@ -11,86 +11,32 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from captioning import runtime
-from captioning.choices import FEATURE_DTYPES
+from captioning.configs import EXTRACTION_BATCH_SIZES, ExtractionConfig
 from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
 from captioning.data.features import write_features
 from captioning.extraction import (ExtractionError, Failure, assemble, check_manifest, done_indices, extract,
                                    plan_batches, prepare_partial)
 from captioning.outputs import check_output_file, write_or_rescue
 from captioning.runtime import Distributed, Precision
-from models.checkpoint_io import CheckpointError, atomic_write, remove_stale_temporaries
-from models.encoder import EncoderConfig, ImageEncoder
+from models.checkpoint_io import atomic_write, remove_stale_temporaries
+from models.encoder import ImageEncoder
 
 FORMAT_VERSION = 1  # of the features metadata and of the resume manifest
-# Images per encoder call. On a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
-BATCH_SIZES = {"cuda": 128, "cpu": 4}
+# Images per encoder call: on a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
+BATCH_SIZES = EXTRACTION_BATCH_SIZES
 
 
-@dataclass
-class ExtractionConfig:
-    """One extraction run; the fields are parse_coco.py's flags (same names, same defaults, same meanings)."""
-    clip_model_type: str = "tinyvit"
-    encoder: Optional[str] = None  # a timm NAME or NAME.TAG; overrides clip_model_type
-    encoder_weights: str = "pretrained"  # "pretrained", "random", or a checkpoint file
-    encoder_kwargs: Dict = field(default_factory=dict)  # extra timm.create_model arguments
-    feature_type: str = "pooled"
-    image_size: Optional[int] = None  # None: the model's own
-    annotations: str = "./data/coco/annotations/train_caption.json"
-    annotation_format: str = "auto"
-    split: Optional[str] = None  # Karpathy split(s), joined by '+'
-    images_root: str = "./data/coco"
-    out_path: Optional[Path] = None  # None: ./data/coco/oscar_split_<encoder or clip_model_type>_train.pkl
-    batch_size: Optional[int] = None  # None: BATCH_SIZES of the device type
-    threads: Optional[int] = None
-    num_workers: Optional[int] = None
-    device: str = "auto"
-    precision: str = "auto"
-    dtype: str = "float32"  # the stored features' dtype
-    channels_last: bool = True
-    on_error: str = "skip"  # unusable images: "skip" (report and leave out) or "fail"
-    error_log: Optional[Path] = None  # None: <out_path>.errors.log
-    max_image_pixels: Optional[int] = None  # None: PIL's limit
-    fresh: bool = False  # discard partial results of an earlier interrupted run
-    seed: int = 0  # of the encoder's weights with encoder_weights="random"
-
-    def __post_init__(self):
-        if self.on_error not in ("skip", "fail"):
-            raise ValueError(f"on_error must be 'skip' or 'fail', got {self.on_error!r}")
-        if self.dtype not in FEATURE_DTYPES:
-            raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {self.dtype!r}")
-        tag = (self.encoder or self.clip_model_type).replace("/", "_")
-        self.out_path = Path(self.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
-        self.error_log = Path(self.error_log or self.out_path.with_suffix(".errors.log"))
-
-    def encoder_config(self) -> EncoderConfig:
-        """The encoder these settings name: --encoder wins over --clip_model_type."""
-        return EncoderConfig.from_flags(encoder=self.encoder, clip_model_type=self.clip_model_type,
-                                        feature_type=self.feature_type, weights=self.encoder_weights,
-                                        image_size=self.image_size, model_kwargs=self.encoder_kwargs)
-
-
-def build_encoder(config: ExtractionConfig) -> ImageEncoder:
+def frozen_encoder(config: ExtractionConfig) -> ImageEncoder:
     """The encoder in inference form (eval, no gradients, batch norms folded), its weights from `config.seed`
     where they are random."""
-    encoder_config = config.encoder_config()
-    try:
-        torch.manual_seed(config.seed)  # --encoder_weights random: the same seed, the same encoder
-        encoder = ImageEncoder(encoder_config)
-    except (CheckpointError, ValueError):  # weights that do not fit, an unknown model name or argument
-        raise
-    except Exception as e:  # hub and network errors come in many classes
-        if encoder_config.weights != "pretrained":
-            raise
-        raise ExtractionError(f"could not load pretrained weights for {encoder_config.name} "
-                              f"({e.__class__.__name__}: {e}); without internet access pass --encoder_weights "
-                              f"with a checkpoint file") from e
+    torch.manual_seed(config.seed)  # --encoder_weights random: the same seed, the same encoder
+    encoder = ImageEncoder(config.encoder_config())
     encoder.eval().requires_grad_(False)
     encoder.fold_batch_norms()
     return encoder
@@ -219,7 +165,7 @@ def run(config: ExtractionConfig, processes: Distributed) -> Optional[dict]:
     records, skipped_entries = read_records(config, main_process)
     precision = runtime.resolve_precision(config.precision, device, training=False)
     budget = runtime.plan_threads(device, loads_images=True, workers=config.num_workers, threads=config.threads)
-    encoder = build_encoder(config).to(device)
+    encoder = frozen_encoder(config).to(device)
     if config.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     manifest = run_manifest(config, records, encoder, precision)

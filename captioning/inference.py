@@ -29,7 +29,7 @@ from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
 
-__all__ = ["Captioner", "CaptionResult", "DecodingOptions", "build_encoder"]
+__all__ = ["Captioner", "CaptionResult", "DecodingOptions", "load_recorded_encoder"]
 
 PRECISION_OF_DTYPE = {dtype: name for name, dtype in runtime.TORCH_DTYPES.items()}
 
@@ -46,7 +46,7 @@ class CaptionResult:
         return self.captions[0] if self.captions else None
 
 
-def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[ImageEncoder]:
+def load_recorded_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[ImageEncoder]:
     """The image encoder that made the features this model was trained on, as `config.encoder` records it
     (timm name, preprocessing, weights source); `weights` (file or encoder export directory) overrides the
     recorded source. None when the checkpoint records no encoder: the model then takes features only."""
@@ -68,13 +68,9 @@ def build_encoder(config: CaptionerConfig, directory, weights=None) -> Optional[
             f"whose weights were not saved; pass its weights (--encoder_weights) or precomputed features")
     try:
         encoder = ImageEncoder(encoder_config)
-    except CheckpointError as e:
-        raise CheckpointError(f"{directory}: cannot load the image encoder weights ({e}); pass the right "
-                              f"file with --encoder_weights") from e
-    except (OSError, RuntimeError, ValueError) as e:  # hub downloads fail with several types when offline
-        raise CheckpointError(f"{directory}: cannot load the pretrained weights of image encoder "
-                              f"{encoder_config.name!r} from the Hugging Face hub or its cache "
-                              f"({e.__class__.__name__}: {e}); download them once, or pass --encoder_weights")
+    except CheckpointError as e:  # weights that do not fit, or pretrained ones that cannot be fetched
+        hint = "" if "--encoder_weights" in str(e) else "; pass its weights with --encoder_weights"
+        raise CheckpointError(f"{directory}: cannot load the image encoder the checkpoint records: {e}{hint}") from e
     check_encoder(config, encoder, directory)
     return encoder
 
@@ -191,7 +187,7 @@ class Captioner:
             eos_token_ids = model.config.eos_token_ids
             if not eos_token_ids and tokenizer.eos_token_id is not None:
                 warnings.warn(f"the checkpoint records no eos_token_ids; captions end at the tokenizer's "
-                              f"{tokenizer.eos_token!r}")
+                              f"{tokenizer.eos_token!r}", stacklevel=2)
                 eos_token_ids = [tokenizer.eos_token_id]
         self.eos_token_ids = [int(i) for i in eos_token_ids]
 
@@ -223,7 +219,7 @@ class Captioner:
                                   f"vocabulary has {model.gpt.config.vocab_size}")
         encoder = model.encoder
         if encoder is None:
-            encoder = build_encoder(model.config, directory, encoder_weights)
+            encoder = load_recorded_encoder(model.config, directory, encoder_weights)
         elif encoder_weights is not None:
             raise CheckpointError(f"{directory}: the checkpoint holds its own image encoder weights; "
                                   f"--encoder_weights does not apply")

@@ -15,7 +15,8 @@ from typing import Dict, Hashable, List, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
-ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+from captioning.choices import ALL_METRICS
+
 SCORE_KEYS = {"BLEU": ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], "METEOR": ["METEOR"], "ROUGE_L": ["ROUGE_L"],
               "CIDEr": ["CIDEr"], "SPICE": ["SPICE"]}
 PER_IMAGE_KEYS = ("Bleu_4", "CIDEr")  # the per-image scores kept in results

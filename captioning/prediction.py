@@ -7,47 +7,24 @@ printed, or written as the COCO results file (captioning/data/results.py) or a C
 import csv
 import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Sequence
 
 from PIL import Image
 
 from captioning import runtime
+from captioning.configs import PredictConfig
 from captioning.data.annotations import image_id_from_name
 from captioning.data.features import FeaturesError, metadata_file_names, read_features
 from captioning.data.results import CSV_COLUMNS, Prediction, write_results
 from captioning.data.text import printable_name, to_csv_cell
-from captioning.inference import CaptionResult, Captioner, DecodingOptions
+from captioning.inference import Captioner, CaptionResult, DecodingOptions
 from captioning.outputs import OutputError, check_output_file, write_or_rescue
 from models.checkpoint_io import CheckpointError, atomic_write
-from models.choices import DEFAULT_BEAM_SIZE, DEFAULT_TOP_P
 from models.decoding import DEFAULT_MAX_LENGTH
 
 PREFIX = "predict.py: "  # the messages on stderr are predict.py's, whoever calls predict()
 OUTPUT_SUFFIXES = (".json", ".csv")
-
-
-@dataclass
-class PredictConfig:
-    """predict.py's flags, by their destinations: exactly one of `image`, `images_dir` and `features`."""
-    checkpoint: str
-    image: Optional[List[str]] = None
-    images_dir: Optional[str] = None
-    features: Optional[str] = None
-    out: Optional[str] = None  # .json (COCO results format) or .csv; None prints the captions
-    decoding: str = "beam"
-    beam_size: int = DEFAULT_BEAM_SIZE
-    max_length: Optional[int] = None  # None: the original's 67, or what the checkpoint's decoder holds
-    top_p: float = DEFAULT_TOP_P
-    temperature: float = 1.0
-    num_captions: int = 1
-    seed: Optional[int] = None
-    batch_size: int = 32
-    device: Optional[str] = None  # None: captioning.runtime.default_device()
-    precision: str = "auto"
-    threads: Optional[int] = None
-    encoder_weights: Optional[str] = None
 
 
 def list_images(directory: Path):

@@ -20,12 +20,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from captioning.choices import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 (re-exported)
+
+T = TypeVar("T")
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -246,9 +248,9 @@ def plan_threads(device, *, loads_images: bool, workers: Optional[int] = None, t
     in memory need no workers). Explicit `workers` / `threads` (and OMP_NUM_THREADS for threads) win.
 
     On a CPU the model is the work and decoding a small part of it (an encoder's forward pass costs an order of
-    magnitude more than decoding its image), so torch gets every core and images are decoded in its pauses; a worker appears
-    only from 8 cores on, one per 8. On a GPU the CPU's only heavy work is decoding: workers take every core but
-    one.
+    magnitude more than decoding its image), so torch gets every core and images are decoded in its pauses; a
+    worker appears only from 8 cores on, one per 8. On a GPU the CPU's only heavy work is decoding: workers take
+    every core but one.
     """
     total = cores if cores is not None else usable_cores()
     processes = processes if processes is not None else local_processes()
@@ -343,6 +345,15 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def main_first(self, make: Callable[[], T]) -> T:
+        """`make()` on rank 0, then on the other ranks: what rank 0 writes (a cache) the others then read."""
+        result = make() if self.is_main else None
+        self.barrier()
+        if not self.is_main:
+            result = make()
+        self.barrier()
+        return result
 
     def all_gather_object(self, obj) -> List:
         if not self.enabled:

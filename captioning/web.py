@@ -15,6 +15,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from captioning.configs import AppConfig
 from captioning.data.annotations import image_id_from_name
 from captioning.data.images import ImageError, load_image, to_rgb
 from captioning.inference import Captioner, DecodingOptions
@@ -28,7 +29,7 @@ COLUMNS = ["file", "rank", "caption", "score"]
 @dataclass
 class PageConfig:
     title: str = "Tini-Tiny Image Captioner"
-    max_file_mb: float = 10.0  # uploads above this are refused by the server
+    max_file_mb: float = AppConfig.max_file_mb  # uploads above this are refused by the server
     max_image_pixels: int = 40_000_000  # decoded images above this are refused (decompression bombs)
     examples: Sequence[str] = ()  # image files offered as examples
     sketch: bool = False  # offer a sketch pad (models trained on the shapes dataset)
@@ -154,7 +155,7 @@ class Service:
         result = self.captioner.predict([image], self.options(*controls), progress=False)[0]
         return result.caption or result.error
 
-    def results_files(self, files, progress=gr.Progress()):
+    def results_files(self, files, progress=gr.Progress()):  # noqa: B008 (how Gradio injects its progress bar)
         """Tab 2: the COCO results JSON and the CSV predict.py writes, for many files."""
         paths = [str(p) for p in files or []]
         if not paths:

@@ -108,6 +108,12 @@ def create_timm_model(name: str, pretrained: bool, kwargs: Dict) -> nn.Module:
     except TypeError as e:  # an argument the model's constructor does not take
         raise ValueError(f"encoder {name!r}: timm cannot build it with these arguments (--encoder_kwargs): "
                          f"{e}") from e
+    except Exception as e:  # fetching pretrained weights: hub, network and cache errors come in many classes
+        if not pretrained:
+            raise
+        raise CheckpointError(f"encoder {name!r}: cannot load its pretrained weights from the Hugging Face Hub or "
+                              f"its cache ({e.__class__.__name__}: {e}); download them once, or pass "
+                              f"--encoder_weights with a weights file") from e
 
 
 def data_config_for(config: EncoderConfig, pretrained_cfg: Dict, dynamic_size: bool = False) -> Dict:

@@ -22,8 +22,13 @@ def resolve_export(source: Union[str, Path]) -> Path:
     if path.exists() or not is_hub_id(source):
         return path
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     match = HUB_ID.fullmatch(source)
     repo, revision = match["repo"], match["revision"]

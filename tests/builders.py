@@ -27,9 +27,9 @@ PLACES = ["on a street", "in a field", "next to a tree", "on a table", "in the k
 def caption_corpus():
     """A few hundred COCO-like captions for training the test tokenizer."""
     out = []
-    for i, colour in enumerate(COLOURS):
-        for j, thing in enumerate(THINGS):
-            for k, place in enumerate(PLACES):
+    for colour in COLOURS:
+        for thing in THINGS:
+            for place in PLACES:
                 article = "An" if colour[0] in "aeiou" else "A"
                 out.append(f"{article} {colour} {thing} {place}.")
                 out.append(f"There is a {thing} {place} , and it is {colour}!")

@@ -79,7 +79,11 @@ def test_the_page_gives_the_captioners_caption(served, page, tmp_path):
     assert f"decoder {describe_decoder(captioner.model.gpt)}" in header and "Checkpoint inside" in header
     assert describe_decoder(captioner.model.gpt).startswith("gpt2, 2 layers, ")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-    assert (tmp_path / "page.png").stat().st_size > 0
+    import numpy as np
+    from PIL import Image
+    shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"))
+    assert shot.shape[1] == 1280 and shot.shape[0] >= 1400  # the whole page at the viewport's width
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 100  # a rendered page, not a blank one
 
 
 def test_an_unreadable_upload_is_a_message_and_the_next_one_works(served, page, tmp_path):
@@ -104,6 +108,7 @@ def test_an_unreadable_upload_is_a_message_and_the_next_one_works(served, page, 
 def test_the_sketch_pad_captions_what_was_drawn(exports):
     """The sketch pad's drawing (Gradio's ImageEditor value) is captioned as the same picture would be."""
     import numpy as np
+
     from captioning.web import Service
     captioner = Captioner.from_pretrained(exports["inside"])
     service = Service(captioner, PageConfig(sketch=True))
@@ -124,6 +129,7 @@ def test_many_files_give_predict_pys_json_and_csv(exports, tmp_path):
     """The second tab writes the files predict.py writes (its writers), and lists what it could not read."""
     import csv
     import json
+
     from captioning.web import Service
     data = shapes.generate(tmp_path, num_train=0, num_val=0, num_test=2, seed=6, size=48)
     (tmp_path / "notes.txt").write_text("not an image")

@@ -8,6 +8,7 @@ from builders import FIXTURES, tiny_captioner_on
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import CheckpointError
 from models.encoder import EncoderConfig, ImageEncoder
+from models.original import from_original_state_dict
 
 REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
 
@@ -29,7 +30,7 @@ def test_original_checkpoint_reproduces_reference(kind):
     assert any(k.endswith("attn.masked_bias") for k in state)  # the legacy buffers are really there
     # Without normalisation: the original's training forward (its transformer inference normalised; see
     # test_convert_checkpoint for that default)
-    model = ClipCaptionModel.from_original_state_dict(state, GPT2Config.from_dict(REF["gpt2_config"]),
+    model = from_original_state_dict(state, GPT2Config.from_dict(REF["gpt2_config"]),
                                                       normalize_prefix=False).eval()
     assert model.config.mapping_type == kind
     with torch.no_grad():
@@ -42,22 +43,22 @@ def test_original_checkpoint_reproduces_reference(kind):
 def test_original_import_infers_sizes_and_rejects_mismatches():
     config = GPT2Config.from_dict(REF["gpt2_config"])
     state = torch.load(FIXTURES / "original_transformer_prefix.pt", weights_only=True)
-    model = ClipCaptionModel.from_original_state_dict(state, config)
+    model = from_original_state_dict(state, config)
     c = model.config
     assert (c.prefix_length, c.prefix_length_clip, c.num_layers, c.prefix_size) == (10, 10, 2, 576)
     with pytest.raises(CheckpointError, match=r"prefix_length=40 was given but the weights have prefix_length=10 "
                                               r"\(clip_project.prefix_const"):
-        ClipCaptionModel.from_original_state_dict(state, config, prefix_length=40)
+        from_original_state_dict(state, config, prefix_length=40)
     with pytest.raises(CheckpointError, match=r"mapping_type=mlp was given"):
-        ClipCaptionModel.from_original_state_dict(state, config, mapping_type="mlp")
+        from_original_state_dict(state, config, mapping_type="mlp")
     deeper = GPT2Config.from_dict({**REF["gpt2_config"], "n_layer": 6})
     with pytest.raises(CheckpointError, match=r"2 GPT-2 layers .* n_layer=6"):
-        ClipCaptionModel.from_original_state_dict(state, deeper)
+        from_original_state_dict(state, deeper)
     wider = GPT2Config.from_dict({**REF["gpt2_config"], "vocab_size": 50257})
     with pytest.raises(CheckpointError, match=r"'gpt.transformer.wte.weight' has shape \(1000, 64\)"):
-        ClipCaptionModel.from_original_state_dict(state, wider)
+        from_original_state_dict(state, wider)
     with pytest.raises(CheckpointError, match="not a ClipCap state dict"):
-        ClipCaptionModel.from_original_state_dict({"weight": torch.zeros(1)}, config)
+        from_original_state_dict({"weight": torch.zeros(1)}, config)
 
 
 def test_parameter_counts_follow_the_original_mapper_sizes(gpt2_dir, tokenizer):

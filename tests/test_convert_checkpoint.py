@@ -3,12 +3,12 @@ import re
 
 import pytest
 import torch
+from conftest import FIXTURES
 from transformers import AutoTokenizer, GPT2Config
 
 import convert_checkpoint
 from models.captioner import ClipCaptionModel
 from models.encoder import EncoderConfig, ImageEncoder
-from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "original_reference.pt", weights_only=True)
 NORMALISED_REF = torch.load(FIXTURES / "original_transformer_normalised_reference.pt", weights_only=True)

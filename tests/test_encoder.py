@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import FIXTURES
 from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN
 from timm.models import get_pretrained_cfg
@@ -12,7 +13,6 @@ from timm.models import get_pretrained_cfg
 from captioning.data.images import to_rgb
 from models.checkpoint_io import CheckpointError
 from models.encoder import CLIP_MODEL_TYPES, EncoderConfig, ImageEncoder, data_config_for, official_tinyvit_filter_fn
-from conftest import FIXTURES
 
 REF = torch.load(FIXTURES / "official_tinyvit_tiny_reference.pt", weights_only=True)
 OFFICIAL = FIXTURES / "official_tinyvit_tiny.pth"
@@ -60,11 +60,16 @@ def test_tinyvit_sizes_pooled_and_grid(name, dim):
     torch.testing.assert_close(p, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_backward_reaches_weights_and_gives_no_nan():
+def test_backward_reaches_every_trainable_weight_and_no_frozen_one():
     encoder = ImageEncoder(tiny_config())
+    encoder.freeze_stages(1)
     encoder(torch.randn(2, 3, 64, 64)).pow(2).sum().backward()
-    grads = [p.grad for p in encoder.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    trainable = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}
+    frozen = {n: p.grad for n, p in encoder.named_parameters() if not p.requires_grad}
+    assert trainable and frozen
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in trainable.values()), \
+        [n for n, g in trainable.items() if g is None or not g.abs().sum() > 0]
+    assert all(g is None for g in frozen.values())
 
 
 def test_freeze_stages_1_freezes_what_the_original_froze():

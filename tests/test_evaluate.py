@@ -271,7 +271,8 @@ def test_coverage_reads_100_percent_only_when_nothing_is_missing():
 
 def test_predict_py_csv_scores_as_its_json(tmp_path, coco_file):
     from captioning.inference import CaptionResult
-    from captioning.prediction import write_csv, write_json as write_predictions
+    from captioning.prediction import write_csv
+    from captioning.prediction import write_json as write_predictions
     results = [CaptionResult(f"{k}.jpg", [v, "-other"], [-0.1, -0.2]) for k, v in PREDICTIONS.items()]
     results.append(CaptionResult("broken.jpg", [], [], error="broken.jpg: unreadable"))
     ids = [*PREDICTIONS, "broken.jpg"]

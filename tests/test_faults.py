@@ -222,8 +222,8 @@ def test_a_full_disk_at_the_resume_checkpoint_keeps_the_last_one_and_rescues_the
             if at_step_4(obj) and Path(getattr(f, "name", f)).parent == disk:  # as torch reports a failed write
                 try:
                     raise no_space(f.name)
-                except OSError:
-                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+                except OSError:  # raised while handling it, as torch does: the OSError is its __context__
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
             return real_save(obj, f)
         return save
 

@@ -13,12 +13,13 @@ import train
 PARSERS = {
     "predict": lambda argv: predict.parse_args(["--checkpoint", "x", "--image", "a.jpg", *argv]),
     "evaluate": lambda argv: evaluate.build_parser().parse_args(["--checkpoint", "x", "--annotations", "a", *argv]),
-    "parse_coco": parse_coco.parse_args,
+    "parse_coco": lambda argv: parse_coco.build_parser().parse_args(argv),
     "train": lambda argv: train.build_parser().parse_args(argv),
-    "demo": demo.parse_args,
+    "demo": lambda argv: demo.build_parser().parse_args(argv),
     "shapes_data": lambda argv: shapes_data.build_parser().parse_args(argv),
-    "convert_checkpoint": lambda argv: convert_checkpoint.parse_args(["--checkpoint", "c", "--out_dir", "o", *argv]),
-    "app": app.parse_args,
+    "convert_checkpoint": lambda argv: convert_checkpoint.build_parser().parse_args(["--checkpoint", "c", "--out_dir",
+                                                                                    "o", *argv]),
+    "app": lambda argv: app.build_parser().parse_args(argv),
 }
 
 BAD = [
@@ -99,6 +100,7 @@ def test_unknown_encoders_and_arguments_are_clear_errors():
 
 def test_an_empty_image_array_is_an_error_result(tokenizer):
     import numpy as np
+
     from builders import tiny_captioner
     from models.encoder import EncoderConfig, ImageEncoder
     from predict import Captioner

@@ -40,7 +40,7 @@ def direct():
 
 def test_scores_equal_direct_pycocoevalcap(ours, direct):
     assert set(ours["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
-    for name, (score, per_image) in direct.items():
+    for name, (score, _) in direct.items():
         assert ours["metrics"][name] == pytest.approx(100 * score, rel=1e-12, abs=1e-12), name
     for image_id in PREDICTIONS:
         for name in ("Bleu_4", "CIDEr"):

@@ -13,8 +13,8 @@ import parse_coco
 import predict
 import train
 from builders import FAST_METRICS, FIXTURES, parse_coco_args, tiny_captioner, train_args
-from captioning.data.features import read_features, write_features
 from captioning import featurize, inference, outputs
+from captioning.data.features import read_features, write_features
 from captioning.outputs import OutputError, check_output_dir, check_output_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,8 +138,11 @@ def test_parse_coco_rescues_the_pickle_when_the_final_write_fails(tmp_path, tree
                                           r"the results were saved to .*f.rescued-\d+.pkl instead") as e:
         parse_coco.main(parse_coco_args(tree, out))
     rescued = Path(str(e.value).rsplit("saved to ", 1)[1].removesuffix(" instead"))
-    assert rescued.parent == out.parent and read_features(rescued)["clip_embedding"].shape[0] > 0
-    assert not out.exists()
+    assert rescued.parent == out.parent and not out.exists()
+    monkeypatch.setattr(featurize, "write_features", real)
+    parse_coco.main(parse_coco_args(tree, tmp_path / "whole.pkl"))  # the same run, written where it should be
+    kept, whole = read_features(rescued), read_features(tmp_path / "whole.pkl")
+    assert torch.equal(kept["clip_embedding"], whole["clip_embedding"]) and kept["captions"] == whole["captions"]
 
 
 def test_an_export_never_replaces_a_file(tmp_path, capsys):

@@ -11,8 +11,8 @@ import evaluate
 import predict
 import train
 from builders import tiny_captioner, train_args
-from captioning.training import evaluation
 from captioning.data.features import FeaturesError, read_features
+from captioning.training import evaluation
 from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features, split_by_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -116,7 +116,14 @@ def test_encoder_weights_recorded_as_a_file(exports, captioner, images, tmp_path
 def test_a_checkpoint_without_encoder_takes_features_only(exports, images):
     captioner = Captioner.from_pretrained(exports["features_only"])
     assert captioner.encoder is None
-    assert len(captioner.caption(torch.randn(2, 96), **SHORT)) == 2
+    features = torch.randn(2, 96)
+    batch = captioner.caption(features, **SHORT)
+    assert batch == [captioner.caption(features[0], **SHORT), captioner.caption(features[1], **SHORT)]
+    with torch.no_grad():  # the same prefix through the decoding module directly
+        prefix = captioner.model.prefix_embeddings(features)
+        direct = beam_search(captioner.model.gpt, prefix, captioner.eos_token_ids, max_length=SHORT["max_length"])
+    assert batch == [" ".join(t.split()) for t in captioner.tokenizer.batch_decode(
+        [s[0] for s in direct.sequences()], skip_special_tokens=True)]
     with pytest.raises(ValueError, match=r"records no image encoder.*torch tensors of shape \(96,\)"):
         captioner.caption(images / "cat.png")
     with pytest.raises(ValueError, match=r"features of shape \(64,\), the model expects \(96,\)"):
@@ -127,7 +134,8 @@ def test_a_checkpoint_without_encoder_takes_features_only(exports, images):
 
 @pytest.mark.parametrize("weights, message", [
     ("random", "randomly initialised test_resnet whose weights were not saved"),
-    ("pretrained", "cannot load the pretrained weights of image encoder 'test_resnet'"),  # offline: no hub
+    ("pretrained", "cannot load the image encoder the checkpoint records: encoder 'test_resnet': cannot load its "
+                   "pretrained weights from the Hugging Face Hub or its cache"),  # offline: no hub
 ])
 def test_encoder_weights_that_cannot_be_had_are_a_clear_error(exports, tmp_path, monkeypatch, weights, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -246,7 +254,9 @@ def test_the_api_refuses_inputs_that_are_no_image_and_fits_its_defaults(tokenize
     captioner = Captioner(tiny_captioner(tokenizer, n_positions=20), tokenizer)  # 16 caption tokens at most
     features = torch.randn(2, 96)
     result = captioner.predict(features, beam_size=2)  # the default max_length (67) is cut to what fits: 16
-    assert len(result) == 2 and all(isinstance(r.caption, str) and r.error is None for r in result)
+    assert captioner.fit_max_length(None)[0] == 16
+    explicit = captioner.predict(features, beam_size=2, max_length=16)
+    assert [(r.captions, r.scores, r.error) for r in result] == [(r.captions, r.scores, None) for r in explicit]
     with pytest.raises(ValueError, match="exceeds the decoder's 20 positions"):
         captioner.predict(features, max_length=67)  # an explicit length that does not fit
     with pytest.raises(ValueError, match=r"<features 0>: the features hold nan or inf values"):

@@ -145,10 +145,11 @@ def test_cli_refuses_a_missing_cuda_device(exports, images, capsys, monkeypatch)
         assert e.value.code == 2 and f"error: argument --device: {message}" in capsys.readouterr().err
 
 
-def test_cli_refuses_an_unknown_output_format(exports, images):
+def test_cli_refuses_an_unknown_output_format(exports, images, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(exports["inside"]), "--image", str(images / "cat.png"), "--out", "out.txt"])
     assert e.value.code == 2
+    assert "error: --out out.txt: the file name must end in .json or .csv" in capsys.readouterr().err
 
 
 def test_max_length_follows_the_checkpoint(tmp_path, tokenizer, capsys):

@@ -46,7 +46,7 @@ def test_images_show_the_scene_with_the_first_shape_left_or_on_top(tmp_path):
         if scene.position or scene.things[0].colour == scene.things[1].colour:
             continue
 
-        def centre_of(colour):
+        def centre_of(colour, pixels=pixels):
             ys, xs = np.nonzero((np.abs(pixels - np.array(COLOURS[colour])).sum(-1)) < 10)
             return xs.mean(), ys.mean()
         (x0, y0), (x1, y1) = centre_of(scene.things[0].colour), centre_of(scene.things[1].colour)

@@ -9,19 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import train
 from builders import ROOT, log_records, make_images, make_pickle, tiny_gpt2, train_args, weights
-from captioning.training import loop
-from captioning.training import datasets
-from captioning.data.features import write_features
-from captioning.data.images import load_image
 from captioning import runtime
+from captioning.data.features import read_features, write_features
+from captioning.data.images import load_image
 from captioning.runtime import Precision
-from models.captioner import ClipCaptionModel
-from models.checkpoint_io import CheckpointError
+from captioning.training import datasets, loop
 from captioning.training.runner import build_optimizer
 from captioning.training.state import TrainingError, load_state
+from models.captioner import ClipCaptionModel
+from models.checkpoint_io import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,9 +156,20 @@ def test_grid_features_and_a_separate_validation_pickle(tmp_path, gpt2_dir):
     val = make_pickle(tmp_path / "grid_val.pkl", n_images=3, grid_tokens=5, seed=1)
     out = tmp_path / "run"
     train.main(train_args(data, out, gpt2_dir, "--max_steps", 2, "--val_data", val))
-    config = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").config
+    model = ClipCaptionModel.from_pretrained(out / "coco_prefix_latest").eval()
+    config = model.config
     assert (config.feature_type, config.num_grid_tokens, config.encoder["feature_type"]) == ("grid", 5, "grid")
-    assert [r for r in log_records(out) if "val_loss" in r]
+    [record] = [r for r in log_records(out) if "val_loss" in r]
+    # The logged loss is the export's mean cross-entropy over every validation caption token, end token included.
+    tokenizer, raw, total, count = AutoTokenizer.from_pretrained(gpt2_dir), read_features(val), 0.0, 0
+    with torch.no_grad():
+        for entry in raw["captions"]:
+            ids = torch.tensor([tokenizer(entry["caption"], add_special_tokens=False)["input_ids"] +
+                                [tokenizer.eos_token_id]])
+            features = raw["clip_embedding"][entry["clip_embedding"]][None].float()
+            total += model.loss(ids, features, torch.ones_like(ids)).item() * ids.shape[1]
+            count += ids.shape[1]
+    assert record["val_loss"] == pytest.approx(total / count, rel=1e-4)
     with pytest.raises(ValueError, match="need --mapping_type transformer"):
         train.main(train_args(data, tmp_path / "mlp", gpt2_dir, "--mapping_type", "mlp"))
 

@@ -10,11 +10,12 @@ import torch
 
 import train
 from builders import ROOT, make_pickle, train_args
-from captioning.training import evaluation
 from captioning.data.features import read_features
-from predict import Captioner
+from captioning.training import evaluation
 from captioning.training.datasets import FeatureCaptionDataset, caption_table_from_features
-
+from captioning.metrics import score_captions
+from models.decoding import DecodingOptions
+from predict import Captioner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,17 @@ def test_eval_every_logs_metrics_and_keeps_the_best_export(tmp_path, data, gpt2_
                           "--eval_every", 1, "--eval_images", 4))
     records = eval_records(tmp_path)
     assert [r["epoch"] for r in records] == [0, 1]
-    assert all(r["eval_images"] == 4 and r["eval_cider"] >= 0 and 0 <= r["eval_bleu4"] <= 100 for r in records)
+    # each epoch's scores are those of its export, captioned and scored again here
+    raw = read_features(val_pkl)
+    references = {i: [c["caption"] for c in raw["captions"] if c["clip_embedding"] == i] for i in range(4)}
+    for record in records:
+        captioner = Captioner.from_pretrained(tmp_path / f"coco_prefix-{record['epoch']:03d}")
+        options = DecodingOptions(beam_size=evaluation.BEAM_SIZE, max_length=captioner.fit_max_length(None)[0])
+        results = captioner.predict([raw["clip_embedding"][i].float() for i in range(4)], options)
+        scores = score_captions({i: r.caption for i, r in enumerate(results)}, references,
+                                metrics=("BLEU", "CIDEr"))["metrics"]
+        assert record["eval_images"] == 4
+        assert (record["eval_cider"], record["eval_bleu4"]) == pytest.approx((scores["CIDEr"], scores["Bleu_4"]))
     info = json.loads((tmp_path / "best" / "eval.json").read_text())
     assert info["cider"] == max(r["eval_cider"] for r in records)
     assert info["source"] in ("coco_prefix-000", "coco_prefix-001")

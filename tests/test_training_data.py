@@ -5,10 +5,10 @@ import torch
 
 from builders import tiny_captioner_on
 from captioning.runtime import Distributed
-from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.datasets import (MAX_CAPTION_TOKENS, CaptionCollator, CaptionTable, CaptionTokens,
-                                         FeatureCaptionDataset, ResumableDistributedSampler, cached_tokens,
-                                         caption_char_limit, split_by_image, token_cache_key, tokenize_captions)
+                                          FeatureCaptionDataset, ResumableDistributedSampler, cached_tokens,
+                                          caption_char_limit, split_by_image, token_cache_key, tokenize_captions)
+from captioning.training.loop import CaptionLoss, Stepper
 
 CAPTIONS = ["A red dog on a street.", "A cat.", "There is a bus in a field , and it is blue!"]
 
@@ -158,6 +158,7 @@ def test_frozen_decoder_gets_no_gradients(tiny_model, tokenizer):
 
 def test_augmentation_depends_on_seed_epoch_and_caption_only(tmp_path):
     from PIL import Image
+
     from captioning.data.images import load_image
     from captioning.training.datasets import ImageCaptionDataset
     from captioning.training.inputs import augmentation

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from captioning.configs import ShapesConfig
 from captioning.data.annotations import AnnotationError, read_utf8
 from models.checkpoint_io import atomic_write
 
@@ -221,7 +222,9 @@ def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start
     return start_id + count
 
 
-def generate(out_dir, num_train=2000, num_val=200, num_test=300, seed=0, size=64, either_order=False) -> Path:
+def generate(out_dir, num_train=ShapesConfig.num_train, num_val=ShapesConfig.num_val,
+             num_test=ShapesConfig.num_test, seed=ShapesConfig.seed, size=ShapesConfig.image_size,
+             either_order=ShapesConfig.either_order) -> Path:
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

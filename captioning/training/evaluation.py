@@ -12,14 +12,14 @@ from typing import Dict, Hashable, List, Optional
 
 import torch
 
+from captioning.inference import Captioner
 from captioning.metrics import score_captions
 from captioning.runtime import Precision
 from captioning.training.config import TrainConfig
 from models.captioner import ClipCaptionModel
 from models.checkpoint_io import atomic_directory
-from models.model_card import CARD_FILE, render_model_card
 from models.decoding import DecodingOptions
-from captioning.inference import Captioner
+from models.model_card import CARD_FILE, render_model_card
 
 BEST_DIR = "best"
 BEST_INFO = "eval.json"  # inside best/: the scores of the export held there

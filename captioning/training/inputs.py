@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
-from timm.data.transforms import str_to_interp_mode
 from tqdm import tqdm
 
 from captioning.data.annotations import read_annotations
@@ -120,8 +120,8 @@ def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, Li
     return CaptionTable(captions, index), [str(r.path) for r in records]
 
 
-def build_encoder(config: TrainConfig) -> ImageEncoder:
-    """A new encoder to train, from the flags."""
+def trainable_encoder(config: TrainConfig) -> ImageEncoder:
+    """A new encoder to train, from the flags, its first --freeze_stages frozen."""
     encoder = ImageEncoder(config.encoder_config())
     encoder.freeze_stages(config.frozen_stages)
     return encoder
@@ -160,7 +160,7 @@ def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int 
     table, paths = load_annotations(config.annotations, config.split, config)
     tokens = cached_tokens(table.captions, tokenizer, token_cache_dirs(config),
                            Path(config.annotations).name + (f".{config.split}" if config.split else ""), dist.print)
-    encoder = encoder if encoder is not None else build_encoder(config)
+    encoder = encoder if encoder is not None else trainable_encoder(config)
     transform = encoder.transform
     augment = augmentation(encoder.config.data_config) if config.augment else None
 

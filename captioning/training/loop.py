@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from captioning.outputs import OutputError, write_or_rescue
 from captioning.runtime import FP32, Distributed, Precision
-from models.checkpoint_io import CheckpointError, load_state_dict_strict, remove_stale_temporaries
 from captioning.training.state import (TrainingError, TrainLog, capture_rng, config_differences, load_resumable,
                                        restore_rng, save_state, set_aside_corrupt)
+from models.checkpoint_io import CheckpointError, load_state_dict_strict, remove_stale_temporaries
 
 # Arguments that cannot change what is computed: where and how often things are written, how many processes load
 # images, and --resume itself (`--resume latest` after a run started without it).
@@ -44,6 +44,13 @@ class CaptionLoss(nn.Module):
             images = inputs.contiguous(memory_format=self.memory_format)
             return self.model.loss(tokens, mask=mask, images=images)
         return self.model.loss(tokens, inputs, mask)
+
+
+class MicroBatchLoss(NamedTuple):
+    """What a micro-batch's forward pass gives the Stepper: its loss, and figures for the log (CIDEr
+    optimisation's rewards), if any."""
+    loss: torch.Tensor
+    stats: Optional[Dict[str, float]] = None
 
 
 def to_device(batch: Dict, device: torch.device) -> Dict:
@@ -87,27 +94,28 @@ class Stepper:
         if self.dist.enabled:  # tokens of the global batch; a device tensor, so no host synchronisation
             denom = self.dist.all_reduce(torch.tensor(float(denom), device=self.dist.device))
         # DistributedDataParallel averages gradients over processes; the world size undoes that.
-        losses = self.backward(micro_batches, lambda i, batch: (
-            self.loss_module(batch["tokens"], batch["inputs"], batch["mask"]),
-            counts[i] * self.dist.world_size / denom))
+        weights = [count * self.dist.world_size / denom for count in counts]
+        losses = self.backward(micro_batches, weights, lambda batch: MicroBatchLoss(
+            self.loss_module(batch["tokens"], batch["inputs"], batch["mask"])))
         share = sum(loss.float() * (count / denom) for (loss, _), count in zip(losses, counts))
         self.update()
         return share
 
-    def backward(self, micro_batches: Sequence[Dict], forward: Callable) -> List:
-        """Backpropagate each micro-batch's loss x weight, where `forward(i, batch)` gives (loss, weight) or
-        (loss, weight, extra) under autocast; loss scaling for fp16, and gradients synchronised across processes
-        on the last micro-batch only. Returns each micro-batch's (detached loss, extra or None)."""
+    def backward(self, micro_batches: Sequence[Dict], weights: Sequence[float],
+                 forward: Callable[[Dict], "MicroBatchLoss"]) -> List["MicroBatchLoss"]:
+        """Backpropagate each micro-batch's loss x its weight, `forward(batch)` running under autocast; loss
+        scaling for fp16, and gradients synchronised across processes on the last micro-batch only. Returns each
+        micro-batch's loss (detached) with what else its forward reported."""
         ddp = isinstance(self.loss_module, DistributedDataParallel)
         out = []
-        for i, batch in enumerate(micro_batches):
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             last = i == len(micro_batches) - 1
             with self.loss_module.no_sync() if ddp and not last else contextlib.nullcontext():
                 with self.autocast():
-                    loss, weight, *extra = forward(i, batch)
-                scaled = loss * weight
+                    result = forward(batch)
+                scaled = result.loss * weight
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            out.append((loss.detach(), extra[0] if extra else None))
+            out.append(result._replace(loss=result.loss.detach()))
         return out
 
     def update(self) -> None:

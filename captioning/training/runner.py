@@ -8,7 +8,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Set
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -18,9 +18,9 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from captioning import runtime
 from captioning.outputs import check_output_dir
 from captioning.runtime import Distributed
+from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from captioning.training.datasets import CaptionCollator, ResumableDistributedSampler, validation_shard
 from captioning.training.evaluation import build_caption_evaluation
-from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from captioning.training.finetune import adopt_export_config, load_tokenizer, model_from_export
 from captioning.training.inputs import build_feature_inputs, build_image_inputs
 from captioning.training.lock import hold_run_directory
@@ -92,17 +92,20 @@ def resume_path(config: TrainConfig, options: TrainOptions, dist: Distributed):
     return path
 
 
-def train(config: TrainConfig, dist: Optional[Distributed] = None) -> dict:
+def train(config: TrainConfig, dist: Optional[Distributed] = None, given: Optional[Set[str]] = None) -> dict:
     """Train as `config` says; returns the Trainer's summary (step, latest export, ...). Without `dist`, sets up
-    the processes itself (torchrun's, or this one alone) and closes them after."""
+    the processes itself (torchrun's, or this one alone) and closes them after. With --init_from the export's
+    architecture is adopted here; a field of `given` (train.py: the flags its command line sets; by default the
+    fields away from their defaults) must agree with it."""
     if dist is None:
         dist = Distributed.setup(config.device)
         try:
-            return train(config, dist)
+            return train(config, dist, given)
         finally:
             dist.close()
-    if config.init_from:  # the export decides the architecture (train.py has adopted it, checking its flags)
-        config = adopt_export_config(config, config.changed(ARCHITECTURE_FLAGS + ENCODER_FLAGS))
+    if config.init_from:
+        fields = ARCHITECTURE_FLAGS + ENCODER_FLAGS
+        config = adopt_export_config(config, given if given is not None else config.changed(fields))
     check_files(config)
     with hold_run_directory(config.out_dir, dist):  # one run at a time writes into --out_dir
         precision = runtime.resolve_precision(config.precision, dist.device, training=True)
@@ -136,11 +139,7 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     build = functools.partial(build_image_inputs, cache_workers=cache_workers,
                               encoder=export.encoder if export else None) if config.train_encoder else \
         build_feature_inputs
-    inputs = None
-    for turn in (True, False):  # rank 0 first, so that it alone writes the token cache
-        if dist.is_main == turn:
-            inputs = build(config, tokenizer, dist)
-        dist.barrier()
+    inputs = dist.main_first(lambda: build(config, tokenizer, dist))  # rank 0 alone writes the token cache
     model = model_from_export(config, export, inputs, tokenizer.eos_token_id) if export else \
         new_model(config, inputs, tokenizer.eos_token_id)
     inputs.fit_decoder(model.gpt.config, model.config.prefix_length, dist)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from captioning.cider import CiderD, bleu4
 from captioning.runtime import FP32, Distributed, Precision
 from captioning.training.config import SCST_BASELINES
-from captioning.training.loop import CaptionLoss, Stepper
+from captioning.training.loop import CaptionLoss, MicroBatchLoss, Stepper
 from models.decoding import greedy, sample, sampling_noise
 
 
@@ -201,12 +201,8 @@ class ScstStepper(Stepper):
 
     def __call__(self, micro_batches: Sequence[Dict], step: int = 0) -> torch.Tensor:
         n = len(micro_batches)
-
-        def forward(i, batch):
-            loss, stats = self.loss_module(batch["inputs"], batch["rows"], step)
-            return loss, 1.0 / n, stats
-
-        losses = self.backward(micro_batches, forward)
+        losses = self.backward(micro_batches, [1.0 / n] * n,
+                               lambda batch: MicroBatchLoss(*self.loss_module(batch["inputs"], batch["rows"], step)))
         # this process's part of the mean over all processes' samples, as Stepper returns it
         share = sum(loss.float() / (n * self.dist.world_size) for loss, _ in losses)
         totals: Dict[str, float] = {}
