@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
 from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict, save_safetensors
 from models.choices import MAPPING_TYPES, mapper_reads
@@ -118,7 +118,7 @@ class ClipCaptionModel(nn.Module):
     @classmethod
     def create(cls, config: CaptionerConfig, encoder: Optional[ImageEncoder] = None) -> "ClipCaptionModel":
         """A new model whose decoder starts from `config.gpt2` (hub name or local directory)."""
-        return cls(config, gpt=GPT2LMHeadModel.from_pretrained(config.gpt2), encoder=encoder)
+        return cls(config, gpt=load_decoder(config.gpt2), encoder=encoder)
 
     def freeze_decoder(self) -> None:
         """`only_prefix`: no decoder gradients are computed or stored, and the decoder stays in eval mode."""
@@ -208,7 +208,7 @@ class ClipCaptionModel(nn.Module):
         Hugging Face Hub repository id, `user/name[@revision]` (models/hub.py)."""
         directory = resolve_export(directory)
         config = read_config(directory)
-        gpt = None if config.decoder_in_checkpoint else GPT2LMHeadModel.from_pretrained(config.gpt2)
+        gpt = None if config.decoder_in_checkpoint else load_decoder(config.gpt2)
         encoder = None
         if config.encoder_in_checkpoint:
             encoder = ImageEncoder(EncoderConfig.from_dict(config.encoder), load_weights=False)
@@ -227,6 +227,24 @@ class ClipCaptionModel(nn.Module):
             state.update({k: v for k, v in model.state_dict().items() if k.startswith("gpt.")})
         load_state_dict_strict(model, state, weights, optional_missing=optional)
         return model.to(device) if device is not None else model
+
+
+def load_decoder(source: str) -> GPT2LMHeadModel:
+    """The pretrained GPT-2 that `source` names (hub name or directory), every weight loaded: a model of another
+    architecture (a LLaMA, a BERT) or one with missing or unexpected weights is an error naming them, never a
+    GPT-2 with random weights (transformers itself only warns)."""
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type != GPT2Config.model_type:
+        raise CheckpointError(f"decoder {source}: a {model_type!r} model, but the decoder must be a GPT-2 "
+                              f"(model_type 'gpt2': distilgpt2, gpt2, gpt2-medium, ... or a directory of one)")
+    model, info = GPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
+    problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(kind)}
+    if problems:
+        raise CheckpointError(f"decoder {source}: its weights do not all load ("
+                              + "; ".join(f"{kind.replace('_', ' ')}: {keys[:5]}" for kind, keys in problems.items())
+                              + "); nothing was trained on random weights")
+    return model
 
 
 def read_config(directory: Path) -> CaptionerConfig:
