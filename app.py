@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from captioning import runtime  # torch, transformers and gradio: after the flags
     from captioning.data import shapes
     from captioning.inference import Captioner
-    from captioning.web import PageConfig, build_page
+    from captioning.web import PageConfig, build_page, server_upload_limit
     from models.checkpoint_io import CheckpointError
     try:
         captioner = Captioner.from_pretrained(config.checkpoint, device=config.device or runtime.default_device(),
@@ -71,8 +71,7 @@ def main(argv=None) -> int:
     page = PageConfig(max_file_mb=config.max_file_mb, examples=example_images(captioner, config.examples),
                       sketch=training.get("dataset") == shapes.NAME)
     build_page(captioner, config.checkpoint, page).queue().launch(
-        server_name=config.host, server_port=config.port, share=config.share,
-        max_file_size=int(config.max_file_mb * 1024 * 1024))
+        server_name=config.host, server_port=config.port, share=config.share, max_file_size=server_upload_limit(page))
     return 0
 
 

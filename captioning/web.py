@@ -6,6 +6,7 @@ setting. A file that cannot be used (not an image, unreadable, too large) gets a
 traceback, and the server goes on.
 """
 import dataclasses
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,18 @@ from captioning.inference import Captioner, DecodingOptions
 from captioning.prediction import write_csv, write_json
 from models.choices import DECODINGS, DEFAULT_BEAM_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, MIN_TEMPERATURE
 
+MB = 1024 * 1024
 MAX_BATCH = 8  # requests decoded together
+# The server itself accepts uploads up to this many times the page's limit, so that a file over the limit reaches
+# the page's own check, whose message stays (a refusal by the server is only a notice that fades).
+SERVER_LIMIT_FACTOR = 4
 COLUMNS = ["file", "rank", "caption", "score"]
 
 
 @dataclass
 class PageConfig:
     title: str = "Tini-Tiny Image Captioner"
-    max_file_mb: float = AppConfig.max_file_mb  # uploads above this are refused by the server
+    max_file_mb: float = AppConfig.max_file_mb  # files above this are refused with a message that stays
     max_image_pixels: int = 40_000_000  # decoded images above this are refused (decompression bombs)
     examples: Sequence[str] = ()  # image files offered as examples
     sketch: bool = False  # offer a sketch pad (models trained on the shapes dataset)
@@ -91,8 +96,25 @@ class Service:
     def options(self, *controls) -> DecodingOptions:
         return decoding_options(*controls, max_length=self.max_length)
 
+    def too_large(self, path: str) -> Optional[str]:
+        """The message for a file over the page's size limit, else None."""
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size <= self.page.max_file_mb * MB:
+            return None
+        return (f"{Path(path).name}: {size / MB:.1f} MB, over this page's limit of {self.page.max_file_mb:g} MB; "
+                f"it is not captioned")
+
+    def uploaded(self, files) -> str:
+        """When the selection changes: which files will not be captioned, at once; the message stays while they
+        are selected."""
+        messages = [m for m in (self.too_large(str(p)) for p in files or []) if m]
+        return "\n".join(f"- {m}" for m in messages)
+
     def load(self, path: str):
         """The image of an uploaded file, or the message saying why it cannot be captioned."""
+        refused = self.too_large(path)
+        if refused:
+            return None, refused
         try:
             return load_image(path, max_pixels=self.page.max_image_pixels), None
         except ImageError as e:
@@ -132,10 +154,9 @@ class Service:
         return [list(x) for x in zip(*outputs)]
 
     def nothing_to_caption(self) -> str:
-        """The message of a request without files: also what follows a file refused for its size, whose notice
-        fades."""
-        return (f"Nothing to caption: upload one or more {ACCEPTED}, of at most {self.page.max_file_mb:g} MB each "
-                f"(a larger file is refused as it is dropped).")
+        """The message of a request without files."""
+        return (f"Nothing to caption: upload one or more {ACCEPTED}, of at most {self.page.max_file_mb:g} MB "
+                f"each.")
 
     def render(self, captioned, messages: List[str], empty: bool, num_captions: int):
         """(gallery, table rows, message) of one request: each image with its best caption; its `num_captions`
@@ -181,6 +202,11 @@ class Service:
         return [str(out / "captions.json"), str(out / "captions.csv")], note
 
 
+def server_upload_limit(page: PageConfig) -> int:
+    """Bytes the server accepts in one upload (Gradio's max_file_size): SERVER_LIMIT_FACTOR x the page's limit."""
+    return int(page.max_file_mb * MB * SERVER_LIMIT_FACTOR)
+
+
 def load_sketch(array) -> Image.Image:
     return to_rgb(Image.fromarray(np.asarray(array)))
 
@@ -211,6 +237,7 @@ def build_page(captioner: Captioner, checkpoint: str, page: Optional[PageConfig]
             message = gr.Markdown(elem_id="message")
             gallery = gr.Gallery(label="captioned", columns=4, height=320, elem_id="gallery")
             table = gr.Dataframe(headers=COLUMNS, label="captions and scores", elem_id="captions")
+            files.change(service.uploaded, [files], [message])  # uploads add to the selection; × removes
             button.click(service.batch, [files, *controls], [gallery, table, message], batch=True,
                          max_batch_size=MAX_BATCH)
             if page.examples:

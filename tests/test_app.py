@@ -11,7 +11,8 @@ import pytest
 from captioning.data import shapes
 from captioning.data.images import load_image
 from captioning.inference import Captioner, DecodingOptions
-from captioning.web import ACCEPTED, PageConfig, build_page, decoding_options, describe, describe_decoder
+from captioning.web import (ACCEPTED, PageConfig, build_page, decoding_options, describe, describe_decoder,
+                            server_upload_limit)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Chromium as root on a machine without network: no sandbox, no background connections
@@ -37,10 +38,11 @@ def free_port() -> int:
 def served(exports, tmp_path_factory):
     require_chromium()
     captioner = Captioner.from_pretrained(exports["inside"])
-    blocks = build_page(captioner, str(exports["inside"]), PageConfig(max_file_mb=1))
+    page = PageConfig(max_file_mb=1)
+    blocks = build_page(captioner, str(exports["inside"]), page)
     port = free_port()
     blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                          max_file_size=1024 * 1024)
+                          max_file_size=server_upload_limit(page))
     yield captioner, f"http://127.0.0.1:{port}/"
     blocks.close()
 
@@ -151,18 +153,24 @@ def test_many_files_give_predict_pys_json_and_csv(exports, tmp_path):
 def test_a_file_refused_for_its_size_leaves_a_message_that_stays(served, page, tmp_path):
     import numpy as np
     from PIL import Image
-    big = tmp_path / "big.png"  # over the page's 1 MB: refused by the server as it is dropped
+    big = tmp_path / "big.png"  # over the page's 1 MB
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)
     assert big.stat().st_size > 1024 * 1024
+    expected = f"big.png: {big.stat().st_size / 2**20:.1f} MB, over this page's limit of 1 MB; it is not captioned"
     page.set_input_files("#upload input[type=file]", str(big))
+    page.wait_for_function("text => document.querySelector('#message').innerText.includes(text)", arg=expected,
+                           timeout=60000)  # at once, on the upload
+    page.wait_for_timeout(6000)  # longer than a notice stays
+    assert page.locator("#message").inner_text().strip() == expected
     page.click("#caption")
-    page.wait_for_function("document.querySelector('#message').innerText.includes('Nothing to caption')",
-                           timeout=60000)
-    page.wait_for_timeout(6000)  # longer than Gradio's notice stays
-    message = page.locator("#message").inner_text()
-    assert message == f"Nothing to caption: upload one or more {ACCEPTED}, of at most 1 MB each (a larger file is " \
-                      f"refused as it is dropped)."
+    page.wait_for_timeout(2000)
+    assert page.locator("#message").inner_text().strip() == expected
     assert "at most 1 MB each" in page.locator("#upload").inner_text()
+    data = shapes.generate(tmp_path / "s", num_train=0, num_val=0, num_test=1, seed=5, size=48)
+    # An upload adds to the selection: the good image is captioned, the message stays while big.png is selected.
+    assert "test_000001" in caption_in_page(page, data / "images" / "test_000001.png")
+    assert "big" in page.locator("#upload").inner_text()
+    assert page.locator("#message").inner_text().strip() == expected
 
 
 def test_an_export_moved_elsewhere_shows_the_same_page(exports, tmp_path):
@@ -186,3 +194,16 @@ def test_an_export_moved_elsewhere_shows_the_same_page(exports, tmp_path):
     assert pages[0] == pages[1] and str(tmp_path) not in pages[0][0]
     plain = Captioner.from_pretrained(exports["inside"])
     assert [Path(p).name for p in app.example_images(plain, 2)] == ["astronaut.png", "coffee.png"]
+
+
+def test_the_size_check_names_each_file_over_the_limit(exports, tmp_path):
+    from captioning.web import Service
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    small.write_bytes(b"x" * 1000)
+    large.write_bytes(b"x" * (3 * 2**20))
+    service = Service(Captioner.from_pretrained(exports["inside"]), PageConfig(max_file_mb=2))
+    assert service.uploaded([str(small), str(large)]) == \
+        "- large.png: 3.0 MB, over this page's limit of 2 MB; it is not captioned"
+    assert service.uploaded([str(small)]) == "" and service.uploaded(None) == ""
+    assert service.load(str(large)) == (None, "large.png: 3.0 MB, over this page's limit of 2 MB; it is not captioned")
+    assert server_upload_limit(PageConfig(max_file_mb=2)) > 2 * 2**20  # the server lets it reach the page's check
