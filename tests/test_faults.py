@@ -233,7 +233,9 @@ def test_a_full_disk_at_the_resume_checkpoint_keeps_the_last_one_and_rescues_the
     message = str(caught.value)
     assert message.startswith(f"at step 4: the resume checkpoint {out / 'coco_prefix_resume.pt'} could not be "
                               f"written (No space left on device); the results were saved to ")
-    rescued = Path(message.split("; continue with --resume ")[1])
+    rescued = Path(message.split("; continue with --resume ")[1].split(" (or move it to ")[0])
+    assert message.endswith(f" (or move it to {out / 'coco_prefix_resume.pt'} once there is room, then --resume "
+                            f"latest)")
     assert load_state(rescued)["step"] == 4 and load_state(out / "coco_prefix_resume.pt")["step"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -341,9 +341,13 @@ class Trainer:
         try:
             write_or_rescue(path, lambda target: save_state(target, state), "the resume checkpoint")
         except OutputError as e:
-            kept = f"continue with --resume {e.rescued}" if e.rescued else \
-                f"the last resume point is intact: {self.last_checkpoint} (step {self.last_step})" \
-                if self.last_checkpoint else "no resume point had been written yet"
+            if e.rescued:
+                kept = (f"continue with --resume {e.rescued} (or move it to {path} once there is room, then "
+                        f"--resume latest)")
+            elif self.last_checkpoint:
+                kept = f"the last resume point is intact: {self.last_checkpoint} (step {self.last_step})"
+            else:
+                kept = "no resume point had been written yet"
             raise TrainingError(f"at step {self.pos.step}: {e}; {kept}") from e
         self.last_checkpoint, self.last_step = path, self.pos.step
         self.write_exports(exports)
