@@ -14,8 +14,7 @@ from typing import Optional
 from captioning.choices import ANNOTATION_FORMATS, FEATURE_DTYPES
 from captioning.cli import (POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, json_object,
                             run_command)
-from captioning.configs import EXTRACTION_BATCH_SIZES as BATCH_SIZES
-from captioning.configs import ExtractionConfig, defaults
+from captioning.configs import EXTRACTION_BATCH_SIZES, ExtractionConfig, defaults
 from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES
 
 
@@ -54,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_path",
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
     p.add_argument("--batch_size", type=POSITIVE,
-                   help=f"images per encoder call; default {BATCH_SIZES['cuda']} on CUDA, {BATCH_SIZES['cpu']} on "
-                        f"CPU (where small batches stay in cache)")
+                   help=f"images per encoder call; default {EXTRACTION_BATCH_SIZES['cuda']} on CUDA, "
+                        f"{EXTRACTION_BATCH_SIZES['cpu']} on CPU (where small batches stay in cache)")
     add_thread_arguments(p)
     p.add_argument("--device", type=device_name,
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")

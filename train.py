@@ -167,9 +167,10 @@ def parse_config(argv=None) -> TrainConfig:
 
 def main(argv=None) -> dict:
     """Train; returns the run's summary (step, latest export, ...)."""
-    config = parse_config(argv)
+    parser = build_parser()
+    config = TrainConfig(**vars(parser.parse_args(argv)))
     # With --init_from the export decides the architecture: a flag given with another value is an error.
-    given = flags_given(build_parser(), argv, ARCHITECTURE_FLAGS + ENCODER_FLAGS)
+    given = flags_given(parser, argv, ARCHITECTURE_FLAGS + ENCODER_FLAGS)
     from captioning.training.runner import train  # torch, timm and transformers: after the flags
     return train(config, given=given)
 

@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from captioning import runtime
-from captioning.featurize import BATCH_SIZES, ExtractionConfig, extract_features
+from captioning.configs import extraction_batch_size
+from captioning.featurize import ExtractionConfig, extract_features
 from models.encoder import EncoderConfig, ImageEncoder
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads; default parse_coco's budget")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    batch_size = args.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
+    batch_size = extraction_batch_size(args.batch_size, device.type)
     precision = runtime.resolve_precision(args.precision or ("fp32" if device.type == "cpu" else "auto"), device,
                                           training=False)
     budget = runtime.plan_threads(device, loads_images=True, workers=args.num_workers, threads=args.threads)

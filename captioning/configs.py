@@ -12,9 +12,15 @@ from typing import Dict, List, Optional
 from captioning.choices import ALL_METRICS, FEATURE_DTYPES
 from models.choices import DEFAULT_BEAM_SIZE, DEFAULT_TOP_P
 
-EXTRACTION_BATCH_SIZES = {"cuda": 128, "cpu": 4}  # images per encoder call; on a CPU small batches stay in cache
+# Images per encoder call: on a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
+EXTRACTION_BATCH_SIZES = {"cuda": 128, "cpu": 4}
 DEMO_RUN = "./runs/demo"  # where make demo writes, and where app.py looks for its export
 DEMO_EXPORT = f"{DEMO_RUN}/run/demo_latest"
+
+
+def extraction_batch_size(batch_size: Optional[int], device_type: str) -> int:
+    """`batch_size`, or EXTRACTION_BATCH_SIZES of the device type (a CPU's for other devices)."""
+    return batch_size or EXTRACTION_BATCH_SIZES.get(device_type, EXTRACTION_BATCH_SIZES["cpu"])
 
 
 def defaults(config_class) -> Dict:

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from captioning import runtime
-from captioning.configs import EXTRACTION_BATCH_SIZES, ExtractionConfig
+from captioning.configs import ExtractionConfig, extraction_batch_size
 from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
 from captioning.data.features import write_features
 from captioning.extraction import (ExtractionError, Failure, assemble, check_manifest, done_indices, extract,
@@ -28,8 +28,6 @@ from models.checkpoint_io import atomic_write, remove_stale_temporaries
 from models.encoder import ImageEncoder
 
 FORMAT_VERSION = 1  # of the features metadata and of the resume manifest
-# Images per encoder call: on a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
-BATCH_SIZES = EXTRACTION_BATCH_SIZES
 
 
 def frozen_encoder(config: ExtractionConfig) -> ImageEncoder:
@@ -186,7 +184,7 @@ def run(config: ExtractionConfig, processes: Distributed) -> Optional[dict]:
         runtime.announce(precision)
         print(budget.describe(), file=sys.stderr)
     start = time.perf_counter()
-    batch_size = config.batch_size or BATCH_SIZES.get(device.type, BATCH_SIZES["cpu"])
+    batch_size = extraction_batch_size(config.batch_size, device.type)
     try:
         with runtime.thread_budget(budget):
             failures = extract(records, encoder, partial, plan_batches(len(records), batch_size, done, rank,

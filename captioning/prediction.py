@@ -93,7 +93,7 @@ def write_json(path, results: Sequence[CaptionResult], image_ids, num_captions: 
     entries; they are reported on stderr."""
     several = num_captions > 1
     write_results(path, [Prediction(image_id, r.caption, r.captions[:num_captions] if several else [],
-                                    printable_name(r.source), r.scores[:num_captions] if several else [])
+                                    r.source, r.scores[:num_captions] if several else [])
                          for r, image_id in zip(results, image_ids) if r.error is None], beams_key="captions")
 
 
