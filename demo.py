@@ -1,11 +1,11 @@
 """The whole pipeline on a fresh machine, without pretrained weights or COCO: `make demo`.
 
 Generates the synthetic shapes dataset (captioning/data/shapes.py), trains a byte-level BPE tokenizer on its
-captions, builds a small GPT-2, trains a small timm encoder end to end with the mapper and the decoder (as train.py
---train_encoder does), captions the test split (the Captioner), scores it (as evaluate.py does) and checks each
-caption's colours, shapes and positions against the scene (captioning/demo/). Any folder holding `images/`,
-`captions_train.json` and `captions_test.json` in official COCO format (`captions_val.json` optional) runs through
-the same recipe with `--data DIR`.
+captions, builds a small decoder (GPT-2, or --decoder_type llama|qwen2|gpt_neox), trains a small timm encoder end
+to end with the mapper and the decoder (as train.py --train_encoder does), captions the test split (the
+Captioner), scores it (as evaluate.py does) and checks each caption's colours, shapes and positions against the
+scene (captioning/demo/). Any folder holding `images/`, `captions_train.json` and `captions_test.json` in official
+COCO format (`captions_val.json` optional) runs through the same recipe with `--data DIR`.
 
     python demo.py                          # generate ./runs/demo/shapes, train, caption, evaluate
     python demo.py --data path/to/dataset   # the same recipe on another dataset in COCO format
@@ -15,7 +15,7 @@ import sys
 
 from captioning.cli import (COUNT, POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, integer,
                             number, run_command)
-from captioning.configs import DemoConfig, defaults
+from captioning.configs import DEMO_DECODER_TYPES, DemoConfig, defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_thread_arguments(p, workers=False)
     p.add_argument("--beam_size", type=POSITIVE, help="beams when captioning the test split (default %(default)s)")
     p.add_argument("--device", type=device_name, help="(default %(default)s)")
+    p.add_argument("--decoder_type", choices=DEMO_DECODER_TYPES,
+                   help="architecture of the small decoder trained from scratch, at about the same parameter count "
+                        "(default %(default)s; the table of all four: docs/demo.md)")
     p.add_argument("--scst", action="store_true",
                    help="after cross-entropy, optimise CIDEr-D (train.py --scst) and print both stages' figures")
     p.add_argument("--scst_steps", type=POSITIVE, help="steps of CIDEr optimisation (default %(default)s)")

@@ -39,12 +39,12 @@ def add_original_flags(a) -> None:
     a("--prefix", help="name prefix of the saved exports and checkpoint")
     a("--epochs", type=POSITIVE, help="passes over the training captions")
     a("--save_every", type=POSITIVE, help="write the export <prefix>-<epoch> every N epochs (and the last)")
-    a("--prefix_length", type=POSITIVE, help="GPT-2 prefix embeddings produced by the mapping network")
+    a("--prefix_length", type=POSITIVE, help="prefix embeddings (decoder positions) the mapping network produces")
     a("--prefix_length_clip", type=POSITIVE,
       help="transformer mapper: tokens projected from a pooled image feature")
     a("--bs", type=POSITIVE, help="batch size per process")
     a("--only_prefix", dest="only_prefix", action="store_true",
-      help="train only the mapping network (and encoder); the GPT-2 decoder stays frozen")
+      help="train only the mapping network (and encoder); the decoder stays frozen")
     a("--mapping_type", choices=MAPPING_TYPES, help="mapping network type (default %(default)s)")
     a("--num_layers", type=POSITIVE, help="transformer mapper depth")
     a("--is_rn", dest="is_rn", action="store_true",
@@ -63,8 +63,9 @@ def add_runtime_flags(p) -> None:
 
 
 def add_training_flags(a) -> None:
-    a("--gpt2", type=pretrained_source,
-      help="GPT-2 decoder and tokenizer: hub name or local directory")
+    a("--gpt2", "--decoder", dest="gpt2", metavar="DECODER", type=pretrained_source,
+      help="the decoder and its tokenizer: any causal language model (GPT-2, LLaMA/SmolLM2, Qwen2/2.5/3, "
+           "GPT-NeoX/Pythia, OPT, ...) as a hub name or local directory")
     a("--lr", type=number(0), help="peak learning rate (AdamW), after linear warmup, then linear decay")
     a("--warmup_steps", type=COUNT, help="optimizer steps of linear learning-rate warmup")
     a("--weight_decay", type=number(0), help="AdamW weight decay on weight matrices (not biases, norms)")

@@ -13,17 +13,34 @@ repeated `--rounds` times, interleaved with the others, and the fastest time cou
     python benchmarks/bench_decode.py [--device cuda]
 
 The last line is `RESULT ratio_single=<b/a> ratio_batched=<c/a> ratio_batched_bf16=<c bf16/a> ...`.
+
+With `--decoder_type gpt2|llama` it compares ours with transformers' `generate(num_beams=5)` instead, on the same
+prefixes, one image and a batch, in fp32: gpt2 is the distilgpt2 shape above, llama a SmolLM2-135M-shaped random
+LLaMA (30 layers, hidden 576, 9 heads with 3 key/value heads, MLP 1536, vocabulary 49152, tied embeddings).
+
+    python benchmarks/bench_decode.py --decoder_type llama
+
+Its last line is `RESULT decoder=llama captions_per_s_single=.. captions_per_s_batched=.. ratio_generate_single=..
+ratio_generate_batched=..` (ours over generate).
 """
 import argparse
 import copy
 import time
 
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from captioning import runtime
 from captioning.original_decoding import original_beam_search
 from models.decoding import beam_search
+
+
+SHAPES = {
+    "gpt2": GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "llama": LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True),
+}
 
 
 def parse_args(argv=None):
@@ -40,6 +57,8 @@ def parse_args(argv=None):
                    help="the bf16 run of (c): auto runs it where bf16 is native (captioning/runtime.py's rule)")
     p.add_argument("--no_bf16", dest="bf16", action="store_const", const="no", help="same as --bf16 no")
     p.add_argument("--with_generate", action="store_true", help="also time transformers' generate")
+    p.add_argument("--decoder_type", choices=sorted(SHAPES),
+                   help="compare ours with generate on this decoder shape (see above) instead of the original")
     return p.parse_args(argv)
 
 
@@ -68,9 +87,41 @@ def measure(name, fn, captions, best, device):
     return out
 
 
+def against_generate(args, device):
+    """Ours against transformers' generate on one decoder shape, one image at a time and in a batch (fp32)."""
+    torch.manual_seed(0)
+    decoder = AutoModelForCausalLM.from_config(SHAPES[args.decoder_type]).eval().to(device)
+    width, k, n_new = decoder.get_input_embeddings().embedding_dim, args.beam_size, args.new_tokens
+    prefix = torch.randn(args.batch_size, args.prefix_length, width, device=device)
+    count = sum(p.numel() for p in decoder.parameters())
+    print(runtime.describe_cpu())
+    print(f"device {device}, torch threads {torch.get_num_threads()}, decoder {args.decoder_type} "
+          f"({count / 1e6:.0f}M parameters), prefix {args.prefix_length}, beam {k}, {n_new} new tokens, "
+          f"batch {args.batch_size}, {args.rounds} rounds (fastest counts)")
+    beam_search(decoder, prefix[:2], [], k, 3)  # warm-up
+    generate_beams(decoder, prefix[:1], argparse.Namespace(beam_size=k, new_tokens=3))
+    best, n_single = {}, args.original_images
+    for _ in range(args.rounds):
+        measure("ours_single", lambda: [beam_search(decoder, prefix[i:i + 1], [], k, n_new)
+                                        for i in range(n_single)], n_single, best, device)
+        measure("generate_single", lambda: [generate_beams(decoder, prefix[i:i + 1], args)
+                                            for i in range(n_single)], n_single, best, device)
+        measure("ours_batched", lambda: beam_search(decoder, prefix, [], k, n_new), args.batch_size, best, device)
+        measure("generate_batched", lambda: generate_beams(decoder, prefix, args), args.batch_size, best, device)
+    rate = {name: 1.0 / seconds for name, seconds in best.items()}
+    for name, value in rate.items():
+        print(f"{name:<18} {value:8.3f} captions/s")
+    print(f"RESULT decoder={args.decoder_type} captions_per_s_single={rate['ours_single']:.3f} "
+          f"captions_per_s_batched={rate['ours_batched']:.3f} "
+          f"ratio_generate_single={rate['ours_single'] / rate['generate_single']:.2f} "
+          f"ratio_generate_batched={rate['ours_batched'] / rate['generate_batched']:.2f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.decoder_type:
+        return against_generate(args, device)
     torch.manual_seed(0)
     config = GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
     gpt = GPT2LMHeadModel(config).eval().to(device)

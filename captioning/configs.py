@@ -16,6 +16,7 @@ from models.choices import DEFAULT_BEAM_SIZE, DEFAULT_TOP_P
 EXTRACTION_BATCH_SIZES = {"cuda": 128, "cpu": 4}
 DEMO_RUN = "./runs/demo"  # where make demo writes, and where app.py looks for its export
 DEMO_EXPORT = f"{DEMO_RUN}/run/demo_latest"
+DEMO_DECODER_TYPES = ("gpt2", "llama", "qwen2", "gpt_neox")  # demo.py --decoder_type: captioning/demo/recipe.py
 
 
 def extraction_batch_size(batch_size: Optional[int], device_type: str) -> int:
@@ -142,6 +143,7 @@ class DemoConfig:
     threads: Optional[int] = None
     beam_size: int = 3
     device: str = "cpu"
+    decoder_type: str = "gpt2"  # the demo decoder's architecture: DEMO_DECODER_TYPES
     scst: bool = False  # CIDEr optimisation after cross-entropy
     # CIDEr optimisation starts from the whole cross-entropy recipe; the greedy baseline (captioning/demo/recipe.py) and
     # this learning rate did best on the either-order dataset (docs/experiments.md).

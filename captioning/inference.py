@@ -25,6 +25,7 @@ from captioning.data.images import ImageError, load_image, to_rgb
 from models import decoding
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError
+from models.decoders import position_limit
 from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
@@ -75,8 +76,8 @@ def load_recorded_encoder(config: CaptionerConfig, directory, weights=None) -> O
     return encoder
 
 
-# A fast tokenizer's one file, or a slow GPT-2 tokenizer's two.
-TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# A fast tokenizer's one file, a slow GPT-2 tokenizer's two, or a sentencepiece model (LLaMA, T5 families).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
 
 
 def check_tokenizer_files(directory: Path) -> None:
@@ -85,7 +86,7 @@ def check_tokenizer_files(directory: Path) -> None:
     if not any(all((directory / name).is_file() for name in names) for names in TOKENIZER_FILES):
         raise CheckpointError(f"{directory}: the tokenizer files are missing (tokenizer.json, or vocab.json and "
                               f"merges.txt); an export holds its tokenizer: save it with "
-                              f"model.save_pretrained(dir, tokenizer) or copy the files of the GPT-2 it was "
+                              f"model.save_pretrained(dir, tokenizer) or copy the files of the decoder it was "
                               f"trained from")
 
 
@@ -236,14 +237,14 @@ class Captioner:
     @property
     def longest_caption(self) -> int:
         """The most tokens a caption can have: the decoder's positions left after the prefix."""
-        return self.model.gpt.config.n_positions - self.model.config.prefix_length
+        return position_limit(self.model.gpt.config) - self.model.config.prefix_length
 
     def fit_max_length(self, requested: Optional[int], flag: str = "--max_length") -> Tuple[int, Optional[str]]:
         """`requested`, or the default (the original's 67) clipped to what the decoder holds, with a note saying
         so; a requested length that does not fit is an error naming `flag`."""
         longest = self.longest_caption
-        holds = (f"the decoder has {self.model.gpt.config.n_positions} positions, {self.model.config.prefix_length} "
-                 f"of them for the prefix")
+        holds = (f"the decoder has {position_limit(self.model.gpt.config)} positions, "
+                 f"{self.model.config.prefix_length} of them for the prefix")
         if requested is None:
             if DEFAULT_MAX_LENGTH <= longest:
                 return DEFAULT_MAX_LENGTH, None

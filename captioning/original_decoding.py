@@ -1,18 +1,19 @@
 """The original ClipCap `generate_beam`, the baseline of benchmarks/bench_decode.py and the reference of the tests.
 
-One image at a time, and at every step GPT-2 runs over the whole prefix and every token generated so far,
+One image at a time, and at every step the decoder runs over the whole prefix and every token generated so far,
 once per beam, with no key/value cache. Changes from the original, none of which alter its results: stop
-tokens are a list of ids instead of one string, tokens are returned instead of decoded text, and the squeezes
-that broke `beam_size=1` keep the beam dimension.
+tokens are a list of ids instead of one string, tokens are returned instead of decoded text, the decoder is any
+causal LM (its input embeddings stand for GPT-2's `wte`), and the squeezes that broke `beam_size=1` keep the
+beam dimension.
 """
 from typing import List, Sequence, Tuple
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import PreTrainedModel
 
 
 @torch.no_grad()
-def original_beam_search(gpt: GPT2LMHeadModel, embed: torch.Tensor, stop_token_ids: Sequence[int],
+def original_beam_search(gpt: PreTrainedModel, embed: torch.Tensor, stop_token_ids: Sequence[int],
                          beam_size: int = 5, entry_length: int = 67,
                          temperature: float = 1.0) -> Tuple[List[List[int]], List[float]]:
     """`embed` (1, P, C) prefix embeddings -> (token lists best first, mean log-probability per token)."""
@@ -44,7 +45,7 @@ def original_beam_search(gpt: GPT2LMHeadModel, embed: torch.Tensor, stop_token_i
             generated = generated[next_tokens_source]
             scores = scores_sum_average * seq_lengths
             is_stopped = is_stopped[next_tokens_source]
-        next_token_embed = gpt.transformer.wte(next_tokens.view(-1)).view(generated.shape[0], 1, -1)
+        next_token_embed = gpt.get_input_embeddings()(next_tokens.view(-1)).view(generated.shape[0], 1, -1)
         generated = torch.cat((generated, next_token_embed), dim=1)
         is_stopped = is_stopped | torch.isin(next_tokens.view(-1), stop)
         if is_stopped.all():

@@ -1,4 +1,4 @@
-"""The prefix captioning model: image feature -> mapping network -> GPT-2 prefix -> caption.
+"""The prefix captioning model: image feature -> mapping network -> prefix embeddings -> causal LM -> caption.
 
 Exports are directories: `config.json` (everything needed to rebuild the model without a download),
 `model.safetensors` (decoder included by default) and the tokenizer files. Loading is strict.
@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from transformers import PreTrainedModel
 
 from models.checkpoint_io import CheckpointError, atomic_directory, load_state_dict_strict, save_safetensors
 from models.choices import MAPPING_TYPES, mapper_reads
+from models.decoders import build_decoder, decoder_config, embedding_width, hidden_states, load_decoder, \
+    output_embeddings_key
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
 from models.mapping import MLP, TransformerMapper
@@ -25,14 +27,16 @@ from models.model_card import CARD_FILE, render_model_card
 MODEL_TYPE = "clip_caption_model"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 2  # 2 added `training` (what the model was trained on); version 1 configs still load
-READABLE_VERSIONS = (1, 2)
+# 2 added `training` (what the model was trained on); 3: the decoder may be any causal LM, its config naming its
+# model_type. Versions 1 and 2 (GPT-2 decoders) still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
 class CaptionerConfig:
     mapping_type: str = "mlp"  # "mlp" | "transformer"
-    prefix_length: int = 10  # GPT-2 embeddings the mapper produces
+    prefix_length: int = 10  # decoder input embeddings the mapper produces
     prefix_length_clip: int = 10  # transformer mapper: tokens projected from a pooled feature
     num_layers: int = 8  # transformer mapper depth
     prefix_size: int = 576  # feature dimension D
@@ -41,10 +45,10 @@ class CaptionerConfig:
     mlp_sizes: Optional[List[int]] = None  # MLP layer sizes; None: the original (D, P*C/2, P*C)
     normalize_prefix: bool = False  # L2-normalise features before the mapper, in training and inference alike
     only_prefix: bool = False  # the decoder was frozen during training
-    gpt2: str = "distilgpt2"  # hub name or directory the decoder came from
-    decoder: Optional[Dict] = None  # GPT2Config.to_dict(): rebuilds the decoder offline
+    gpt2: str = "distilgpt2"  # hub name or directory the decoder (any causal LM) came from
+    decoder: Optional[Dict] = None  # the decoder's config.to_dict(), model_type included: rebuilds it offline
     decoder_in_checkpoint: bool = True  # model.safetensors holds the decoder weights
-    eos_token_ids: List[int] = field(default_factory=list)  # a caption ends at any of these
+    eos_token_ids: List[int] = field(default_factory=list)  # a caption ends at any of these (the learned one first)
     encoder: Optional[Dict] = None  # EncoderConfig.to_dict(): encoder name, weights source, preprocessing
     encoder_in_checkpoint: bool = False  # model.safetensors holds the encoder weights (end-to-end training)
     source: str = "tinytiny"  # "original" for checkpoints imported from the original code
@@ -79,6 +83,7 @@ class CaptionerConfig:
 
 
 def build_mapper(config: CaptionerConfig, n_embd: int) -> nn.Module:
+    """The mapping network from features to `prefix_length` embeddings of width `n_embd` (the decoder's)."""
     if config.mapping_type == "mlp":
         sizes = config.mlp_sizes or [config.prefix_size, n_embd * config.prefix_length // 2,
                                      n_embd * config.prefix_length]
@@ -89,20 +94,20 @@ def build_mapper(config: CaptionerConfig, n_embd: int) -> nn.Module:
 
 
 class ClipCaptionModel(nn.Module):
-    """Mapper (`clip_project`) + GPT-2 (`gpt`), named as the original so its state dicts map one to one;
-    optionally the image encoder (`encoder`) for end-to-end training."""
+    """Mapper (`clip_project`) + decoder (`gpt`, any causal LM; a GPT-2 in the original, whose names are kept so
+    that its state dicts map one to one); optionally the image encoder (`encoder`) for end-to-end training."""
 
-    def __init__(self, config: CaptionerConfig, gpt: Optional[GPT2LMHeadModel] = None,
+    def __init__(self, config: CaptionerConfig, gpt: Optional[PreTrainedModel] = None,
                  encoder: Optional[ImageEncoder] = None):
         super().__init__()
         if gpt is None:
             if config.decoder is None:
                 raise ValueError("config.decoder is empty: pass a decoder or use ClipCaptionModel.create")
-            gpt = GPT2LMHeadModel(GPT2Config.from_dict(config.decoder))
+            gpt = build_decoder(decoder_config(config.decoder))
         self.gpt = gpt
         self.config = dataclasses.replace(config, decoder=gpt.config.to_dict())
         self.prefix_length = config.prefix_length
-        self.clip_project = build_mapper(config, gpt.config.n_embd)
+        self.clip_project = build_mapper(config, embedding_width(gpt))
         self.encoder = None
         if encoder is not None:
             self.attach_encoder(encoder)
@@ -150,7 +155,7 @@ class ClipCaptionModel(nn.Module):
 
     def embed(self, tokens: torch.Tensor, prefix=None, images=None) -> torch.Tensor:
         prefix_emb = self.prefix_embeddings(self.features_from(prefix, images))
-        token_emb = self.gpt.transformer.wte(tokens)
+        token_emb = self.token_embeddings(tokens)
         return torch.cat((prefix_emb.to(token_emb.dtype), token_emb), dim=1)  # (B, P + T, C)
 
     def forward(self, tokens: torch.Tensor, prefix: Optional[torch.Tensor] = None,
@@ -178,15 +183,19 @@ class ClipCaptionModel(nn.Module):
     def caption_logits(self, tokens: torch.Tensor, keep: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (N, V) predicting the caption tokens where `keep` (B, T) is true, from the
         prefix-and-caption embeddings (B, P + T, C); the vocabulary projection runs at those positions only."""
-        hidden = self.gpt.transformer(inputs_embeds=embeds).last_hidden_state
+        hidden = hidden_states(self.gpt, inputs_embeds=embeds)
         hidden = hidden[:, self.prefix_length - 1:-1]  # position i predicts caption token i
-        return self.gpt.lm_head(hidden[keep])
+        return self.gpt.get_output_embeddings()(hidden[keep])
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's input embeddings of token ids (B, T) -> (B, T, C)."""
+        return self.gpt.get_input_embeddings()(tokens)
 
     # ---- export directories -------------------------------------------------------------------------------
 
     def _tied_keys(self) -> List[str]:
-        tied = self.gpt.lm_head.weight is self.gpt.transformer.wte.weight
-        return ["gpt.lm_head.weight"] if tied else []
+        key = output_embeddings_key(self.gpt)
+        return [f"gpt.{key}"] if key else []
 
     def save_pretrained(self, directory, tokenizer=None, include_decoder: bool = True) -> None:
         """Write `config.json`, `model.safetensors`, the tokenizer and the model card (README.md) atomically into
@@ -227,24 +236,6 @@ class ClipCaptionModel(nn.Module):
             state.update({k: v for k, v in model.state_dict().items() if k.startswith("gpt.")})
         load_state_dict_strict(model, state, weights, optional_missing=optional)
         return model.to(device) if device is not None else model
-
-
-def load_decoder(source: str) -> GPT2LMHeadModel:
-    """The pretrained GPT-2 that `source` names (hub name or directory), every weight loaded: a model of another
-    architecture (a LLaMA, a BERT) or one with missing or unexpected weights is an error naming them, never a
-    GPT-2 with random weights (transformers itself only warns)."""
-    model_type = AutoConfig.from_pretrained(source).model_type
-    if model_type != GPT2Config.model_type:
-        raise CheckpointError(f"decoder {source}: a {model_type!r} model, but the decoder must be a GPT-2 "
-                              f"(model_type 'gpt2': distilgpt2, gpt2, gpt2-medium, ... or a directory of one)")
-    model, info = GPT2LMHeadModel.from_pretrained(source, output_loading_info=True)
-    problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                if info.get(kind)}
-    if problems:
-        raise CheckpointError(f"decoder {source}: its weights do not all load ("
-                              + "; ".join(f"{kind.replace('_', ' ')}: {keys[:5]}" for kind, keys in problems.items())
-                              + "); nothing was trained on random weights")
-    return model
 
 
 def read_config(directory: Path) -> CaptionerConfig:

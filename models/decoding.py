@@ -22,16 +22,17 @@ figures are in docs/benchmarks.md):
 Sequences end at any of `eos_token_ids` (the stop token is kept in the sequence); an empty list never stops.
 Scores are mean log-probabilities per token, stop token included, under the untempered model.
 """
-import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import DynamicCache, PreTrainedModel
 
 from models.choices import (DECODINGS, DEFAULT_BEAM_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_TOP_P,  # noqa: F401 (re-exported)
                             MAX_TEMPERATURE, MIN_TEMPERATURE)
+from models.decoders import hidden_states, position_limit
+from models.kv_cache import append_in_place, new_cache, reorder_beams
 
 
 def check_temperature(temperature: float) -> None:
@@ -78,29 +79,27 @@ class Decoded:
         return [[seq[:n] for seq, n in zip(rows, ns)] for rows, ns in zip(tokens, lengths)]
 
 
-def check_lengths(gpt: GPT2LMHeadModel, prefix_length: int, max_length: int) -> None:
+def check_lengths(gpt: PreTrainedModel, prefix_length: int, max_length: int) -> None:
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    n_positions = gpt.config.n_positions
-    if prefix_length + max_length > n_positions:
+    limit = position_limit(gpt.config)
+    if prefix_length + max_length > limit:
         raise ValueError(f"prefix length {prefix_length} + max_length {max_length} exceeds the decoder's "
-                         f"{n_positions} positions; lower max_length")
+                         f"{limit} positions; lower max_length")
 
 
-def prefill(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor) -> Tuple[DynamicCache, torch.Tensor]:
+def prefill(gpt: PreTrainedModel, prefix_embeds: torch.Tensor) -> Tuple[DynamicCache, torch.Tensor]:
     """Run the decoder over the prefixes (B, P, C) once: the filled cache and the next-token logits (B, V).
-
-    The vocabulary projection runs on the last position only. The cache goes in positionally: its keyword is
-    `past_key_values` in older transformers and `cache` in newer ones; the object is updated in place."""
-    cache = DynamicCache()
-    hidden = gpt.transformer(None, cache, inputs_embeds=prefix_embeds, use_cache=True).last_hidden_state
-    return cache, gpt.lm_head(hidden[:, -1]).float()
+    The vocabulary projection runs on the last position only."""
+    cache = new_cache(gpt)
+    hidden = hidden_states(gpt, inputs_embeds=prefix_embeds, cache=cache)
+    return cache, gpt.get_output_embeddings()(hidden[:, -1]).float()
 
 
-def next_logits(gpt: GPT2LMHeadModel, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+def next_logits(gpt: PreTrainedModel, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Feed one token per row (R,) after the cached positions; next-token logits (R, V) in float32."""
-    hidden = gpt.transformer(tokens[:, None], cache, use_cache=True).last_hidden_state
-    return gpt.lm_head(hidden[:, -1]).float()
+    hidden = hidden_states(gpt, input_ids=tokens[:, None], cache=cache)
+    return gpt.get_output_embeddings()(hidden[:, -1]).float()
 
 
 def _eos_tensor(eos_token_ids: Sequence[int], device) -> Tuple[torch.Tensor, int]:
@@ -109,7 +108,7 @@ def _eos_tensor(eos_token_ids: Sequence[int], device) -> Tuple[torch.Tensor, int
 
 
 @torch.no_grad()
-def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
+def beam_search(gpt: PreTrainedModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
                 beam_size: int = DEFAULT_BEAM_SIZE, max_length: int = DEFAULT_MAX_LENGTH,
                 temperature: float = 1.0) -> Decoded:
     """Batched beam search with the original ClipCap scoring, `beam_size` sequences per image, best first.
@@ -119,7 +118,7 @@ def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids
     beam of its image has finished. Each image's beams only ever take candidates from that image, so a batch
     gives the same captions as one image at a time.
     """
-    batch, vocab = prefix_embeds.shape[0], gpt.config.vocab_size
+    batch, vocab = prefix_embeds.shape[0], gpt.get_output_embeddings().out_features
     if not 1 <= beam_size <= vocab:
         raise ValueError(f"beam_size must be between 1 and the vocabulary size {vocab}, got {beam_size}")
     check_temperature(temperature)
@@ -170,57 +169,6 @@ def beam_search(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids
         reorder_beams(cache, (source + offsets).view(-1), prefix_embeds.shape[1])
     out.store(active, tokens, lengths, scores)
     return out.result(sort=True)
-
-
-def _tensor_layers(cache: DynamicCache) -> Optional[list]:
-    """The cache's layers when each holds its keys and values as tensors (transformers 4.56 on), else None."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
-        return None
-    return layers
-
-
-GROWTH = 16  # positions a cache buffer grows by: one copy of the cache per 16 steps instead of one per step
-
-
-def append_in_place(cache: DynamicCache) -> None:
-    """Make each layer of `cache` append new positions into a buffer with room to spare, instead of
-    concatenating (a copy of the whole cache at every step; with `reorder_beams`, the two copies were about half
-    of a batch's beam search on a 2-core CPU). The layers' `keys` / `values` stay tensors of the cached length,
-    views of the buffer, so every other cache method works as before; one that replaces them (selecting rows)
-    leads to a new buffer at the next append. Caches without per-layer tensors are left as they are."""
-    for layer in _tensor_layers(cache) or []:
-        layer.update = functools.partial(_append_into_buffer, layer)
-
-
-def _append_into_buffer(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-    keys, values = layer.keys, layer.values  # (rows, heads, positions, head size)
-    n, add = keys.shape[-2], key_states.shape[-2]
-    buffers = getattr(layer, "_kv_buffers", None)
-    if buffers is None or buffers[0].shape[-2] < n + add or keys.data_ptr() != buffers[0].data_ptr() or \
-            keys.shape[:2] != buffers[0].shape[:2]:
-        size = n + add + GROWTH
-        buffers = tuple(t.new_empty(*t.shape[:2], size, t.shape[-1]) for t in (keys, values))
-        buffers[0][:, :, :n], buffers[1][:, :, :n] = keys, values
-        layer._kv_buffers = buffers
-    buffers[0][:, :, n:n + add], buffers[1][:, :, n:n + add] = key_states, value_states
-    layer.keys, layer.values = buffers[0][:, :, :n + add], buffers[1][:, :, :n + add]
-    return layer.keys, layer.values
-
-
-def reorder_beams(cache: DynamicCache, rows: torch.Tensor, shared: int) -> None:
-    """`cache.reorder_cache(rows)` where rows move only among the beams of one image: the first `shared`
-    positions (the image's prefix) are the same in all of them, so only the generated positions are copied.
-    On a 2-core CPU the cache copies are memory-bound and take about half of a batch's beam search (32 images,
-    beam 5, 40-token prefix), so this saves most of a copy per step. Without per-layer tensors (transformers
-    before 4.56) the whole cache is reordered."""
-    layers = _tensor_layers(cache)
-    if layers is None:
-        cache.reorder_cache(rows)
-        return
-    for layer in layers:
-        for tensor in (layer.keys, layer.values):  # (rows, heads, positions, head size)
-            tensor[:, :, shared:] = tensor[:, :, shared:].index_select(0, rows)
 
 
 class _Finished:
@@ -295,7 +243,7 @@ def sampling_noise(seed: Union[int, Sequence[int]], image_indices: Sequence[int]
 
 
 @torch.no_grad()
-def sample(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
+def sample(gpt: PreTrainedModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
            num_samples: int = 1, top_p: float = DEFAULT_TOP_P, temperature: float = 1.0,
            max_length: int = DEFAULT_MAX_LENGTH, noise: Optional[torch.Tensor] = None) -> Decoded:
     """Nucleus sampling: `num_samples` captions per image, each token drawn from the tempered distribution
@@ -317,14 +265,14 @@ def sample(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Seq
 
 
 @torch.no_grad()
-def greedy(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
+def greedy(gpt: PreTrainedModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
            max_length: int = 67) -> Decoded:
     """The most probable next token at every step, one caption per image."""
     return _decode_loop(gpt, prefix_embeds, eos_token_ids, 1, max_length,
                         lambda logits, rows, t: logits.argmax(dim=-1))
 
 
-def _decode_loop(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
+def _decode_loop(gpt: PreTrainedModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
                  rows_per_image: int, max_length: int,
                  pick: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> Decoded:
     """Sequences drawn token by token by `pick(logits (R, V), row ids (R,), step)`, rows_per_image per image."""
@@ -360,7 +308,7 @@ def _decode_loop(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_id
     return out.result(sort=False)
 
 
-def decode(gpt: GPT2LMHeadModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
+def decode(gpt: PreTrainedModel, prefix_embeds: torch.Tensor, eos_token_ids: Sequence[int],
            options: DecodingOptions, image_indices: Optional[Sequence[int]] = None) -> Decoded:
     """Decode with `options`; `image_indices` (default 0..B-1) number the images for seeded sampling."""
     if options.decoding == "beam":

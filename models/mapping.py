@@ -1,4 +1,4 @@
-"""Mapping networks: one image feature (or a grid of them) -> `prefix_length` GPT-2 input embeddings.
+"""Mapping networks: one image feature (or a grid of them) -> `prefix_length` decoder input embeddings.
 
 Module and parameter names follow the original ClipCap code exactly, so its state dicts load strictly.
 """

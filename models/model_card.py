@@ -16,17 +16,23 @@ SCORE_LABELS = {"Bleu_1": "BLEU-1", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROU
                 "SPICE": "SPICE", "eval_cider": "CIDEr", "eval_bleu4": "BLEU-4"}
 
 
+# How a model card names the decoder's architecture (its model_type otherwise).
+DECODER_NAMES = {"gpt2": "GPT-2", "llama": "LLaMA", "qwen2": "Qwen2", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX",
+                 "opt": "OPT"}
+
+
 def render_model_card(config: Dict, scores: Optional[Dict[str, float]] = None, scored_on: str = "") -> str:
     """README.md text for an export whose config.json holds `config` (CaptionerConfig.to_dict()); `scores` (COCO
     metric names) and `scored_on` (what was captioned) add the evaluation section."""
     training = config.get("training") or {}
     encoder = config.get("encoder") or {}
+    decoder_type = (config.get("decoder") or {}).get("model_type", "gpt2")
     data = ModelCardData(library_name=LIBRARY_NAME, pipeline_tag="image-to-text", license=training.get("license"),
-                         tags=["image-captioning", "clipcap", "gpt2"])
+                         tags=["image-captioning", "clipcap", decoder_type])
     parts = (f"a {encoder.get('name', 'timm')} image encoder ({encoder.get('feature_type', 'pooled')} features"
              f"{', trained with the model and held in this export' if config.get('encoder_in_checkpoint') else ''}"
              f"), a {config['mapping_type']} mapping network to {config['prefix_length']} prefix embeddings and a "
-             f"GPT-2 decoder from {config.get('gpt2')}")
+             f"{DECODER_NAMES.get(decoder_type, decoder_type)} decoder from {config.get('gpt2')}")
     lines = ["---", data.to_yaml(), "---", "", "# Image captioner (ClipCap-style)", "",
              f"An image captioner in the manner of ClipCap (arXiv 2111.09734): {parts}. It writes captions with beam "
              f"search, greedy decoding or nucleus sampling.", "", "## Use", "", "```python",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from captioning.data.features import write_features
 from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
@@ -45,6 +45,51 @@ def tiny_gpt2(tokenizer, seed=0, **config) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(**{**dict(n_layer=2, n_embd=32, n_head=4, n_positions=128,
                                                 vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos),
                                          **config}))
+
+
+# Tiny random decoders of each architecture the captioner supports: 2 layers, 32 wide, 128 positions.
+DECODER_SIZES = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=128),
+    "llama": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True),
+    "qwen2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True),
+    "gpt_neox": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=128, rotary_pct=0.5, tie_word_embeddings=False),
+    "opt": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                max_position_embeddings=128),
+}
+
+
+def tiny_decoder(model_type: str, tokenizer, seed=0, **config):
+    """A random causal LM of `model_type` (DECODER_SIZES) over `tokenizer`, stopping at its end token; a wide
+    initialisation gives peaked distributions (no near-ties that float rounding could flip)."""
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    decoder_config = AutoConfig.for_model(model_type, **{
+        **DECODER_SIZES[model_type], "vocab_size": len(tokenizer), "bos_token_id": bos, "eos_token_id": eos,
+        "pad_token_id": eos, "initializer_range": 0.2, **config})
+    return AutoModelForCausalLM.from_config(decoder_config).eval()
+
+
+def llama_style_tokenizer():
+    """A LLaMA-family tokenizer as they come: sentencepiece-style BPE with byte fallback (any character encodes),
+    a BOS token it adds by default and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Metaspace(replacement="\u2581", prepend_scheme="first")])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    bpe.train_from_iterator(caption_corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=special,
+                                                                  min_frequency=1, show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    return LlamaTokenizer(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                          add_bos_token=True, add_eos_token=False)
 
 
 def tiny_captioner(tokenizer, encoder=None, *, encoder_config=None, n_layer=2, n_positions=128,

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import builders  # noqa: E402
-from builders import caption_corpus, tiny_captioner, tiny_gpt2  # noqa: E402
+from builders import DECODER_SIZES, caption_corpus, llama_style_tokenizer, tiny_captioner, tiny_decoder, tiny_gpt2  # noqa: E402,E501
 from captioning.inference import Captioner  # noqa: E402
 from models import EncoderConfig, ImageEncoder  # noqa: E402
 
@@ -60,6 +60,25 @@ def gpt2_dir(tmp_path_factory, tokenizer):
     tiny_gpt2(tokenizer).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def decoder_dirs(tmp_path_factory, tokenizer):
+    """A tiny random decoder of each supported architecture with its tokenizer, saved as `save_pretrained` saves
+    SmolLM2 or Pythia: {model_type: directory}. The LLaMA has a LLaMA-style tokenizer (byte fallback, a BOS it
+    adds by default, no pad token); the others the test tokenizer."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("decoders")
+    llama_dir = root / "llama_tokenizer"
+    llama_style_tokenizer().save_pretrained(str(llama_dir))
+    dirs = {}
+    for model_type in DECODER_SIZES:
+        own = AutoTokenizer.from_pretrained(str(llama_dir)) if model_type == "llama" else tokenizer
+        dirs[model_type] = root / model_type
+        tiny_decoder(model_type, own).save_pretrained(str(dirs[model_type]))
+        own.save_pretrained(str(dirs[model_type]))
+    return dirs
 
 
 @pytest.fixture

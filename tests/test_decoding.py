@@ -119,8 +119,9 @@ def test_batch_equals_one_image_at_a_time(gpt, prefix):
 
 def test_finished_images_leave_the_batch(gpt, prefix):
     rows = []
-    hook = gpt.transformer.register_forward_pre_hook(
-        lambda module, args: rows.append(args[0].shape[0]) if args and args[0] is not None else None)
+    hook = gpt.transformer.register_forward_pre_hook(  # rows of the token steps, not of the prefix's pass
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0])
+        if kwargs.get("input_ids") is not None else None, with_kwargs=True)
     try:
         lengths = [len(rows_[0]) for rows_ in greedy(gpt, prefix, STOPS, 12).sequences()]
         assert rows == [sum(n > t for n in lengths) for t in range(1, max(lengths))]

@@ -9,6 +9,9 @@ from captioning.data.annotations import read_annotations
 from captioning.data.results import read_results
 from captioning.metrics import score_captions
 from captioning.data.shapes import same_scene_facts, scene_from_dict
+from captioning.configs import DEMO_DECODER_TYPES
+from captioning.demo import recipe
+from models.decoders import load_decoder
 
 
 def test_demo_runs_the_whole_pipeline_and_learns(tmp_path, capsys, monkeypatch):
@@ -101,6 +104,25 @@ def test_the_recipe_is_a_step_budget():
     assert demo_pipeline.epochs_for(10000, config, 3000) == 19  # 156 steps an epoch
     assert demo_pipeline.epochs_for(20000, config, 3000) == 10 and demo_pipeline.epochs_for(100, config, 3000) == 3000
     assert demo_pipeline.epochs_for(10000, demo_pipeline.DemoConfig(bs=64, epochs=2), 3000) == 2
+
+
+def test_the_demo_decoders_are_their_architectures_at_about_the_same_size(tmp_path):
+    captions = [f"a {colour} circle on the left" for colour in ("red", "blue", "green")] * 5
+    assert set(recipe.DECODER_SIZES) == set(DEMO_DECODER_TYPES)
+    decoders = {t: load_decoder(str(recipe.build_decoder(captions, tmp_path / t, 0, t))) for t in DEMO_DECODER_TYPES}
+    counts = {t: sum(p.numel() for p in d.parameters()) for t, d in decoders.items()}
+    assert {t: d.config.model_type for t, d in decoders.items()} == {t: t for t in DEMO_DECODER_TYPES}
+    assert all(0.9 < counts[t] / counts["gpt2"] < 1.1 for t in counts), counts
+
+
+def test_the_demo_trains_and_captions_with_a_llama(tmp_path):
+    data = shapes.generate(tmp_path / "data", num_train=20, num_val=2, num_test=4, seed=5)
+    result = demo.main(["--data", str(data), "--out_dir", str(tmp_path / "out"), "--epochs", "1", "--bs", "16",
+                        "--beam_size", "1", "--decoder_type", "llama"])
+    config = json.loads((tmp_path / "out" / "run" / "demo_latest" / "config.json").read_text())
+    assert config["decoder"]["model_type"] == "llama" and config["decoder"]["num_key_value_heads"] == 2
+    accuracy, cider = scored(tmp_path / "out" / "test_predictions.json", data)
+    assert result["accuracy"] == accuracy and result["cider"] == pytest.approx(cider)
 
 
 def test_the_configs_defaults_are_the_flags():

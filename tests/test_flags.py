@@ -73,18 +73,21 @@ def test_good_numbers_pass_through():
 @pytest.mark.parametrize("script", ["train", "convert_checkpoint"])
 def test_a_decoder_path_that_is_not_a_directory_is_refused(tmp_path, capsys, script):
     (tmp_path / "file").write_text("x")
+    flag = "--gpt2/--decoder" if script == "train" else "--gpt2"  # train.py takes any causal LM under both names
     for value, problem in ((str(tmp_path / "missing"), "no such directory"), (str(tmp_path / "file"),
                                                                              "is a file, not a directory")):
         with pytest.raises(SystemExit):
             PARSERS[script](["--gpt2", value])
-        assert f"error: argument --gpt2: {value}: {problem}; give a directory written by save_pretrained" in \
+        assert f"error: argument {flag}: {value}: {problem}; give a directory written by save_pretrained" in \
             capsys.readouterr().err
     with pytest.raises(SystemExit):
         PARSERS[script](["--gpt2", str(tmp_path)])
-    assert f"error: argument --gpt2: {tmp_path}: holds no config.json" in capsys.readouterr().err
+    assert f"error: argument {flag}: {tmp_path}: holds no config.json" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
     assert PARSERS[script](["--gpt2", "distilgpt2"]).gpt2 == "distilgpt2"
     assert PARSERS[script](["--gpt2", str(tmp_path)]).gpt2 == str(tmp_path)
+    if script == "train":
+        assert PARSERS[script](["--decoder", str(tmp_path)]).gpt2 == str(tmp_path)
 
 
 def test_unknown_encoders_and_arguments_are_clear_errors():

@@ -55,11 +55,11 @@ def test_format_version_1_configs_still_load(tmp_path, exports):
     for f in exports["inside"].iterdir():
         (v1 / f.name).write_bytes(f.read_bytes())
     config = json.loads((v1 / "config.json").read_text())
-    assert config.pop("format_version") == 2 and "training" in config
+    assert config.pop("format_version") == 3 and "training" in config
     del config["training"]
     (v1 / "config.json").write_text(json.dumps({**config, "format_version": 1}))
     assert ClipCaptionModel.from_pretrained(v1).config.training is None
-    config["format_version"] = 3
+    config["format_version"] = 4
     (v1 / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"format_version 3, this code reads \(1, 2\)"):
+    with pytest.raises(CheckpointError, match=r"format_version 4, this code reads \(1, 2, 3\)"):
         ClipCaptionModel.from_pretrained(v1)

@@ -1,4 +1,5 @@
-"""The demo's recipe: a small timm convnet trained end to end with a 3-layer GPT-2 and a transformer mapper, sized
+"""The demo's recipe: a small timm convnet trained end to end with a 3-layer decoder (GPT-2 by default; LLaMA,
+Qwen2 or GPT-NeoX of about the same size with --decoder_type) and a transformer mapper, sized
 to learn colour, shape and position within minutes on 2 CPU cores (how it was chosen: docs/experiments.md); its
 knobs, the step budgets and learning rates, are DemoConfig's (captioning/configs.py). The dataset, the decoder
 built for it, and the TrainConfigs of both stages.
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast
 
 from captioning.configs import DemoConfig
 from captioning.data import shapes
@@ -17,8 +18,19 @@ from captioning.training.config import TrainConfig
 
 ENCODER = "test_resnet"
 ENCODER_KWARGS = {"output_stride": 16}  # a 3x3 grid of tokens at 48x48
-GPT2_SIZES = dict(n_layer=3, n_embd=128, n_head=4, n_positions=64,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # it under-fits; dropout only slows it
+# The decoders of --decoder_type: 3 layers 128 wide, 64 positions, no dropout (they under-fit; dropout only slows
+# them), each in its architecture's own layout at about the GPT-2's 0.65M parameters: the LLaMA and Qwen2 with
+# grouped-query attention (2 key/value heads for 4) and a gated MLP of 384, the GPT-NeoX (Pythia) with rotary
+# positions on a quarter of each head and untied output embeddings.
+DECODER_SIZES = {
+    "gpt2": dict(n_layer=3, n_embd=128, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=384, max_position_embeddings=64, tie_word_embeddings=True),
+    "qwen2": dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=384, max_position_embeddings=64, tie_word_embeddings=True),
+    "gpt_neox": dict(num_hidden_layers=3, hidden_size=128, num_attention_heads=4, intermediate_size=512,
+                     max_position_embeddings=64, rotary_pct=0.25, tie_word_embeddings=False),
+}
 TOKENIZER_VOCAB = 400
 # CIDEr optimisation (demo.py --scst) starts from the whole cross-entropy recipe: after only 1,000 steps, shapes
 # were unlearned on some datasets, and on others the stage reversed relations; the greedy baseline did best on the
@@ -27,18 +39,19 @@ SCST_BASELINE = "greedy"
 ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
 
 
-def build_decoder(captions, directory: Path, seed: int) -> Path:
-    """A byte-level BPE tokenizer trained on the captions and a small randomly initialised GPT-2, saved where
-    `--gpt2` can load them like `distilgpt2`."""
+def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt2") -> Path:
+    """A byte-level BPE tokenizer trained on the captions (the same for every decoder type) and a small randomly
+    initialised decoder of `decoder_type`, saved where `--gpt2` can load them like `distilgpt2`."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(captions, vocab_size=TOKENIZER_VOCAB, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, **GPT2_SIZES)
-    GPT2LMHeadModel(config).save_pretrained(directory)
+    end = tokenizer.eos_token_id
+    config = AutoConfig.for_model(decoder_type, vocab_size=len(tokenizer), bos_token_id=end, eos_token_id=end,
+                                  pad_token_id=end, **DECODER_SIZES[decoder_type])
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

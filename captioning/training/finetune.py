@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Set
 
-from transformers import AutoTokenizer, GPT2Config
+from transformers import AutoTokenizer
 
 from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from models.captioner import ClipCaptionModel, read_config
+from models.decoders import decoder_config
 
 ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
 
@@ -52,7 +53,7 @@ def load_tokenizer(config: TrainConfig):
     if not (directory / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(config.gpt2)
     # The decoder's config, not the export's config.json, which transformers does not know
-    decoder = GPT2Config.from_dict(read_config(directory).decoder)
+    decoder = decoder_config(read_config(directory).decoder, directory)
     return AutoTokenizer.from_pretrained(str(directory), config=decoder)
 
 

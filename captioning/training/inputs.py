@@ -25,6 +25,7 @@ from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, I
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
                                           split_by_image)
 from models.choices import mapper_reads
+from models.decoders import position_limit
 from models.encoder import ImageEncoder
 
 
@@ -41,11 +42,13 @@ class TrainingInputs:
 
     def fit_decoder(self, gpt_config, prefix_length: int, dist) -> None:
         """Check the token ids against the decoder's vocabulary and cut captions that would run past its
-        positions (prefix + caption <= n_positions); a cut caption keeps no end token, as it did not end."""
-        max_tokens = gpt_config.n_positions - prefix_length
+        positions (prefix + caption within its position limit); a cut caption keeps no end token, as it did not
+        end."""
+        limit = position_limit(gpt_config)
+        max_tokens = limit - prefix_length
         if max_tokens < 2:
             raise ValueError(f"--prefix_length {prefix_length} leaves no room for captions in the decoder's "
-                             f"{gpt_config.n_positions} positions")
+                             f"{limit} positions")
         for name, dataset in (("training", self.train), ("validation", self.val)):
             if dataset is None:
                 continue
@@ -57,7 +60,7 @@ class TrainingInputs:
             cut = int((dataset.tokens.lengths[dataset.caption_ids] > max_tokens).sum())
             if cut:
                 dist.print(f"note: {cut} {name} caption(s) longer than {max_tokens} tokens are cut to fit the "
-                           f"decoder's {gpt_config.n_positions} positions")
+                           f"decoder's {limit} positions")
 
 
 # ---- features pickle ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from captioning.training.scst import Rewards, ScstImages, ScstLoss, ScstOptions,
 from captioning.training.state import previous_state_path, seed_everything
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
+from models.decoders import caption_end_id, load_decoder, position_limit, stop_token_ids
 
 
 def check_files(config: TrainConfig) -> None:
@@ -132,6 +133,7 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     resume = resume_path(config, options, dist)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config) if config.init_from else AutoTokenizer.from_pretrained(config.gpt2)
+    caption_end_id(tokenizer, config.init_from or config.gpt2)  # every caption ends with it: refused early if none
     # Caching images happens before training, while torch waits: every core may decode then.
     cache_workers = config.num_workers if config.num_workers is not None else \
         (budget.cores if budget.cores > 1 else 0)
@@ -141,7 +143,7 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
         build_feature_inputs
     inputs = dist.main_first(lambda: build(config, tokenizer, dist))  # rank 0 alone writes the token cache
     model = model_from_export(config, export, inputs, tokenizer.eos_token_id) if export else \
-        new_model(config, inputs, tokenizer.eos_token_id)
+        new_model(config, inputs, tokenizer)
     inputs.fit_decoder(model.gpt.config, model.config.prefix_length, dist)
     model.to(dist.device)
     torch.manual_seed(config.seed + dist.rank)  # dropout differs across processes; initialisation did not
@@ -202,7 +204,7 @@ def build_stepper(config: TrainConfig, model, tokenizer, train_loader, dist: Dis
 def scst_max_length(config: TrainConfig, captions, model) -> int:
     """--scst_max_length, or the longest training caption in tokens (end token included): a sample need not be
     longer than any reference, and each extra step of every sample costs; within the decoder's positions."""
-    room = model.gpt.config.n_positions - model.config.prefix_length
+    room = position_limit(model.gpt.config) - model.config.prefix_length
     if config.scst_max_length is not None:
         if config.scst_max_length > room:
             raise ValueError(f"--scst_max_length {config.scst_max_length} exceeds the {room} positions the "
@@ -223,14 +225,17 @@ def training_record(config: TrainConfig, num_samples: int, num_captions: int) ->
     return record
 
 
-def new_model(config: TrainConfig, inputs, eos_token_id: int) -> ClipCaptionModel:
-    """A new captioner of the configured architecture for the inputs' features (pretrained decoder)."""
-    return ClipCaptionModel.create(CaptionerConfig(
+def new_model(config: TrainConfig, inputs, tokenizer) -> ClipCaptionModel:
+    """A new captioner of the configured architecture for the inputs' features, on the pretrained decoder
+    --gpt2 names (any causal LM), stopping where its tokenizer and generation config say."""
+    decoder = load_decoder(config.gpt2)
+    return ClipCaptionModel(CaptionerConfig(
         mapping_type=config.mapping_type, prefix_length=config.prefix_length,
         prefix_length_clip=config.prefix_length_clip, num_layers=config.num_layers, prefix_size=inputs.prefix_size,
         feature_type=inputs.feature_type, num_grid_tokens=inputs.num_grid_tokens,
         normalize_prefix=config.normalize_prefix, only_prefix=config.only_prefix, gpt2=config.gpt2,
-        eos_token_ids=[eos_token_id], encoder=inputs.encoder_config), encoder=inputs.encoder)
+        eos_token_ids=stop_token_ids(tokenizer, decoder, config.gpt2), encoder=inputs.encoder_config),
+        gpt=decoder, encoder=inputs.encoder)
 
 
 def epoch_end_hooks(config: TrainConfig, inputs, precision: runtime.Precision) -> list:

@@ -139,7 +139,7 @@ class ScstLoss(nn.Module):
         advantage = torch.as_tensor(advantage, dtype=torch.float32, device=prefix.device).flatten()
         tokens = tokens[:, : int(lengths.max())]
         keep = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
-        token_embeds = model.gpt.transformer.wte(tokens)
+        token_embeds = model.token_embeddings(tokens)
         embeds = torch.cat((prefix.repeat_interleave(n, dim=0).to(token_embeds.dtype), token_embeds), dim=1)
         logits = model.caption_logits(tokens, keep, embeds)
         token_logp = -F.cross_entropy(logits.float(), tokens[keep], reduction="none")
