@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder_type", choices=DEMO_DECODER_TYPES,
                    help="architecture of the small decoder trained from scratch, at about the same parameter count "
                         "(default %(default)s; the table of all four: docs/demo.md)")
+    p.add_argument("--lora_r", type=POSITIVE,
+                   help="train LoRA adapters of this rank on the decoder instead of its weights (train.py --lora_r; "
+                        "default: the whole decoder learns)")
     p.add_argument("--scst", action="store_true",
                    help="after cross-entropy, optimise CIDEr-D (train.py --scst) and print both stages' figures")
     p.add_argument("--scst_steps", type=POSITIVE, help="steps of CIDEr optimisation (default %(default)s)")

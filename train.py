@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_flags(p.add_argument_group("end-to-end training from images (--train_encoder)").add_argument)
     add_scst_flags(p.add_argument_group("CIDEr optimisation: self-critical sequence training after cross-entropy "
                                         "(--scst)").add_argument)
+    add_lora_flags(p.add_argument_group("LoRA: low-rank adapters on the decoder (peft), which stays frozen")
+                   .add_argument)
     add_card_flags(p.add_argument_group("the exports' model cards").add_argument)
     p.set_defaults(**TrainConfig.defaults())  # the one place the defaults are written
     return p
@@ -146,6 +148,22 @@ def add_scst_flags(a) -> None:
       help="what a sample's reward is compared with: the mean reward of the image's other samples (default; "
            "Luo 2020) or the reward of its greedy caption (Rennie et al. 2017)")
     a("--scst_bleu_weight", type=number(0), help="reward = CIDEr-D + this x BLEU-4 (default %(default)s)")
+
+
+def add_lora_flags(a) -> None:
+    a("--lora_r", type=POSITIVE,
+      help="train low-rank adapters of this rank on the decoder's attention and MLP projections, with the mapper "
+           "(and the encoder under --train_encoder), instead of every decoder weight; exports merge them into the "
+           "decoder (default: no adapters)")
+    a("--lora_alpha", type=number(0, low_open=True), help="adapter scale numerator: updates are scaled by "
+                                                          "alpha / r (default %(default)s)")
+    a("--lora_dropout", type=number(0), help="dropout on the adapters' input (default %(default)s)")
+    a("--lora_targets", nargs="+", metavar="MODULE",
+      help="names of the decoder's linear layers to adapt (default: the architecture's attention and MLP "
+           "projections, e.g. GPT-2's c_attn c_proj c_fc, LLaMA's q_proj ... down_proj)")
+    a("--export_adapters", action="store_true",
+      help="also write <export>/adapters: the mapper and the adapters without the base decoder, which loads "
+           "from --gpt2 (small enough to share)")
 
 
 def add_card_flags(a) -> None:

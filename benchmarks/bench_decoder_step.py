@@ -6,6 +6,8 @@ key/value heads, MLP 1536, vocabulary 49152) or Qwen2.5-0.5B (`--decoder_type qw
 default mapper (MLP, prefix 10) on 576-d pooled features: a batch of `--bs` captions of `--caption_tokens` tokens,
 AdamW, fp32. Each training mode runs in a fresh process, which reports its peak resident memory:
   frozen   --only_prefix: the mapper learns, the decoder is frozen (its backward pass still runs, to the prefix)
+  lora8    --lora_r 8: the mapper and rank-8 adapters on every attention and MLP projection learn (peft)
+  lora16   --lora_r 16
   full     every weight learns
 The parameter state (weights, gradients and AdamW's two moments of what learns) is computed, not measured; on a
 GPU it is what stays resident, and the activations come on top (about what the CPU peak adds to it).
@@ -29,7 +31,8 @@ SHAPES = {
                   num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
                   tie_word_embeddings=True),
 }
-MODES = ("frozen", "full")
+MODES = ("frozen", "lora8", "lora16", "full")
+LORA = dict(alpha=16.0, dropout=0.05)  # train.py's defaults
 FEATURE_DIM = 576
 
 
@@ -39,12 +42,16 @@ def measure(decoder_type: str, mode: str, bs: int, caption_tokens: int, steps: i
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from models.captioner import CaptionerConfig, ClipCaptionModel
+    from models.lora import LoraSettings, default_targets
 
     torch.manual_seed(0)
     shape = dict(SHAPES[decoder_type])
     decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type"), **shape))
+    lora = None
+    if mode.startswith("lora"):
+        lora = LoraSettings(r=int(mode[4:]), targets=default_targets(decoder.config.model_type), **LORA).to_dict()
     model = ClipCaptionModel(CaptionerConfig(prefix_size=FEATURE_DIM, only_prefix=mode == "frozen",
-                                             eos_token_ids=[0]), gpt=decoder).train()
+                                             eos_token_ids=[0], lora=lora), gpt=decoder).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     features = torch.randn(bs, FEATURE_DIM)

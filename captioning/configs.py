@@ -144,6 +144,7 @@ class DemoConfig:
     beam_size: int = 3
     device: str = "cpu"
     decoder_type: str = "gpt2"  # the demo decoder's architecture: DEMO_DECODER_TYPES
+    lora_r: Optional[int] = None  # LoRA adapters of this rank on the decoder instead of training its weights
     scst: bool = False  # CIDEr optimisation after cross-entropy
     # CIDEr optimisation starts from the whole cross-entropy recipe; the greedy baseline (captioning/demo/recipe.py) and
     # this learning rate did best on the either-order dataset (docs/experiments.md).

@@ -21,12 +21,14 @@ from models.decoders import build_decoder, decoder_config, embedding_width, hidd
     output_embeddings_key
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
+from models.lora import LoraSettings, add_adapters, is_adapter_key, merged_state
 from models.mapping import MLP, TransformerMapper
 from models.model_card import CARD_FILE, render_model_card
 
 MODEL_TYPE = "clip_caption_model"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ADAPTERS_DIR = "adapters"  # an export's adapters-only export (train.py --export_adapters)
 # 2 added `training` (what the model was trained on); 3: the decoder may be any causal LM, its config naming its
 # model_type. Versions 1 and 2 (GPT-2 decoders) still load.
 FORMAT_VERSION = 3
@@ -51,6 +53,7 @@ class CaptionerConfig:
     eos_token_ids: List[int] = field(default_factory=list)  # a caption ends at any of these (the learned one first)
     encoder: Optional[Dict] = None  # EncoderConfig.to_dict(): encoder name, weights source, preprocessing
     encoder_in_checkpoint: bool = False  # model.safetensors holds the encoder weights (end-to-end training)
+    lora: Optional[Dict] = None  # LoraSettings.to_dict(): adapters on the decoder (merged: already in its weights)
     source: str = "tinytiny"  # "original" for checkpoints imported from the original code
     # What the model was trained on and how (train.py fills it): data, kind (features or images), dataset
     # ("shapes" for the synthetic shapes dataset), number of captions, stage, command and license.
@@ -106,6 +109,9 @@ class ClipCaptionModel(nn.Module):
             gpt = build_decoder(decoder_config(config.decoder))
         self.gpt = gpt
         self.config = dataclasses.replace(config, decoder=gpt.config.to_dict())
+        self.lora = LoraSettings.from_dict(config.lora) if config.lora else None
+        if self.adapted:
+            add_adapters(gpt, self.lora)
         self.prefix_length = config.prefix_length
         self.clip_project = build_mapper(config, embedding_width(gpt))
         self.encoder = None
@@ -113,6 +119,19 @@ class ClipCaptionModel(nn.Module):
             self.attach_encoder(encoder)
         if config.only_prefix:
             self.freeze_decoder()
+
+    @property
+    def adapted(self) -> bool:
+        """The decoder holds LoRA adapters apart from its frozen weights."""
+        return self.lora is not None and not self.lora.merged
+
+    def add_lora(self, settings: LoraSettings) -> None:
+        """Adapters on a decoder that holds none (a new run, or an export whose adapters were merged)."""
+        if self.adapted:
+            raise ValueError("the decoder already holds LoRA adapters; they are trained on")
+        self.lora = settings
+        self.config.lora = settings.to_dict()
+        add_adapters(self.gpt, settings)
 
     def attach_encoder(self, encoder: ImageEncoder) -> None:
         """Hold the image encoder, so that exports carry its weights and preprocessing."""
@@ -193,23 +212,52 @@ class ClipCaptionModel(nn.Module):
 
     # ---- export directories -------------------------------------------------------------------------------
 
+    def frozen_base_keys(self) -> List[str]:
+        """A LoRA run's frozen decoder weights: resume checkpoints leave them out (they load from the source)."""
+        if not self.adapted:
+            return []
+        return [k for k in self.state_dict() if k.startswith("gpt.") and not is_adapter_key(k)]
+
+    def checkpoint_state(self) -> Dict[str, torch.Tensor]:
+        """The weights a resume checkpoint holds: all but `frozen_base_keys`."""
+        frozen = set(self.frozen_base_keys())
+        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+
     def _tied_keys(self) -> List[str]:
         key = output_embeddings_key(self.gpt)
         return [f"gpt.{key}"] if key else []
 
-    def save_pretrained(self, directory, tokenizer=None, include_decoder: bool = True) -> None:
+    def save_pretrained(self, directory, tokenizer=None, include_decoder: bool = True,
+                        adapters_only: bool = False, with_adapters: bool = False) -> None:
         """Write `config.json`, `model.safetensors`, the tokenizer and the model card (README.md) atomically into
-        `directory`."""
-        skip = set(self._tied_keys())
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in skip
-                 and (include_decoder or not k.startswith("gpt."))}
-        config = dataclasses.replace(self.config, decoder_in_checkpoint=include_decoder)
+        `directory`. LoRA adapters are merged into the decoder's weights, unless `adapters_only`: then they are
+        written without the decoder's weights, which load from the base decoder `config.gpt2`. `with_adapters`
+        also writes that adapters-only export into `directory/adapters`."""
+        if (adapters_only or with_adapters) and not self.adapted:
+            raise ValueError("this model's decoder holds no LoRA adapters to write apart")
         with atomic_directory(directory) as tmp:
-            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-            save_safetensors(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            (tmp / CARD_FILE).write_text(render_model_card(config.to_dict()), encoding="utf-8")
+            self._write_export(tmp, tokenizer, include_decoder, adapters_only)
+            if with_adapters:
+                self._write_export(tmp / ADAPTERS_DIR, tokenizer, False, adapters_only=True)
+
+    def _write_export(self, folder: Path, tokenizer, include_decoder: bool, adapters_only: bool) -> None:
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("gpt.")}
+        config = dataclasses.replace(self.config, decoder_in_checkpoint=include_decoder and not adapters_only)
+        if adapters_only:
+            state.update((k, v) for k, v in self.state_dict().items() if k.startswith("gpt.") and is_adapter_key(k))
+        elif include_decoder and self.adapted:
+            state.update((f"gpt.{k}", v) for k, v in merged_state(self.gpt).items())
+            config.lora = dataclasses.replace(self.lora, merged=True).to_dict()
+        elif include_decoder:
+            state.update((k, v) for k, v in self.state_dict().items() if k.startswith("gpt."))
+        skip = set(self._tied_keys())
+        state = {k: v.detach().contiguous() for k, v in state.items() if k not in skip}
+        folder.mkdir(exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        save_safetensors(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        (folder / CARD_FILE).write_text(render_model_card(config.to_dict()), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> "ClipCaptionModel":
@@ -231,9 +279,10 @@ class ClipCaptionModel(nn.Module):
         except Exception as e:  # safetensors raises several types for truncated or garbled files
             raise CheckpointError(f"{weights}: not a readable safetensors file (corrupt or truncated?): {e}") from e
         optional = set(model._tied_keys())
-        if not config.decoder_in_checkpoint:
-            optional |= {k for k in model.state_dict() if k.startswith("gpt.")}
-            state.update({k: v for k, v in model.state_dict().items() if k.startswith("gpt.")})
+        if not config.decoder_in_checkpoint:  # the base decoder's weights come from its source; adapters do not
+            base = {k: v for k, v in model.state_dict().items() if k.startswith("gpt.") and not is_adapter_key(k)}
+            optional |= set(base)
+            state.update((k, v) for k, v in base.items() if k not in state)
         load_state_dict_strict(model, state, weights, optional_missing=optional)
         return model.to(device) if device is not None else model
 

@@ -42,6 +42,8 @@ ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.j
 def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt2") -> Path:
     """A byte-level BPE tokenizer trained on the captions (the same for every decoder type) and a small randomly
     initialised decoder of `decoder_type`, saved where `--gpt2` can load them like `distilgpt2`."""
+    if decoder_type not in DECODER_SIZES:
+        raise ValueError(f"decoder_type must be one of {sorted(DECODER_SIZES)}, got {decoder_type!r}")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(captions, vocab_size=TOKENIZER_VOCAB, min_frequency=2,
                             special_tokens=["<|endoftext|>"], show_progress=False)
@@ -89,7 +91,8 @@ def train_config(data: Path, root: Path, gpt2_dir: Path, run_dir: Path, epochs: 
         cache_images=True, channels_last=True, mapping_type="transformer", num_layers=2, prefix_length=8,
         prefix_length_clip=4, gpt2=str(gpt2_dir), out_dir=str(run_dir), prefix="demo", epochs=epochs, bs=config.bs,
         lr=config.lr, encoder_lr=config.encoder_lr, warmup_steps=100, precision=config.precision, seed=config.seed,
-        device=config.device, threads=config.threads, dataset=shapes.NAME if is_shapes_dataset(data) else None)
+        device=config.device, threads=config.threads, dataset=shapes.NAME if is_shapes_dataset(data) else None,
+        lora_r=config.lora_r)
 
 
 def is_shapes_dataset(data: Path) -> bool:
@@ -126,4 +129,5 @@ def scst_config(data: Path, root: Path, num_images: int, export: Path, out_dir: 
         out_dir=str(out_dir), prefix="demo",
         epochs=max(1, round(config.scst_steps / images_per_epoch)), bs=config.bs, lr=config.scst_lr,
         encoder_lr=config.scst_lr, warmup_steps=0, precision=config.precision, seed=config.seed,
-        device=config.device, threads=config.threads, dataset=shapes.NAME if is_shapes_dataset(data) else None)
+        device=config.device, threads=config.threads, dataset=shapes.NAME if is_shapes_dataset(data) else None,
+        lora_r=config.lora_r)  # new adapters on the merged cross-entropy export

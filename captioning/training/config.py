@@ -8,7 +8,7 @@ parser from these defaults before the heavy imports.
 import dataclasses
 import shlex
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 from captioning.choices import json_object
 from models.choices import FEATURE_TYPES, LICENSES, MAPPING_TYPES, mapper_reads
@@ -87,6 +87,12 @@ class TrainConfig:
     scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x BLEU-4
     license: str = "mit"  # named in the exports' model cards
     dataset: Optional[str] = None  # the training data's name (coco, shapes, ...), recorded in the exports
+    # ---- LoRA adapters on the decoder (peft)
+    lora_r: Optional[int] = None  # rank; None: no adapters
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: Optional[List[str]] = None  # None: the architecture's attention and MLP projections
+    export_adapters: bool = False  # also write <export>/adapters: the adapters without the base decoder
 
     def __post_init__(self):
         if not self.train_encoder and self.data is None:
@@ -114,12 +120,26 @@ class TrainConfig:
             raise ValueError(f"--license must be one of {LICENSES}, got {self.license!r}")
         if self.scst:
             self._check_scst()
+        self._check_lora()
         if self.augment and self.cache_images:
             raise ValueError("--cache_images keeps one fixed view per image, which --augment would not vary")
         if self.train_encoder:
             if not mapper_reads(self.mapping_type, self.feature_type):
                 raise ValueError("--feature_type grid needs --mapping_type transformer")
             self.encoder_model_kwargs()
+
+    def _check_lora(self) -> None:
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1 (the adapters' rank), got {self.lora_r}; leave it out "
+                             f"to train without adapters")
+        if self.lora_r is not None and self.only_prefix:
+            raise ValueError("--lora_r with --only_prefix: --only_prefix freezes the whole decoder, adapters "
+                             "included; give one of them")
+        if self.lora_r is None and (self.lora_targets or self.export_adapters):
+            raise ValueError("--lora_targets and --export_adapters need --lora_r")
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_alpha must be positive and --lora_dropout in [0, 1), got {self.lora_alpha} "
+                             f"and {self.lora_dropout}")
 
     def _check_scst(self) -> None:
         if not self.init_from:
@@ -175,6 +195,8 @@ class TrainConfig:
                 continue
             if isinstance(value, bool):
                 parts.append(f"--{name}" if value else f"--no-{name}")
+            elif isinstance(value, list):
+                parts.append(f"--{name} " + " ".join(shlex.quote(str(v)) for v in value))
             else:
                 parts.append(f"--{name} {shlex.quote(str(value))}")
         return " ".join(parts)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from captioning.training.config import ARCHITECTURE_FLAGS, ENCODER_FLAGS, TrainConfig
 from models.captioner import ClipCaptionModel, read_config
 from models.decoders import decoder_config
+from models.lora import lora_settings
 
 ENCODER_IDENTITY = ("name", "feature_type", "pooled_output", "preprocessing")
 
@@ -76,8 +77,18 @@ def model_from_export(config: TrainConfig, model: ClipCaptionModel, inputs, eos_
     c.source = "tinytiny"  # the exports written from here on are this code's training
     if eos_token_id not in c.eos_token_ids:  # training ends every caption with it
         c.eos_token_ids = [*c.eos_token_ids, eos_token_id]
+    settings = lora_settings(config, model.gpt.config.model_type)
+    if model.adapted and settings and (settings.r, settings.targets) != (model.lora.r, model.lora.targets):
+        raise ValueError(f"--init_from {config.init_from} holds LoRA adapters of rank {model.lora.r} on "
+                         f"{model.lora.targets}, which are trained on; leave --lora_r and --lora_targets out or "
+                         f"give the same")
+    if settings and not model.adapted:  # new adapters on the export's decoder (its own merged in)
+        model.add_lora(settings)
     if config.only_prefix:
         model.freeze_decoder()
+    elif model.adapted:
+        c.only_prefix = False
+        model.gpt.train()
     else:
         c.only_prefix = False
         model.gpt.requires_grad_(True)

@@ -144,6 +144,7 @@ class TrainOptions:
     save_every_steps: int = 10000  # steps between mid-epoch checkpoints (0: only at epoch ends)
     log_every: int = 10
     seed: int = 0
+    export_adapters: bool = False  # exports also hold <export>/adapters (LoRA runs)
 
     @property
     def resume_path(self) -> Path:
@@ -331,7 +332,7 @@ class Trainer:
             return
         scaler = self.stepper.scaler
         state = {
-            "model": self.model.state_dict(), "optimizer": self.stepper.optimizer.state_dict(),
+            "model": self.model.checkpoint_state(), "optimizer": self.stepper.optimizer.state_dict(),
             "scheduler": self.stepper.scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "step": self.pos.step, "epoch": self.pos.epoch, "epoch_samples": self.pos.epoch_samples,
             "data_order": {"seed": self.sampler.seed, "num_samples": len(self.sampler.dataset),
@@ -356,7 +357,7 @@ class Trainer:
         for name in names:
             directory = Path(self.options.out_dir) / name
             try:
-                self.model.save_pretrained(directory, self.tokenizer)
+                self.model.save_pretrained(directory, self.tokenizer, with_adapters=self.options.export_adapters)
             except OSError as e:
                 raise TrainingError(f"at step {self.pos.step}: the export {directory} could not be written "
                                     f"({e.strerror or e}); the resume checkpoint {self.last_checkpoint} holds "
@@ -381,7 +382,10 @@ class Trainer:
         diff = config_differences(state["data"], self.run_info["data"])
         if diff:
             raise CheckpointError(f"{path}: the checkpoint was trained on other data: " + "; ".join(diff))
-        load_state_dict_strict(self.model, state["model"], path)
+        if state.get("decoder_base") != self.run_info.get("decoder_base"):
+            raise CheckpointError(f"{path}: the checkpoint's LoRA adapters were trained on another base decoder "
+                                  f"than --gpt2 {self.run_info['args'].get('gpt2')} now holds (or without LoRA)")
+        load_state_dict_strict(self.model, state["model"], path, optional_missing=self.model.frozen_base_keys())
         try:
             self.stepper.optimizer.load_state_dict(state["optimizer"])
             self.stepper.scheduler.load_state_dict(state["scheduler"])

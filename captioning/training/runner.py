@@ -30,6 +30,7 @@ from captioning.training.state import previous_state_path, seed_everything
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.decoders import caption_end_id, load_decoder, position_limit, stop_token_ids
+from models.lora import base_fingerprint, lora_settings
 
 
 def check_files(config: TrainConfig) -> None:
@@ -129,7 +130,7 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     options = TrainOptions(out_dir=Path(config.out_dir), prefix=config.prefix, epochs=config.epochs,
                            batch_size=config.bs, grad_accum=config.grad_accum, max_steps=config.max_steps,
                            save_every=config.save_every, save_every_steps=config.save_every_steps,
-                           log_every=config.log_every, seed=config.seed)
+                           log_every=config.log_every, seed=config.seed, export_adapters=config.export_adapters)
     resume = resume_path(config, options, dist)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config) if config.init_from else AutoTokenizer.from_pretrained(config.gpt2)
@@ -154,6 +155,8 @@ def run_training(config: TrainConfig, dist: Distributed, precision: runtime.Prec
     stepper = build_stepper(config, model, tokenizer, train_loader, dist, precision, optimizer, scheduler)
     run_info = {"config": model.config.to_dict(), "data": inputs.fingerprint, "args": config.to_dict(),
                 "stage": config.stage}
+    if model.adapted:  # resume checkpoints leave the frozen base out: a resumed run checks it is the same
+        run_info["decoder_base"] = base_fingerprint(model.gpt)
     # After run_info: what the exports' model cards say, not what a resumed run must match.
     model.config.training = training_record(config, len(train_loader.dataset), len(inputs.train))
     if dist.is_main:
@@ -229,13 +232,14 @@ def new_model(config: TrainConfig, inputs, tokenizer) -> ClipCaptionModel:
     """A new captioner of the configured architecture for the inputs' features, on the pretrained decoder
     --gpt2 names (any causal LM), stopping where its tokenizer and generation config say."""
     decoder = load_decoder(config.gpt2)
+    lora = lora_settings(config, decoder.config.model_type)
     return ClipCaptionModel(CaptionerConfig(
         mapping_type=config.mapping_type, prefix_length=config.prefix_length,
         prefix_length_clip=config.prefix_length_clip, num_layers=config.num_layers, prefix_size=inputs.prefix_size,
         feature_type=inputs.feature_type, num_grid_tokens=inputs.num_grid_tokens,
         normalize_prefix=config.normalize_prefix, only_prefix=config.only_prefix, gpt2=config.gpt2,
-        eos_token_ids=stop_token_ids(tokenizer, decoder, config.gpt2), encoder=inputs.encoder_config),
-        gpt=decoder, encoder=inputs.encoder)
+        eos_token_ids=stop_token_ids(tokenizer, decoder, config.gpt2), encoder=inputs.encoder_config,
+        lora=lora.to_dict() if lora else None), gpt=decoder, encoder=inputs.encoder)
 
 
 def epoch_end_hooks(config: TrainConfig, inputs, precision: runtime.Precision) -> list:
