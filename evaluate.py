@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", help="export directory: caption the split with it, then score")
     p.add_argument("--annotations", required=True,
                    help="references: official COCO captions_*.json, Karpathy's dataset_coco.json (with --split), "
-                        "or any format captioning.data.annotations reads")
+                        "or any format captioning.data.annotations reads, webdataset shards included (a .tar, a "
+                        "brace pattern, a directory of .tar files or a list of them)")
     p.add_argument("--split",
                    help="Karpathy split of dataset_coco.json: test (the standard 5,000 images), val, ...")
     p.add_argument("--images_root",

@@ -43,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooled: one vector per image (N, D); grid: the last feature map as tokens (N, T, D)")
     p.add_argument("--image_size", type=POSITIVE, help="encoder input size; default: the model's own")
     p.add_argument("--annotations",
-                   help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, or your own "
-                        "JSON list / CSV of (file name, caption)")
+                   help="train_caption.json, a COCO captions_*.json, Karpathy's dataset_coco.json, your own "
+                        "JSON list / CSV of (file name, caption), or webdataset shards as img2dataset writes them: "
+                        "a .tar, a brace pattern 'cc3m/{00000..00331}.tar', a directory of .tar files or a text "
+                        "file listing them (--images_root plays no part)")
     p.add_argument("--annotation_format", choices=ANNOTATION_FORMATS,
-                   help="auto detects it; list: a JSON list of caption entries, coco, karpathy, csv")
+                   help="auto detects it; list: a JSON list of caption entries, coco, karpathy, csv, webdataset")
     p.add_argument("--split",
                    help="Karpathy split: train, val, test, restval, or several joined by '+' (train+restval)")
     p.add_argument("--images_root", help="folder that annotation file names are relative to")

@@ -106,7 +106,8 @@ def add_encoder_flags(e) -> None:
       help="train the image encoder too, on the images of --annotations; the export holds the encoder")
     e("--annotations",
       help="annotation file, as parse_coco.py reads it: a caption list JSON (train_caption.json), a "
-           "COCO captions_*.json, Karpathy's dataset_coco.json or a CSV of file names and captions")
+           "COCO captions_*.json, Karpathy's dataset_coco.json, a CSV of file names and captions, or webdataset "
+           "shards (a .tar, a brace pattern, a directory of .tar files or a list of them)")
     e("--annotation_format", choices=ANNOTATION_FORMATS)
     e("--split", help="Karpathy split(s) of --annotations, e.g. train+restval")
     e("--images_root", help="image paths in the annotations are relative to it")

@@ -32,11 +32,11 @@ SHAPES = {
                   tie_word_embeddings=True),
 }
 MODES = ("frozen", "lora8", "lora16", "full")
-LORA = dict(alpha=16.0, dropout=0.05)  # train.py's defaults
+LORA_ALPHA = 16.0  # train.py's default
 FEATURE_DIM = 576
 
 
-def measure(decoder_type: str, mode: str, bs: int, caption_tokens: int, steps: int) -> dict:
+def measure(decoder_type: str, mode: str, bs: int, caption_tokens: int, steps: int, lora_dropout: float) -> dict:
     """One mode in this process: build, take `steps` training steps, return the figures."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,7 +49,8 @@ def measure(decoder_type: str, mode: str, bs: int, caption_tokens: int, steps: i
     decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type"), **shape))
     lora = None
     if mode.startswith("lora"):
-        lora = LoraSettings(r=int(mode[4:]), targets=default_targets(decoder.config.model_type), **LORA).to_dict()
+        lora = LoraSettings(r=int(mode[4:]), alpha=LORA_ALPHA, dropout=lora_dropout,
+                            targets=default_targets(decoder.config.model_type)).to_dict()
     model = ClipCaptionModel(CaptionerConfig(prefix_size=FEATURE_DIM, only_prefix=mode == "frozen",
                                              eos_token_ids=[0], lora=lora), gpt=decoder).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -77,20 +78,25 @@ def main(argv=None):
     p.add_argument("--caption_tokens", type=int, default=16, help="tokens per caption (COCO's mean is about 13)")
     p.add_argument("--steps", type=int, default=3, help="steps per mode; the fastest after the first counts")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--lora_dropout", type=float, default=0.05,
+                   help="train.py's default; 0 spares the dropped copy of each adapted layer's input")
     p.add_argument("--_child", nargs=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
-        print(json.dumps(measure(args.decoder_type, args._child[0], args.bs, args.caption_tokens, args.steps)))
+        print(json.dumps(measure(args.decoder_type, args._child[0], args.bs, args.caption_tokens, args.steps,
+                                 args.lora_dropout)))
         return
     from captioning import runtime
     print(runtime.describe_cpu())
     print(f"decoder {args.decoder_type} ({SHAPES[args.decoder_type]}), batch {args.bs} x {args.caption_tokens} "
-          f"tokens + prefix 10, AdamW, fp32; each mode in a fresh process", flush=True)
+          f"tokens + prefix 10, AdamW, fp32, LoRA alpha {LORA_ALPHA} dropout {args.lora_dropout}; each mode in a "
+          f"fresh process", flush=True)
     results = {}
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, "--decoder_type", args.decoder_type, "--bs", str(args.bs),
                               "--caption_tokens", str(args.caption_tokens), "--steps", str(args.steps),
-                              "--_child", mode], check=True, capture_output=True, text=True)
+                              "--lora_dropout", str(args.lora_dropout), "--_child", mode],
+                             check=True, capture_output=True, text=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[mode]
         print(f"{mode:<7} {r['trainable_m']:8.2f}M of {r['parameters_m']:.1f}M parameters learn; peak RSS "

@@ -7,7 +7,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --amp none, --dtype float32, torch's names: each means one of PRECISIONS.
 PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                      "half": "fp16"}
-ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv")
+ANNOTATION_FORMATS = ("auto", "list", "coco", "karpathy", "csv", "webdataset")
 FEATURE_DTYPES = ("float16", "float32")  # how a features pickle may store its features
 ALL_METRICS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE")  # the COCO caption metrics evaluate.py computes
 

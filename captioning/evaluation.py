@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from captioning.configs import EvaluateConfig
 from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
+from captioning.data.shards import image_exists
 from captioning.data.results import Prediction, ResultsError, read_results, write_results
 from captioning.metrics import MetricsError, original_bleu, require_toolkit, score_captions
 from captioning.outputs import OutputError, check_output_dir, write_dir_or_rescue, write_or_rescue
@@ -112,7 +113,7 @@ def caption_records(records: Sequence[ImageRecord], config: EvaluateConfig) -> T
             print(f"note: {clipped}", file=sys.stderr)
         options = DecodingOptions(decoding="beam", beam_size=config.beam_size, num_captions=config.beam_size,
                                   max_length=max_length)
-        results = captioner.predict([str(r.path) for r in records], options, batch_size=config.batch_size,
+        results = captioner.predict([r.path for r in records], options, batch_size=config.batch_size,
                                     progress=True, on_error="keep")
     predictions = [Prediction(r.image_id, res.captions[0], list(res.captions))
                    for r, res in zip(records, results) if res.error is None]
@@ -196,7 +197,7 @@ def default_out_dir(config: EvaluateConfig) -> Path:
 def _predict(config: EvaluateConfig, records: Sequence[ImageRecord], out_dir: Path) -> List[Prediction]:
     present, missing = [], []
     for r in records:
-        (present if Path(r.path).is_file() else missing).append(r)
+        (present if image_exists(r.path) else missing).append(r)
     if missing and not config.allow_partial:
         raise EvaluationError(f"{len(missing):,} of {len(records):,} images are missing, e.g. {missing[0].path}; "
                               f"check --images_root (or pass --allow_partial to caption the others)")

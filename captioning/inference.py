@@ -113,7 +113,7 @@ def _load_pil(item, source: str):
 
 
 def _to_pil(item, source: str) -> Image.Image:
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):  # a file, or an image inside a shard
         return load_image(item)
     if isinstance(item, Image.Image):
         return to_rgb(item)

@@ -3,9 +3,17 @@ lists for the scripts, tiny GPT-2s and captioners over the test tokenizer, and r
 The fixtures built from them are in conftest.py; tests import these with `from builders import ...`."""
 import io
 import json
+import multiprocessing
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import tarfile
 import zlib
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
@@ -247,10 +255,115 @@ def make_coco_tree(root: Path) -> Path:
     return root
 
 
+KILL_SCRIPT = """
+import os, signal
+import parse_coco
+from captioning import extraction
+original, calls = extraction.LogWriter.append, []
+def append(self, indices, features):
+    calls.append(indices)
+    if len(calls) == {batches} + 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self, indices, features)
+extraction.LogWriter.append = append
+parse_coco.main({argv!r})
+"""
+
+
+def kill_after_batches(argv, batches: int, log: Path) -> None:
+    """parse_coco.py `argv` in a subprocess killed with SIGKILL as it finishes batch `batches` + 1 (so `batches`
+    are saved); its output goes to `log` (a file, not a pipe: an orphaned loader worker would hold a pipe)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(argv=list(map(str, argv)), batches=batches)],
+                              env=env, stdout=f, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+
+
+def _rank(rank, argv, port, messages):
+    """One torchrun-like process of parse_coco.py: the environment torchrun sets, then main; reports the batches
+    it encoded."""
+    import parse_coco
+    from captioning import featurize
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    extract = featurize.extract
+
+    def reporting_extract(records, encoder, directory, batches, **kwargs):
+        messages.put((rank, batches))
+        return extract(records, encoder, directory, batches, **kwargs)
+    featurize.extract = reporting_extract
+    try:
+        parse_coco.main(argv)
+    except BaseException as e:  # reported to the parent, which fails the test
+        messages.put((rank, repr(e)))
+        raise
+
+
+def run_two_ranks(argv) -> dict:
+    """parse_coco.py `argv` in two gloo processes (forked: no second import of torch); {rank: its batches}."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    messages = context.Queue()
+    procs = [context.Process(target=_rank, args=(rank, list(map(str, argv)), port, messages)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    reports = dict(messages.get(timeout=1) for _ in range(2))
+    assert [p.exitcode for p in procs] == [0, 0], reports
+    return reports
+
+
 def parse_coco_args(tree, out, *extra, annotations="train_caption.json"):
     return ["--encoder", "test_resnet", "--encoder_weights", str(tree / "encoder.pth"), "--image_size", "48",
             "--annotations", str(tree / annotations), "--images_root", str(tree), "--out_path", str(out),
             "--device", "cpu", "--num_workers", "0", *extra]
+
+
+# ---- webdataset shards ---------------------------------------------------------------------------------------
+
+def image_bytes(image_id: int, rng) -> bytes:
+    """A JPEG (even ids) or PNG (odd ids) of a size that varies with the id."""
+    pixels = rng.integers(0, 255, (30 + image_id % 7, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG" if image_id % 2 == 0 else "PNG")
+    return buffer.getvalue()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(root: Path, n_images=10, per_shard=4, seed=0) -> List[Path]:
+    """img2dataset-style shards root/0000N.tar (KEY.jpg|png, KEY.txt, KEY.json with caption, key, url, status;
+    keys 00000IIII) and the same images as files under root/folder with a COCO captions file (image ids = the
+    keys' integers): two views of one dataset."""
+    rng = np.random.default_rng(seed)
+    folder = root / "folder"
+    folder.mkdir(parents=True)
+    images, annotations, shards = [], [], []
+    for start in range(0, n_images, per_shard):
+        shards.append(root / f"{start // per_shard:05d}.tar")
+        with tarfile.open(shards[-1], "w") as tar:
+            for i in range(start, min(start + per_shard, n_images)):
+                key, ext = f"{start // per_shard:05d}{i:04d}", "jpg" if i % 2 == 0 else "png"
+                data, caption = image_bytes(i, rng), f"A {COLOURS[i % len(COLOURS)]} {THINGS[i % len(THINGS)]}."
+                add_member(tar, f"{key}.{ext}", data)
+                add_member(tar, f"{key}.txt", caption.encode())
+                add_member(tar, f"{key}.json", json.dumps({"caption": caption, "key": key, "status": "success",
+                                                           "url": f"https://example.com/{key}.{ext}"}).encode())
+                (folder / f"{key}.{ext}").write_bytes(data)
+                images.append({"id": int(key), "file_name": f"{key}.{ext}"})
+                annotations.append({"id": i, "image_id": int(key), "caption": caption})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return shards
 
 
 # ---- train.py --------------------------------------------------------------------------------------------------
@@ -308,3 +421,30 @@ def weights(export_dir):
 
 def log_records(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+def resume_equals_uninterrupted(tmp_path, monkeypatch, args) -> None:
+    """Train `args(out_dir)` whole, then again stopped by a KeyboardInterrupt at its third step and resumed with
+    --resume latest: the two latest exports must be equal, bit for bit."""
+    import train
+    from captioning.training import loop
+
+    train.main(args(tmp_path / "whole"))
+    real_step, calls = loop.Stepper.__call__, []
+
+    def interrupted(self, micro, step=0):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, micro, step)
+
+    monkeypatch.setattr(loop.Stepper, "__call__", interrupted)
+    try:
+        train.main(args(tmp_path / "stopped"))
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
+    train.main(args(tmp_path / "stopped") + ["--resume", "latest"])
+    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "stopped" / "coco_prefix_latest")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

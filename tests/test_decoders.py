@@ -12,10 +12,9 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import predict
 import train
-from builders import DECODER_SIZES, make_pickle, train_args, weights
+from builders import DECODER_SIZES, make_pickle, resume_equals_uninterrupted, train_args, weights
 from captioning.inference import Captioner
 from captioning.original_decoding import original_beam_search
-from captioning.training import loop
 from captioning.training.datasets import tokenize_captions
 from models import kv_cache
 from models.captioner import CaptionerConfig, ClipCaptionModel
@@ -151,24 +150,8 @@ def test_stop_ids_come_from_the_tokenizer_and_the_generation_config(tmp_path, de
 
 
 def test_resume_with_a_llama_equals_an_uninterrupted_run(tmp_path, decoder_dirs, features, monkeypatch):
-    common = ["--max_steps", 4, "--bs", 2, "--save_every_steps", 2]
-    train.main(train_args(features, tmp_path / "whole", decoder_dirs["llama"], *common))
-    real_step = loop.Stepper.__call__
-    calls = []
-
-    def crashing(self, micro, step=0):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, micro, step)
-
-    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(features, tmp_path / "crashed", decoder_dirs["llama"], *common))
-    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
-    train.main(train_args(features, tmp_path / "crashed", decoder_dirs["llama"], *common, "--resume", "latest"))
-    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "crashed" / "coco_prefix_latest")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_equals_uninterrupted(tmp_path, monkeypatch, lambda out: train_args(
+        features, out, decoder_dirs["llama"], "--max_steps", 4, "--bs", 2, "--save_every_steps", 2))
 
 
 def test_cider_optimisation_on_a_qwen2(tmp_path, decoder_dirs, features):

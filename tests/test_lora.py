@@ -8,9 +8,8 @@ import torch
 
 import predict
 import train
-from builders import make_pickle, train_args, weights
+from builders import make_pickle, resume_equals_uninterrupted, train_args, weights
 from captioning.inference import Captioner
-from captioning.training import loop
 from captioning.training.state import load_state
 from models.captioner import ADAPTERS_DIR, CaptionerConfig, ClipCaptionModel
 from models.decoders import load_decoder
@@ -80,23 +79,8 @@ def test_merged_and_adapters_only_exports_caption_as_the_trained_model(tmp_path,
 
 
 def test_resume_with_adapters_equals_an_uninterrupted_run(tmp_path, decoder_dirs, features, monkeypatch):
-    common = ["--max_steps", 4, "--bs", 2, "--save_every_steps", 2, "--lora_r", 4]
-    train.main(train_args(features, tmp_path / "whole", decoder_dirs["llama"], *common))
-    real_step, calls = loop.Stepper.__call__, []
-
-    def crashing(self, micro, step=0):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, micro, step)
-
-    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(features, tmp_path / "crashed", decoder_dirs["llama"], *common))
-    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
-    train.main(train_args(features, tmp_path / "crashed", decoder_dirs["llama"], *common, "--resume", "latest"))
-    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "crashed" / "coco_prefix_latest")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_equals_uninterrupted(tmp_path, monkeypatch, lambda out: train_args(
+        features, out, decoder_dirs["llama"], "--max_steps", 4, "--bs", 2, "--save_every_steps", 2, "--lora_r", 4))
 
 
 def test_cider_optimisation_on_a_lora_export_and_on_its_adapters(tmp_path, decoder_dirs, features):

@@ -1,19 +1,14 @@
 """parse_coco.py end to end on a small generated COCO-style tree, with a tiny timm encoder at 48 px."""
 import csv
 import json
-import multiprocessing
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import parse_coco
-from builders import BAD, GOOD, coco_name, parse_coco_args
-from captioning import extraction, featurize, runtime
+from builders import BAD, GOOD, coco_name, kill_after_batches, parse_coco_args, run_two_ranks
+from captioning import extraction, runtime
 from captioning.data.annotations import AnnotationError, read_annotations
 from captioning.data.features import read_features
 from captioning.data.images import load_image
@@ -177,71 +172,20 @@ def test_random_weights_come_from_a_recorded_seed_and_a_resume_checks_them(tree,
     assert torch.equal(read_features(out)["clip_embedding"], whole["clip_embedding"])
 
 
-KILL_SCRIPT = """
-import os, signal
-import parse_coco
-from captioning import extraction
-original, calls = extraction.LogWriter.append, []
-def append(self, indices, features):
-    calls.append(indices)
-    if len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    original(self, indices, features)
-extraction.LogWriter.append = append
-parse_coco.main({argv!r})
-"""
-
-
 def test_resume_after_kill_9(tree, tmp_path):
     out = tmp_path / "f.pkl"
     argv = parse_coco_args(tree, out, "--batch_size", "4", "--num_workers", "1")
     reference = tmp_path / "uninterrupted.pkl"  # the same flags, so the same thread budget
     parse_coco.main(parse_coco_args(tree, reference, "--batch_size", "4", "--num_workers", "1"))
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    # Output to a file, not a pipe: an orphaned DataLoader worker would hold a pipe open for seconds.
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(argv=argv)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
+    kill_after_batches(argv, 2, tmp_path / "log.txt")
     assert not out.exists() and extraction.done_indices(Path(f"{out}.partial")) == set(range(8))
     parse_coco.main(argv)
     assert_same_file(out, reference)
 
 
-def run_rank(rank, argv, port, messages):
-    """One torchrun-like process: the environment torchrun sets, then main; reports the batches it encoded."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    extract = featurize.extract
-
-    def reporting_extract(records, encoder, directory, batches, **kwargs):
-        messages.put((rank, batches))
-        return extract(records, encoder, directory, batches, **kwargs)
-    featurize.extract = reporting_extract
-    try:
-        parse_coco.main(argv)
-    except BaseException as e:  # reported to the parent, which fails the test
-        messages.put((rank, repr(e)))
-        raise
-
-
 def test_two_process_gloo_run_equals_one_process(tree, reference, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "f.pkl"
-    argv = parse_coco_args(tree, out, "--batch_size", "4")
-    context = multiprocessing.get_context("fork")  # no second import of torch: seconds saved
-    messages = context.Queue()
-    procs = [context.Process(target=run_rank, args=(rank, argv, port, messages)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    reports = dict(messages.get(timeout=1) for _ in range(2))
-    assert [p.exitcode for p in procs] == [0, 0], reports
+    reports = run_two_ranks(parse_coco_args(tree, out, "--batch_size", "4"))
     # Each process encodes every other fixed batch of 4.
     assert reports == {0: [[0, 1, 2, 3], [8, 9, 10, 11]], 1: [[4, 5, 6, 7], [12, 13, 14, 15]]}
     data, ref = read_features(out), read_features(reference)

@@ -8,6 +8,7 @@ Annotation formats (`read_annotations(..., fmt=...)`, "auto" detects them):
 - "karpathy": Karpathy's `dataset_coco.json` (`images[]` with `filepath`, `filename`, `cocoid`, `split`,
   `sentences[].raw`); `split` picks "train", "val", "test", "restval" or a `+` joined set ("train+restval").
 - "csv": a CSV file with a file name column and a caption column (a header row is optional).
+- "webdataset": tar shards as img2dataset writes them (captioning/data/shards.py); their images stay in the tars.
 
 An image's path is `images_root / file_name` when the annotation names the file; otherwise it follows COCO's
 naming: `train2014/COCO_train2014_{id:012d}.jpg`, then `val2014/COCO_val2014_...`, then the 2017 names
@@ -29,25 +30,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from captioning.choices import ANNOTATION_FORMATS
+from captioning.data import shards
+from captioning.data.records import AnnotationError, ImageRecord, image_id_key  # noqa: F401 (re-exported)
 from captioning.data.text import existing_path, from_csv_cell, printable_name
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 FILE_KEYS = ("file_name", "filename", "image", "path")
 CSV_CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")
 CSV_COLUMNS = (*FILE_KEYS, "image_id", *CSV_CAPTION_COLUMNS)
-
-
-class AnnotationError(ValueError):
-    """An annotation file that is missing, malformed, or holds an entry that cannot be used."""
-
-
-@dataclass
-class ImageRecord:
-    image_id: Union[int, str]  # the source's id when it has one, else the file name
-    path: Path  # the image file
-    captions: List[str]
-    file_name: str  # relative to the images root, as in the annotation (or as found by COCO naming)
-    caption_ids: List[Optional[int]] = field(default_factory=list)  # per caption: the source's id, if any
 
 
 def coco_image_candidates(image_id: int) -> List[str]:
@@ -119,16 +109,6 @@ class _Records:
             file_name = next((c for c in candidates if (self.root / c).is_file()), candidates[0])
         return ImageRecord(image_id if image_id is not None else file_name, existing_path(self.root / file_name), [],
                            file_name)
-
-
-def image_id_key(value) -> Optional[Union[int, str]]:
-    """An image_id as every reader keys it (annotations and predictions alike): an int, a digit string as that int
-    (so '391895' and 391895 are one image), another non-empty string as it is; None for anything else."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip():
-        return int(value) if value.strip().isdigit() else value
-    return None
 
 
 def _image_id(value, where: str, source: Path):
@@ -311,9 +291,14 @@ def read_annotations(path, split: Optional[str] = None, images_root="./data/coco
     A bad entry (no image_id, an empty caption, ...) raises `AnnotationError`; when `errors` is a list, the
     entry is skipped instead and its error appended. Problems with the file as a whole always raise.
     """
-    path = Path(path)
     if fmt not in ANNOTATION_FORMATS:
         raise AnnotationError(f"unknown annotation format {fmt!r}; expected one of {ANNOTATION_FORMATS}")
+    if fmt == "webdataset" or (fmt == "auto" and shards.looks_like_shards(str(path))):
+        if split is not None:
+            raise AnnotationError(f"{path}: split={split!r} given, but webdataset shards have no splits; name the "
+                                  f"split's shards instead")
+        return shards.read_shards(str(path), errors)
+    path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: " + ("is a directory; expected an annotation file" if path.is_dir()
                                              else "no such annotation file"))

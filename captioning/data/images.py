@@ -1,5 +1,6 @@
 """Image files -> 8-bit RGB PIL images, with the reason when a file cannot be used."""
 import errno
+import io
 import os
 import stat
 import warnings
@@ -16,7 +17,7 @@ class ImageError(Exception):
 
     def __init__(self, path, kind: str, reason: str):
         super().__init__(f"{path}: {reason}")
-        self.path, self.kind, self.reason = Path(path), kind, reason
+        self.path, self.kind, self.reason = path if hasattr(path, "read") else Path(path), kind, reason
 
     def __reduce__(self):  # DataLoader workers send exceptions across processes
         return ImageError, (self.path, self.kind, self.reason)
@@ -60,15 +61,23 @@ def load_image(path, max_pixels: Optional[int] = None) -> Image.Image:
     """An image file as 8-bit RGB, EXIF orientation applied; raises `ImageError` naming the file and reason.
 
     Grayscale, CMYK, RGBA, palette and 16-bit images are converted. Images larger than `max_pixels`
-    (default: PIL's `Image.MAX_IMAGE_PIXELS`) are refused before decoding, as are truncated files.
+    (default: PIL's `Image.MAX_IMAGE_PIXELS`) are refused before decoding, as are truncated files. `path` may
+    also be an image inside a webdataset shard (captioning.data.shards.ShardMember), read by its offset.
     """
-    path = Path(path)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
-    check_regular_file(path)
+    if hasattr(path, "read"):  # a shard member: its bytes, without extracting the tar
+        try:
+            source = io.BytesIO(path.read())
+        except (OSError, EOFError) as e:
+            raise ImageError(path, "truncated" if isinstance(e, EOFError) else "unreadable",
+                             f"{e.__class__.__name__}: {e}") from e
+    else:
+        path = source = Path(path)
+        check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below refuses
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 width, height = image.size
                 if limit and width * height > limit:
                     raise ImageError(path, "too_large", f"decompression bomb: {width}x{height} = "

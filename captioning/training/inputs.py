@@ -5,7 +5,6 @@ validation datasets, records where the features came from (the encoder config th
 fingerprints the data so a resume checkpoint is never continued on other data.
 """
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from captioning.data.annotations import read_annotations
 from captioning.data.features import metadata_encoder, read_features, same_encoder
 from captioning.data.images import load_image
+from captioning.data.shards import ShardMember, image_exists
 from captioning.training.config import TrainConfig
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
@@ -114,13 +114,13 @@ def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, Li
     records = read_annotations(path, split=split, images_root=config.images_root, fmt=config.annotation_format)
     if not records:
         raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
-    missing = [str(r.path) for r in records if not os.path.isfile(r.path)]
+    missing = [str(r.path) for r in records if not image_exists(r.path)]
     if missing:
         raise ValueError(f"{path}: {len(missing)} of {len(records)} images are missing under --images_root "
                          f"{config.images_root}, e.g. {missing[:3]}")
     captions = [c.strip() for r in records for c in r.captions]
     index = np.fromiter((j for j, r in enumerate(records) for _ in r.captions), dtype=np.int64, count=len(captions))
-    return CaptionTable(captions, index), [str(r.path) for r in records]
+    return CaptionTable(captions, index), [r.path if isinstance(r.path, ShardMember) else str(r.path) for r in records]
 
 
 def trainable_encoder(config: TrainConfig) -> ImageEncoder:
@@ -188,4 +188,4 @@ def build_image_inputs(config: TrainConfig, tokenizer, dist, cache_workers: int 
         train=train, val=val, prefix_size=encoder.feature_dim, feature_type=config.feature_type,
         num_grid_tokens=encoder.num_tokens if grid else None, encoder=encoder,
         fingerprint={"captions": captions_fingerprint(table.captions), "num_captions": len(table),
-                     "images": hashlib.sha256("\n".join(paths).encode()).hexdigest()})
+                     "images": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()})
