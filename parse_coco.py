@@ -14,7 +14,7 @@ from typing import Optional
 from captioning.choices import ANNOTATION_FORMATS, FEATURE_DTYPES
 from captioning.cli import (POSITIVE, SEED, add_precision_argument, add_thread_arguments, device_name, json_object,
                             run_command)
-from captioning.configs import EXTRACTION_BATCH_SIZES, ExtractionConfig, defaults
+from captioning.configs import EXTRACTION_BATCH_SIZES, OUT_FORMATS, ExtractionConfig, defaults
 from models.choices import CLIP_MODEL_TYPES, FEATURE_TYPES
 
 
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images_root", help="folder that annotation file names are relative to")
     p.add_argument("--out_path",
                    help="features pickle; default ./data/coco/oscar_split_<clip_model_type or encoder>_train.pkl")
+    p.add_argument("--out_format", choices=OUT_FORMATS,
+                   help="pickle: the original's features pickle (default); mmap: a directory of memory-mapped files "
+                        "that the processes of a node share (millions of images: docs/data.md)")
+    p.add_argument("--convert", metavar="FEATURES",
+                   help="write this features pickle or store in --out_format at --out_path, row for row, encoding "
+                        "nothing")
     p.add_argument("--batch_size", type=POSITIVE,
                    help=f"images per encoder call; default {EXTRACTION_BATCH_SIZES['cuda']} on CUDA, "
                         f"{EXTRACTION_BATCH_SIZES['cpu']} on CPU (where small batches stay in cache)")
@@ -80,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Optional[dict]:
     """Run the extraction; the main process returns a summary (out_path, counts, extraction_seconds)."""
     config = ExtractionConfig(**vars(build_parser().parse_args(argv)))
-    from captioning.featurize import extract_features  # torch and timm: after the flags
-    return extract_features(config)
+    from captioning.featurize import convert_features, extract_features  # torch and timm: after the flags
+    return convert_features(config) if config.convert else extract_features(config)
 
 
 def user_errors() -> tuple:

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", nargs="+", help="image file(s) to caption")
     source.add_argument("--images_dir", help="caption every image file in this directory (not recursive)")
-    source.add_argument("--features", help="caption the precomputed features of a features pickle "
+    source.add_argument("--features", help="caption the precomputed features of a features pickle or store "
                                            "written by parse_coco.py (one caption per image)")
     p.add_argument("--out", help="write the captions to this file: .json (COCO results format) or .csv; "
                                  "without it they are printed")

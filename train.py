@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_original_flags(a) -> None:
     a("--data",
-      help=f"features pickle from parse_coco.py (default: {DEFAULT_DATA})")
+      help=f"features pickle, or store (--out_format mmap), from parse_coco.py (default: {DEFAULT_DATA})")
     a("--out_dir", help="where exports, the resume checkpoint and logs go")
     a("--prefix", help="name prefix of the saved exports and checkpoint")
     a("--epochs", type=POSITIVE, help="passes over the training captions")
@@ -79,7 +79,7 @@ def add_training_flags(a) -> None:
     a("--seed", type=SEED, help="seed of initialisation, data order, dropout and augmentation")
     a("--device", type=device_name,
       help="cpu, cuda or mps (default: cuda when available); torchrun picks the GPU")
-    a("--val_data", help="validation features pickle; validation loss reported per epoch")
+    a("--val_data", help="validation features pickle or store; validation loss reported per epoch")
     a("--val_fraction", type=number(0, 1, low_open=True, high_open=True),
       help="hold out this fraction of the training images (all their captions) for validation instead")
     a("--init_from",

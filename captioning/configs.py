@@ -14,6 +14,7 @@ from models.choices import DEFAULT_BEAM_SIZE, DEFAULT_TOP_P
 
 # Images per encoder call: on a CPU small batches stay in cache, and 4 ran faster than 8 (docs/benchmarks.md).
 EXTRACTION_BATCH_SIZES = {"cuda": 128, "cpu": 4}
+OUT_FORMATS = ("pickle", "mmap")  # parse_coco.py --out_format
 DEMO_RUN = "./runs/demo"  # where make demo writes, and where app.py looks for its export
 DEMO_EXPORT = f"{DEMO_RUN}/run/demo_latest"
 DEMO_DECODER_TYPES = ("gpt2", "llama", "qwen2", "gpt_neox")  # demo.py --decoder_type: captioning/demo/recipe.py
@@ -48,7 +49,9 @@ class ExtractionConfig:
     annotation_format: str = "auto"
     split: Optional[str] = None  # Karpathy split(s), joined by '+'
     images_root: str = "./data/coco"
-    out_path: Optional[Path] = None  # None: ./data/coco/oscar_split_<encoder or clip_model_type>_train.pkl
+    out_path: Optional[Path] = None  # None: ./data/coco/oscar_split_<encoder or clip_model_type>_train.pkl (.store)
+    out_format: str = "pickle"  # "pickle" (the original's) or "mmap": a memory-mapped store (captioning/data/store.py)
+    convert: Optional[str] = None  # a features pickle or store to write in out_format at out_path, encoding nothing
     batch_size: Optional[int] = None  # None: EXTRACTION_BATCH_SIZES of the device type
     threads: Optional[int] = None
     num_workers: Optional[int] = None
@@ -67,8 +70,11 @@ class ExtractionConfig:
             raise ValueError(f"on_error must be 'skip' or 'fail', got {self.on_error!r}")
         if self.dtype not in FEATURE_DTYPES:
             raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {self.dtype!r}")
+        if self.out_format not in OUT_FORMATS:
+            raise ValueError(f"out_format must be one of {OUT_FORMATS}, got {self.out_format!r}")
         tag = (self.encoder or self.clip_model_type).replace("/", "_")
-        self.out_path = Path(self.out_path or f"./data/coco/oscar_split_{tag}_train.pkl")
+        suffix = ".pkl" if self.out_format == "pickle" else ".store"
+        self.out_path = Path(self.out_path or f"./data/coco/oscar_split_{tag}_train{suffix}")
         self.error_log = Path(self.error_log or self.out_path.with_suffix(".errors.log"))
 
     def encoder_config(self):

@@ -19,10 +19,11 @@ import torch
 from captioning import runtime
 from captioning.configs import ExtractionConfig, extraction_batch_size
 from captioning.data.annotations import AnnotationError, ImageRecord, read_annotations
-from captioning.data.features import write_features
+from captioning.data.features import read_features, write_features
+from captioning.data.store import is_store, read_store, write_store
 from captioning.extraction import (ExtractionError, Failure, assemble, check_manifest, done_indices, extract,
                                    plan_batches, prepare_partial)
-from captioning.outputs import check_output_file, write_or_rescue
+from captioning.outputs import check_output_dir, check_output_file, write_or_rescue
 from captioning.runtime import Distributed, Precision
 from models.checkpoint_io import atomic_write, remove_stale_temporaries
 from models.encoder import ImageEncoder
@@ -116,7 +117,7 @@ def finish(config: ExtractionConfig, records: List[ImageRecord], encoder: ImageE
     if not captions:
         raise ExtractionError(f"{config.annotations}: the readable images have no captions; nothing to write")
     metadata = features_metadata(config, encoder, precision, records, kept, failures, skipped_entries, len(captions))
-    write_or_rescue(config.out_path, lambda path: write_features(path, features, captions, metadata), "--out_path")
+    write_output(config, features, captions, metadata)
     shutil.rmtree(partial)
     kinds = ", ".join(f"{k}: {n}" for k, n in sorted(Counter(f.kind for f in failures).items()))
     print(f"wrote {config.out_path}: {len(kept)} images, {len(captions)} captions, features "
@@ -130,6 +131,26 @@ def finish(config: ExtractionConfig, records: List[ImageRecord], encoder: ImageE
     return {"out_path": config.out_path, "num_images": len(kept), "num_captions": len(captions),
             "num_failed_images": len(failures), "num_skipped_annotation_entries": len(skipped_entries),
             "images_read": encoded, "extraction_seconds": seconds}
+
+
+def write_output(config: ExtractionConfig, features, captions, metadata) -> None:
+    """The features pickle, or the memory-mapped store (--out_format mmap), at --out_path, rescued elsewhere if
+    that cannot be written."""
+    writer = write_store if config.out_format == "mmap" else write_features
+    write_or_rescue(config.out_path, lambda path: writer(path, features, captions, metadata), "--out_path")
+
+
+def convert_features(config: ExtractionConfig) -> dict:
+    """--convert: a features pickle or store written again in --out_format at --out_path, row for row."""
+    source = Path(config.convert)
+    data = read_store(source) if is_store(source) else read_features(source)
+    check_output = check_output_dir if config.out_format == "mmap" else check_output_file
+    check_output(config.out_path, "--out_path")
+    write_output(config, data["clip_embedding"], data["captions"], data["metadata"])
+    print(f"wrote {config.out_path} ({config.out_format}): {data['clip_embedding'].shape[0]} images, "
+          f"{len(data['captions'])} captions, from {source}")
+    return {"out_path": config.out_path, "num_images": data["clip_embedding"].shape[0],
+            "num_captions": len(data["captions"])}
 
 
 def read_records(config: ExtractionConfig, is_main: bool) -> Tuple[List[ImageRecord], List[str]]:
@@ -155,7 +176,7 @@ def run(config: ExtractionConfig, processes: Distributed) -> Optional[dict]:
     rank, world_size, device = processes.rank, processes.world_size, processes.device
     main_process, distributed = processes.is_main, processes.enabled
     if main_process:  # before hours of encoding
-        check_output_file(config.out_path, "--out_path")
+        (check_output_dir if config.out_format == "mmap" else check_output_file)(config.out_path, "--out_path")
         check_output_file(config.error_log, "--error_log")
         for output in (config.out_path, config.error_log):
             for path in remove_stale_temporaries(output.parent, [output.name]):

@@ -16,6 +16,7 @@ from captioning import runtime
 from captioning.configs import PredictConfig
 from captioning.data.annotations import image_id_from_name
 from captioning.data.features import FeaturesError, metadata_file_names, read_features
+from captioning.data.store import is_store, read_store
 from captioning.data.results import CSV_COLUMNS, Prediction, write_results
 from captioning.data.text import printable_name, to_csv_cell
 from captioning.inference import Captioner, CaptionResult, DecodingOptions
@@ -46,7 +47,7 @@ def list_images(directory: Path):
 def features_inputs(path):
     """A features pickle (parse_coco.py) -> one feature row per image, its image_id, and its image's file name
     where the metadata records one per row (parse_coco.py's do), else None."""
-    data = read_features(path)
+    data = read_store(path) if is_store(path) else read_features(path)
     rows = {}
     for caption in data["captions"]:
         rows.setdefault(caption["clip_embedding"], caption["image_id"])

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from models.checkpoint_io import CheckpointError
+from models.checkpoint_io import CheckpointError, hash_tensor
 
 ADAPTER = "default"  # peft's adapter name; one adapter per decoder
 # Attention and MLP projections of each architecture: the targets of --lora_targets by default.
@@ -106,7 +106,7 @@ def base_fingerprint(decoder: nn.Module) -> str:
     for name, tensor in sorted(decoder.state_dict().items()):
         if not is_adapter_key(name):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+            hash_tensor(digest, tensor)
     return digest.hexdigest()[:16]
 
 

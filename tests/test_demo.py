@@ -113,6 +113,9 @@ def test_the_demo_decoders_are_their_architectures_at_about_the_same_size(tmp_pa
     counts = {t: sum(p.numel() for p in d.parameters()) for t, d in decoders.items()}
     assert {t: d.config.model_type for t, d in decoders.items()} == {t: t for t in DEMO_DECODER_TYPES}
     assert all(0.9 < counts[t] / counts["gpt2"] < 1.1 for t in counts), counts
+    # the end token's embedding is drawn like the others (a zeroed padding row would pin its logit at 0)
+    end = [d.generation_config.eos_token_id for d in decoders.values()]
+    assert all(d.get_input_embeddings().weight[e].abs().sum() > 0 for d, e in zip(decoders.values(), end))
 
 
 def test_the_demo_trains_and_captions_with_a_llama(tmp_path):

@@ -15,6 +15,7 @@ import train
 from builders import ROOT, log_records, make_images, make_pickle, tiny_gpt2, train_args, weights
 from captioning import runtime
 from captioning.data.features import read_features, write_features
+from captioning.data.store import write_store
 from captioning.data.images import load_image
 from captioning.runtime import Precision
 from captioning.training import datasets, loop
@@ -281,7 +282,12 @@ def test_bf16_on_the_cpu_uses_the_math_attention_kernel():
     assert torch.backends.cuda.flash_sdp_enabled()
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, gpt2_nodrop_dir):
+@pytest.mark.parametrize("kind", ["pickle", "store"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, features, gpt2_nodrop_dir, kind):
+    if kind == "store":  # the two processes map one store's files
+        data = read_features(features)
+        features = tmp_path / "train.store"
+        write_store(features, data["clip_embedding"], data["captions"], data["metadata"])
     common = ["--max_steps", 3, "--save_every_steps", 0, "--val_fraction", 0.25]
     one = train_args(features, tmp_path / "one", gpt2_nodrop_dir, *common, "--bs", 4)
     two = train_args(features, tmp_path / "two", gpt2_nodrop_dir, *common, "--bs", 2)

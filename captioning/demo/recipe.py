@@ -51,8 +51,10 @@ def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt
                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     torch.manual_seed(seed)
     end = tokenizer.eos_token_id
+    # No pad token: LLaMA-family embeddings zero their padding row, which would tie the end token's logit to 0
+    # (and, with the decoder frozen under --lora_r, keep it there); captions are padded and masked anyway.
     config = AutoConfig.for_model(decoder_type, vocab_size=len(tokenizer), bos_token_id=end, eos_token_id=end,
-                                  pad_token_id=end, **DECODER_SIZES[decoder_type])
+                                  **DECODER_SIZES[decoder_type])
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm import tqdm
 
+from captioning.data.store import captions_digest
 from models.checkpoint_io import atomic_write
 
 TOKEN_CACHE_VERSION = 2  # 2: captions cut to MAX_CAPTION_TOKENS
@@ -88,7 +89,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def captions_fingerprint(captions: Sequence[str]) -> str:
-    return hashlib.sha256("\0".join(captions).encode()).hexdigest()
+    """A digest of the captions in order; a features store's captions carry theirs (`sha256`), computed when it was
+    written, so that no process reads every caption's text for it."""
+    recorded = getattr(captions, "sha256", None)
+    return recorded if recorded is not None else captions_digest(captions)
 
 
 def caption_char_limit(tokenizer, max_tokens: int = MAX_CAPTION_TOKENS) -> int:

@@ -7,7 +7,7 @@ fingerprints the data so a resume checkpoint is never continued on other data.
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from captioning.data.annotations import read_annotations
 from captioning.data.features import metadata_encoder, read_features, same_encoder
 from captioning.data.images import load_image
 from captioning.data.shards import ShardMember, image_exists
+from captioning.data.store import FeaturesStore, is_store
 from captioning.training.config import TrainConfig
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
                                           caption_table_from_features, captions_fingerprint, default_cache_dir,
@@ -71,11 +72,32 @@ def token_cache_dirs(config: TrainConfig) -> List[Path]:
     return [Path(config.cache_dir) if config.cache_dir else default_cache_dir(), Path(config.out_dir)]
 
 
+class StoreCaptions(Sequence[str]):
+    """A store's captions as training reads them (stripped), each read from the mapped text column when asked for:
+    no process holds every caption's text. `sha256` is their fingerprint, recorded when the store was written."""
+
+    def __init__(self, store: FeaturesStore):
+        self.column, self.sha256 = store.captions, store.captions_sha256
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i):
+        return [c.strip() for c in self.column[i]] if isinstance(i, slice) else self.column[i].strip()
+
+
 def load_features(path, tokenizer, cache_dirs: List[Path], log):
-    data = read_features(path)
-    table = caption_table_from_features(data, path)
-    features, metadata = data["clip_embedding"], data["metadata"]
-    del data  # the caption dicts: about half the memory of a COCO pickle
+    """Features, metadata, caption table and caption tokens of a features pickle, or of a store (its features and
+    caption rows stay memory-mapped, shared by the processes of a node)."""
+    if is_store(path):
+        store = FeaturesStore(path)
+        features, metadata = store.features, store.metadata
+        table = CaptionTable(StoreCaptions(store), store.caption_rows)
+    else:
+        data = read_features(path)
+        table = caption_table_from_features(data, path)
+        features, metadata = data["clip_embedding"], data["metadata"]
+        del data  # the caption dicts: about half the memory of a COCO pickle
     tokens = cached_tokens(table.captions, tokenizer, cache_dirs, Path(path).name, log)
     return features, metadata, table, tokens
 

@@ -27,6 +27,7 @@ from captioning.training.lock import hold_run_directory
 from captioning.training.loop import CaptionLoss, Stepper, Trainer, TrainOptions, count_steps
 from captioning.training.scst import Rewards, ScstImages, ScstLoss, ScstOptions, ScstStepper, collate_images
 from captioning.training.state import previous_state_path, seed_everything
+from captioning.data.store import is_store
 from models.captioner import CaptionerConfig, ClipCaptionModel
 from models.checkpoint_io import CheckpointError, atomic_write
 from models.decoders import caption_end_id, load_decoder, position_limit, stop_token_ids
@@ -38,9 +39,10 @@ def check_files(config: TrainConfig) -> None:
     check_output_dir(config.out_dir, "--out_dir")
     if not config.train_encoder:
         for flag, path in (("--data", config.data), ("--val_data", config.val_data)):
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: " + ("is a directory; expected a features pickle"
-                                                       if Path(path).is_dir() else "no such features file"))
+            if path is not None and not Path(path).is_file() and not is_store(path):
+                raise ValueError(f"{flag} {path}: " + ("is a directory; expected a features pickle or store "
+                                                       "(store.json is missing)" if Path(path).is_dir()
+                                                       else "no such features file"))
 
 
 def build_optimizer(model, config: TrainConfig, device) -> torch.optim.Optimizer:
