@@ -26,16 +26,18 @@ COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 THINGS = ["dog", "cat", "man", "woman", "bus", "pizza", "horse", "table"]
 PLACES = ["on a street", "in a field", "next to a tree", "on a table", "in the kitchen", "at the beach"]
 BATCHES = 200  # drawn to measure the loader
+FILES = {"pickle": "data.pkl", "store": "data.store"}
 
 
 def private_gb() -> float:
-    """This process's private memory: Private_Dirty + Private_Clean of smaps_rollup, in GB."""
-    total = 0
+    """This process's Private_Dirty memory (smaps_rollup), in GB: what it alone holds and could not drop. A store's
+    mapped pages are clean page cache (Private_Clean while no other process maps them, Shared_Clean once one does),
+    which RSS and Private_Clean count and the kernel reclaims or shares."""
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith(("Private_Dirty:", "Private_Clean:")):
-                total += int(line.split()[1])
-    return total / 2**20
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("/proc/self/smaps_rollup has no Private_Dirty line")
 
 
 def generate(directory: Path, images: int, per_image: int, dim: int, seed: int) -> None:
@@ -124,8 +126,10 @@ def main(argv=None):
           f"(pickle {size:.2f} GB); each format measured in a fresh process, the token cache warm", flush=True)
     results = {}
     for kind in ("store", "pickle", "store"):  # the first run warms the token cache for both (same captions)
-        out = subprocess.run([sys.executable, __file__, "--_measure", str(directory / f"data.{kind}"),
-                              str(directory)], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, "--_measure", str(directory / FILES[kind]), str(directory)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"measuring the {kind} failed:\n{out.stderr[-3000:]}")
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     for kind, r in results.items():
         print(f"{kind:<7} private memory: peak {r['private_gb']:.2f} GB, steady {r['steady_gb']:.2f} GB; first batch "

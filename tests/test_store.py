@@ -11,7 +11,7 @@ import parse_coco
 import predict
 import train
 from builders import (log_records, make_coco_tree, make_pickle, parse_coco_args, resume_equals_uninterrupted,
-                      tiny_captioner, train_args)
+                      run_two_ranks, tiny_captioner, train_args)
 from captioning.data.features import FeaturesError, read_features
 from captioning.data.store import STORE_FILE, FeaturesStore, is_store, read_store
 
@@ -101,3 +101,9 @@ def test_a_truncated_or_inconsistent_store_is_an_error_naming_the_file(extracted
     with pytest.raises(ValueError, match=r"--data .*unfinished.store: is a directory; expected a features pickle "
                                          r"or store \(store.json is missing\)"):
         train.main(train_args(unfinished, tmp_path / "run2", gpt2_dir, "--max_steps", 1))
+
+
+def test_two_processes_extract_into_the_store_one_process_writes(extracted, tmp_path):
+    tree = extracted / "tree"
+    run_two_ranks(parse_coco_args(tree, tmp_path / "two.store", "--threads", "1", "--out_format", "mmap"))
+    assert_equal_data(read_store(tmp_path / "two.store"), read_store(extracted / "f.store"))
