@@ -49,6 +49,9 @@ def test_the_store_holds_what_the_pickle_holds_and_converts_both_ways(extracted)
     assert opened.features.data_ptr() == opened.feature_array.ctypes.data
     assert opened.captions[1] == pickle_data["captions"][1]["caption"] and len(opened.captions) == \
         len(pickle_data["captions"])
+    assert opened.captions[-1] == pickle_data["captions"][-1]["caption"]
+    with pytest.raises(IndexError):
+        opened.captions[len(opened.captions)]
 
 
 def test_training_on_the_store_gives_the_pickles_losses_and_resumes_bitwise(tmp_path, gpt2_dir, monkeypatch):
@@ -94,6 +97,10 @@ def test_a_truncated_or_inconsistent_store_is_an_error_naming_the_file(extracted
     (other / STORE_FILE).write_text(json.dumps(header))
     with pytest.raises(FeaturesError, match=r"other.store/caption_rows.npy: holds int64 \(\d+,\), but store.json "
                                             r"says int64 \(\d+,\); the store is inconsistent"):
+        FeaturesStore(other)
+    del header["files"]
+    (other / STORE_FILE).write_text(json.dumps(header))
+    with pytest.raises(FeaturesError, match=r"other.store/store.json: missing key\(s\) \['files'\]"):
         FeaturesStore(other)
     unfinished = tmp_path / "unfinished.store"
     shutil.copytree(extracted / "f.store", unfinished)

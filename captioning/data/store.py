@@ -31,6 +31,7 @@ from models.checkpoint_io import atomic_directory
 STORE_FILE = "store.json"
 STORE_FORMAT = "tinytiny-features-store"
 STORE_VERSION = 1
+HEADER_KEYS = ("num_rows", "num_captions", "shape", "dtype", "captions_sha256", "files")
 ROW_LISTS = ("image_ids", "file_names")  # metadata lists of one entry per row: columns of their own
 NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
@@ -67,6 +68,9 @@ class TextColumn(Sequence[str]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i) + len(self) if int(i) < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: index out of range")
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return bytes(self.data[start:end]).decode("utf-8")
 
@@ -159,9 +163,13 @@ class FeaturesStore:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FeaturesError(f"{header_path}: not valid JSON: {e}") from e
         h = self.header
-        if h.get("format") != STORE_FORMAT or h.get("format_version") != STORE_VERSION:
-            raise FeaturesError(f"{header_path}: format {h.get('format')!r} version {h.get('format_version')!r}; "
-                                f"this code reads {STORE_FORMAT!r} version {STORE_VERSION}")
+        if not isinstance(h, dict) or h.get("format") != STORE_FORMAT or h.get("format_version") != STORE_VERSION:
+            found = (h.get("format"), h.get("format_version")) if isinstance(h, dict) else type(h).__name__
+            raise FeaturesError(f"{header_path}: format {found}; this code reads {STORE_FORMAT!r} version "
+                                f"{STORE_VERSION}")
+        missing = [k for k in HEADER_KEYS if k not in h]
+        if missing:
+            raise FeaturesError(f"{header_path}: missing key(s) {missing}; expected {list(HEADER_KEYS)}")
         for name, size in h["files"].items():
             file = self.path / name
             if not file.is_file() or file.stat().st_size != size:
