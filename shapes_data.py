@@ -6,7 +6,7 @@ backgrounds, captioned by a small grammar, in the official COCO caption format, 
 import argparse
 import sys
 
-from captioning.cli import COUNT, POSITIVE, SEED, integer
+from captioning.cli import COUNT, POSITIVE, SEED, integer, number
 from captioning.configs import ShapesConfig, defaults
 
 
@@ -20,13 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, help="same seed, same images and captions (default %(default)s)")
     p.add_argument("--either_order", action="store_true",
                    help="captions may name either of two shapes first ('B below A' as well as 'A above B')")
+    p.add_argument("--reverse_fraction", type=number(0, 1),
+                   help="share of two-shape captions that name the shapes in reverse order, 'B below A' for 'A above "
+                        "B' (default %(default)s; --either_order is about one half)")
     p.set_defaults(**defaults(ShapesConfig))
     return p
 
 
 def main(argv=None) -> int:
     """Write the dataset; returns the exit status (2 when --out_dir cannot be written)."""
-    config = ShapesConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        config = ShapesConfig(**vars(build_parser().parse_args(argv)))
+    except ValueError as e:
+        print(f"shapes_data.py: error: {e}", file=sys.stderr)
+        return 2
     from captioning.data.shapes import generate  # numpy and PIL: after the flags
     from captioning.outputs import OutputError, check_output_dir
     try:
@@ -35,7 +42,7 @@ def main(argv=None) -> int:
         print(f"shapes_data.py: error: {e}", file=sys.stderr)
         return 2
     generate(config.out_dir, config.num_train, config.num_val, config.num_test, config.seed, config.image_size,
-             config.either_order)
+             config.either_order, config.reverse_fraction)
     print(f"wrote {config.num_train}/{config.num_val}/{config.num_test} train/val/test images to {config.out_dir}")
     return 0
 

@@ -169,6 +169,13 @@ class ShapesConfig:
     image_size: int = 64
     seed: int = 0
     either_order: bool = False  # captions may name either of two shapes first
+    reverse_fraction: float = 0.0  # share of two-shape captions naming the shapes in reverse order
+
+    def __post_init__(self):
+        if not 0.0 <= self.reverse_fraction <= 1.0:
+            raise ValueError(f"reverse_fraction must be in [0, 1], got {self.reverse_fraction}")
+        if self.reverse_fraction and self.either_order:
+            raise ValueError("give --either_order or --reverse_fraction, not both: --either_order is about 0.5")
 
 
 @dataclass

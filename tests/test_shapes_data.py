@@ -136,3 +136,29 @@ def test_read_scenes_reads_back_what_the_generator_wrote_and_names_a_bad_entry(t
     del raw["images"][2]["scene"]
     (tmp_path / "some.json").write_text(json.dumps(raw))
     assert sorted(shapes.read_scenes(tmp_path / "some.json")) == sorted(set(scenes) - {raw["images"][2]["id"]})
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1 / 3, 1.0])
+def test_reverse_fraction_is_the_share_of_captions_naming_the_shapes_in_reverse(fraction):
+    rng = random.Random(0)
+    scenes = [s for s in (shapes.random_scene(rng) for _ in range(800)) if s.relation][:400]
+    reverse = total = 0
+    for scene in scenes:
+        captions = captions_for(scene, rng, reverse_fraction=fraction)
+        assert len(captions) == 5
+        for caption in captions:
+            parsed = parse_caption(caption)
+            assert all(same_scene_facts(parsed, scene).values()), caption
+            if not caption.endswith(" it"):  # "A with B below it" parses in relation order, not naming order
+                reverse += parsed.things[0] == scene.things[1]  # "B below A": the right/lower shape named first
+                total += 1
+    # each side's grammar has one "... it" form of five: about 1,600 captions counted, 3 sd of their share is 0.035
+    assert reverse / total == pytest.approx(fraction, abs=0.035)
+
+
+def test_reverse_fraction_and_either_order_together_are_refused(tmp_path, capsys):
+    assert shapes_data.main(["--out_dir", str(tmp_path), "--either_order", "--reverse_fraction", "0.3"]) == 2
+    assert "give --either_order or --reverse_fraction, not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shapes_data.main(["--out_dir", str(tmp_path), "--reverse_fraction", "1.5"])
+    assert "argument --reverse_fraction" in capsys.readouterr().err

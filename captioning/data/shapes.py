@@ -58,13 +58,15 @@ def random_scene(rng: random.Random) -> Scene:
             return Scene([first, second], relation=rng.choice(RELATIONS))
 
 
-def captions_for(scene: Scene, rng: random.Random, count: int = 5, either_order: bool = False) -> List[str]:
+def captions_for(scene: Scene, rng: random.Random, count: int = 5, either_order: bool = False,
+                 reverse_fraction: float = 0.0) -> List[str]:
     """Paraphrases of the scene from the grammar, distinct where the grammar allows.
 
     Two shapes are named in reading order, the left (or top) one first, as people describe a scene; the
     paraphrases vary the wording and state the relation both ways ("A above B", "A with B below it").
     `either_order`: a caption may name either shape first ("B below A" as well as "A above B"), as datasets
-    made elsewhere do; the decoder must then find where the shape it named first sits."""
+    made elsewhere do; the decoder must then find where the shape it named first sits. `reverse_fraction`: each
+    caption of two shapes names them in reverse order with this probability (`either_order` is about one half)."""
     a = scene.things[0]
     if scene.position:
         templates = [f"a {a.colour} {a.shape} {p}" for p in POSITION_PHRASES[scene.position]]
@@ -73,6 +75,14 @@ def captions_for(scene: Scene, rng: random.Random, count: int = 5, either_order:
     else:
         b, rel = scene.things[1], scene.relation
         templates = relation_templates(a, rel, b)
+        if reverse_fraction:
+            reverse = relation_templates(b, INVERSE[rel], a)
+            rng.shuffle(templates)
+            rng.shuffle(reverse)
+            reversed_count = sum(rng.random() < reverse_fraction for _ in range(count))
+            captions = reverse[:reversed_count] + templates[:count - reversed_count]
+            rng.shuffle(captions)
+            return captions
         if either_order:
             templates += relation_templates(b, INVERSE[rel], a)
     rng.shuffle(templates)
@@ -205,7 +215,7 @@ def same_scene_facts(predicted: Optional[Scene], truth: Scene) -> Dict[str, bool
 
 
 def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start_id: int, size: int,
-                either_order: bool = False) -> int:
+                either_order: bool = False, reverse_fraction: float = 0.0) -> int:
     images, annotations = [], []
     for i in tqdm(range(count), desc=f"shapes {split}", unit="img", leave=False):
         image_id = start_id + i
@@ -214,7 +224,7 @@ def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start
         draw_scene(scene, rng, size).save(out_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size,
                        "scene": asdict(scene)})
-        for caption in captions_for(scene, rng, either_order=either_order):
+        for caption in captions_for(scene, rng, either_order=either_order, reverse_fraction=reverse_fraction):
             annotations.append({"id": len(annotations) + start_id * 10, "image_id": image_id, "caption": caption})
     with atomic_write(out_dir / f"captions_{split}.json") as tmp:
         tmp.write_text(json.dumps({"info": {"description": f"synthetic shapes, {split} split"},
@@ -224,13 +234,13 @@ def write_split(out_dir: Path, split: str, count: int, rng: random.Random, start
 
 def generate(out_dir, num_train=ShapesConfig.num_train, num_val=ShapesConfig.num_val,
              num_test=ShapesConfig.num_test, seed=ShapesConfig.seed, size=ShapesConfig.image_size,
-             either_order=ShapesConfig.either_order) -> Path:
+             either_order=ShapesConfig.either_order, reverse_fraction=ShapesConfig.reverse_fraction) -> Path:
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     next_id = 1
     for split, count in (("train", num_train), ("val", num_val), ("test", num_test)):
-        next_id = write_split(out_dir, split, count, rng, next_id, size, either_order)
+        next_id = write_split(out_dir, split, count, rng, next_id, size, either_order, reverse_fraction)
     return out_dir
 
 
