@@ -133,6 +133,11 @@ def finish(config: ExtractionConfig, records: List[ImageRecord], encoder: ImageE
             "images_read": encoded, "extraction_seconds": seconds}
 
 
+def check_out_path(config: ExtractionConfig) -> None:
+    """--out_path can take a pickle (a file) or a store (a directory), before anything is encoded."""
+    (check_output_dir if config.out_format == "mmap" else check_output_file)(config.out_path, "--out_path")
+
+
 def write_output(config: ExtractionConfig, features, captions, metadata) -> None:
     """The features pickle, or the memory-mapped store (--out_format mmap), at --out_path, rescued elsewhere if
     that cannot be written."""
@@ -144,8 +149,7 @@ def convert_features(config: ExtractionConfig) -> dict:
     """--convert: a features pickle or store written again in --out_format at --out_path, row for row."""
     source = Path(config.convert)
     data = read_store(source) if is_store(source) else read_features(source)
-    check_output = check_output_dir if config.out_format == "mmap" else check_output_file
-    check_output(config.out_path, "--out_path")
+    check_out_path(config)
     write_output(config, data["clip_embedding"], data["captions"], data["metadata"])
     print(f"wrote {config.out_path} ({config.out_format}): {data['clip_embedding'].shape[0]} images, "
           f"{len(data['captions'])} captions, from {source}")
@@ -176,7 +180,7 @@ def run(config: ExtractionConfig, processes: Distributed) -> Optional[dict]:
     rank, world_size, device = processes.rank, processes.world_size, processes.device
     main_process, distributed = processes.is_main, processes.enabled
     if main_process:  # before hours of encoding
-        (check_output_dir if config.out_format == "mmap" else check_output_file)(config.out_path, "--out_path")
+        check_out_path(config)
         check_output_file(config.error_log, "--error_log")
         for output in (config.out_path, config.error_log):
             for path in remove_stale_temporaries(output.parent, [output.name]):

@@ -7,11 +7,11 @@ A caption follows the prefix directly, with no BOS token: the prefix is the star
 (captions are tokenized without special tokens) and in decoding alike. It ends with the tokenizer's
 end-of-sequence token, which training appends; decoding also stops at the generation config's other stop ids.
 """
+import functools
 import inspect
 from typing import Dict, List, Optional
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -111,9 +111,10 @@ def output_embeddings_key(decoder: PreTrainedModel) -> Optional[str]:
     return next(f"{name}.weight" for name, module in decoder.named_modules() if module is out)
 
 
-def _cache_keyword(body: nn.Module) -> str:
+@functools.lru_cache(maxsize=None)  # once per body class: hidden_states runs at every decoding step
+def _cache_keyword(body_class: type) -> str:
     # transformers renamed the bodies' `past_key_values` argument to `cache` (5.x); both take a Cache object.
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
 
 
 def hidden_states(decoder: PreTrainedModel, input_ids: Optional[torch.Tensor] = None,
@@ -121,7 +122,7 @@ def hidden_states(decoder: PreTrainedModel, input_ids: Optional[torch.Tensor] = 
     """The body's last hidden states (B, T, C) for token ids or embeddings, after the positions in `cache`
     (updated in place) when one is given. Positions continue from the cache's length, rotary or learned."""
     body = decoder.base_model
-    kwargs = {_cache_keyword(body): cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    kwargs = {_cache_keyword(type(body)): cache, "use_cache": True} if cache is not None else {"use_cache": False}
     return body(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
 
 

@@ -20,15 +20,14 @@ try:
 except ImportError:  # transformers before 4.56 kept the cache as lists of tensors: the public API serves
     DynamicLayer = None
 
+CACHE_TAKES_CONFIG = "config" in inspect.signature(DynamicCache.__init__).parameters
 GROWTH = 16  # positions a cache buffer grows by: one copy of the cache per 16 steps instead of one per step
 
 
 def new_cache(decoder) -> DynamicCache:
     """An empty cache for `decoder`, with the layer kinds its config asks for (sliding windows) where the
     installed transformers takes the config."""
-    if "config" in inspect.signature(DynamicCache.__init__).parameters:
-        return DynamicCache(config=decoder.config)
-    return DynamicCache()
+    return DynamicCache(config=decoder.config) if CACHE_TAKES_CONFIG else DynamicCache()
 
 
 def patchable_layers(cache) -> Optional[List]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -423,9 +424,9 @@ def log_records(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
-def resume_equals_uninterrupted(tmp_path, monkeypatch, args) -> None:
-    """Train `args(out_dir)` whole, then again stopped by a KeyboardInterrupt at its third step and resumed with
-    --resume latest: the two latest exports must be equal, bit for bit."""
+def interrupted_and_resumed(tmp_path, monkeypatch, args, stop_at: int = 3):
+    """Train `args(out_dir)` whole into tmp_path/whole, then into tmp_path/stopped, stopped by a KeyboardInterrupt at
+    optimizer step `stop_at` and resumed with --resume latest; returns both runs' latest export weights."""
     import train
     from captioning.training import loop
 
@@ -434,17 +435,19 @@ def resume_equals_uninterrupted(tmp_path, monkeypatch, args) -> None:
 
     def interrupted(self, micro, step=0):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == stop_at:
             raise KeyboardInterrupt
         return real_step(self, micro, step)
 
     monkeypatch.setattr(loop.Stepper, "__call__", interrupted)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         train.main(args(tmp_path / "stopped"))
-        raise AssertionError("the run was not interrupted")
-    except KeyboardInterrupt:
-        pass
     monkeypatch.setattr(loop.Stepper, "__call__", real_step)
     train.main(args(tmp_path / "stopped") + ["--resume", "latest"])
-    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "stopped" / "coco_prefix_latest")
+    return weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "stopped" / "coco_prefix_latest")
+
+
+def resume_equals_uninterrupted(tmp_path, monkeypatch, args) -> None:
+    """`interrupted_and_resumed`: the two latest exports must be equal, bit for bit."""
+    a, b = interrupted_and_resumed(tmp_path, monkeypatch, args)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import train
-from builders import ROOT, log_records, make_images, make_pickle, train_args, weights
+from builders import ROOT, interrupted_and_resumed, log_records, make_images, make_pickle, train_args, weights
 from captioning.data.images import load_image
 from captioning.inference import Captioner
-from captioning.training import loop
 from models.captioner import ClipCaptionModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,21 +38,8 @@ def test_mixed_precision_trains_and_exports_fp32_weights(tmp_path, data, gpt2_di
 
 def test_resume_on_the_gpu_continues_the_run(tmp_path, data, gpt2_dir, monkeypatch):
     common = ["--epochs", 3, "--save_every_steps", 3]  # 6 steps per epoch
-    train.main(cuda_args(data, tmp_path / "whole", gpt2_dir, *common))
-    real_step, calls = loop.Stepper.__call__, []
-
-    def crashing(self, micro, step=0):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real_step(self, micro, step)
-
-    monkeypatch.setattr(loop.Stepper, "__call__", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(cuda_args(data, tmp_path / "crashed", gpt2_dir, *common))
-    monkeypatch.setattr(loop.Stepper, "__call__", real_step)
-    train.main(cuda_args(data, tmp_path / "crashed", gpt2_dir, *common, "--resume", "latest"))
-    a, b = weights(tmp_path / "whole" / "coco_prefix_latest"), weights(tmp_path / "crashed" / "coco_prefix_latest")
+    a, b = interrupted_and_resumed(tmp_path, monkeypatch, lambda out: cuda_args(data, out, gpt2_dir, *common),
+                                   stop_at=8)
     # GPU kernels need not be bitwise reproducible (atomics in some backward passes): close, not equal
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 

@@ -217,7 +217,7 @@ class ImageCaptionDataset(FeatureCaptionDataset):
     (seed, epoch, caption), so a resumed run sees the same augmented images an uninterrupted run sees.
     """
 
-    def __init__(self, paths: Sequence[str], table: CaptionTable, tokens: CaptionTokens, caption_ids: np.ndarray,
+    def __init__(self, paths: Sequence, table: CaptionTable, tokens: CaptionTokens, caption_ids: np.ndarray,
                  transform: Callable, load_image: Callable, max_tokens: Optional[int] = None,
                  cache: Optional[torch.Tensor] = None, augment: Optional[Callable] = None, seed: int = 0):
         super().__init__(cache, table, tokens, caption_ids, max_tokens)

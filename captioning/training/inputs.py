@@ -19,7 +19,7 @@ from tqdm import tqdm
 from captioning.data.annotations import read_annotations
 from captioning.data.features import metadata_encoder, read_features, same_encoder
 from captioning.data.images import load_image
-from captioning.data.shards import ShardMember, image_exists
+from captioning.data.shards import image_exists
 from captioning.data.store import FeaturesStore, is_store
 from captioning.training.config import TrainConfig
 from captioning.training.datasets import (CaptionTable, FeatureCaptionDataset, ImageCaptionDataset, cached_tokens,
@@ -132,7 +132,7 @@ def build_feature_inputs(config: TrainConfig, tokenizer, dist) -> TrainingInputs
 
 # ---- images, end to end ------------------------------------------------------------------------------------
 
-def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, List[str]]:
+def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, List]:
     records = read_annotations(path, split=split, images_root=config.images_root, fmt=config.annotation_format)
     if not records:
         raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
@@ -142,7 +142,7 @@ def load_annotations(path, split, config: TrainConfig) -> Tuple[CaptionTable, Li
                          f"{config.images_root}, e.g. {missing[:3]}")
     captions = [c.strip() for r in records for c in r.captions]
     index = np.fromiter((j for j, r in enumerate(records) for _ in r.captions), dtype=np.int64, count=len(captions))
-    return CaptionTable(captions, index), [r.path if isinstance(r.path, ShardMember) else str(r.path) for r in records]
+    return CaptionTable(captions, index), [r.path for r in records]  # files, or images inside shards
 
 
 def trainable_encoder(config: TrainConfig) -> ImageEncoder:
