@@ -26,7 +26,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,9 +43,9 @@ from models.captioner import CaptionerConfig, ClipCaptionModel
 
 FEATURE_DIM, PREFIX, VOCAB, EOS = 576, 40, 50257, 50256
 QUICK, LONG = (312, 31), (1500, 500)  # (cross-entropy, CIDEr optimisation) steps of arm scst
-# Part 2 on a CPU, in steps of the demo's own stages: a distilgpt2-sized cross-entropy step took about 60 of the
-# demo's, and a CIDEr optimisation step about 48 of the demo's (Intel Xeon with AMX, bf16; docs/benchmarks.md).
-COST_IN_DEMO_STEPS = {"xe": 60, "scst": 48}
+# Part 2 on a CPU, for the estimate, in steps of the demo's own stages: the larger ratios measured (fp32, torch
+# limited to AVX2; docs/benchmarks.md gives both precisions' figures).
+COST_IN_DEMO_STEPS = {"xe": 90, "scst": 100}
 
 
 def timed_train(config: TrainConfig) -> float:
@@ -79,12 +78,9 @@ class Arms:
             config.max_steps = steps
         return config
 
-    def scst(self, name: str, export: Path, steps: Optional[int] = None) -> TrainConfig:
-        config = demo.scst_config(self.run.data, self.run.root, len(self.run.train_records), export,
-                                  self.run.fresh(name), self.config)
-        if steps is not None:
-            config.max_steps = steps
-        return config
+    def scst(self, name: str, export: Path) -> TrainConfig:
+        return demo.scst_config(self.run.data, self.run.root, len(self.run.train_records), export,
+                                self.run.fresh(name), self.config)
 
     def rounded(self, xe_steps: int) -> tuple:
         """Arm scst's cross-entropy and CIDEr optimisation steps, rounded to whole epochs as the demo does."""
