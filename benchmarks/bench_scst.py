@@ -21,7 +21,6 @@ xe_shape_acc=.. scst_shape_acc=.. xe_seconds=.. scst_seconds=..; with part 2 als
 scst_steps_per_s=.. scst_step_cost=..
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,6 +38,7 @@ from captioning.training.datasets import CaptionCollator
 from captioning.training.loop import CaptionLoss, Stepper
 from captioning.training.runner import build_optimizer, train
 from captioning.training.scst import Rewards, ScstLoss, ScstOptions, ScstStepper
+from captioning.training.state import TrainLog
 from models.captioner import CaptionerConfig, ClipCaptionModel
 
 FEATURE_DIM, PREFIX, VOCAB, EOS = 576, 40, 50257, 50256
@@ -82,38 +82,35 @@ class Arms:
         return demo.scst_config(self.run.data, self.run.root, len(self.run.train_records), export,
                                 self.run.fresh(name), self.config)
 
-    def rounded(self, xe_steps: int) -> tuple:
-        """Arm scst's cross-entropy and CIDEr optimisation steps, rounded to whole epochs as the demo does."""
-        xe = demo.epochs_for(len(self.run.train_captions), self.config, xe_steps) * self.steps_per_epoch
-        scst = max(1, round(self.config.scst_steps / self.scst_steps_per_epoch)) * self.scst_steps_per_epoch
-        return xe, scst
-
 
 def measured_step(config: TrainConfig, steps: int) -> tuple:
     """(seconds per step of `config` trained for `steps` steps, from its log's last window; the seconds the rest
     of the run took: building, caching the images, exports)."""
     config.max_steps, config.log_every = steps, steps // 2
     seconds = timed_train(config)
-    records = [json.loads(line) for line in (Path(config.out_dir) / "train_log.jsonl").read_text().splitlines()]
+    records = TrainLog(config.out_dir, enabled=False).records()
     step = config.bs / [r for r in records if "samples_per_s" in r][-1]["samples_per_s"]
     return step, max(0.0, seconds - steps * step)
 
 
-def expected_seconds(arms: Arms, xe_steps: int, args) -> tuple:
-    """(seconds the run is expected to take, a cross-entropy step's, a CIDEr optimisation step's), from a few
-    timed steps of each stage and the time of captioning and scoring their export once: both arms train for arm
-    scst's time and three models are scored; part 2 is counted in demo steps (COST_IN_DEMO_STEPS)."""
+def expected_seconds(arms: Arms, xe_steps: int, args) -> dict:
+    """The seconds the run is expected to take, from a few timed steps of each stage and the time of captioning and
+    scoring their export once (both arms train for arm scst's time and three models are scored; part 2 is counted
+    in demo steps, COST_IN_DEMO_STEPS), with the step times and arm scst's steps of each stage it comes from."""
     xe, xe_setup = measured_step(arms.xe("calibrate", 20), 20)
     export = arms.out / "calibrate" / "demo_latest"
-    scst, scst_setup = measured_step(arms.scst("calibrate_scst", export), 4)
+    calibration = arms.scst("calibrate_scst", export)
+    scst_total = calibration.epochs * arms.scst_steps_per_epoch  # as the demo rounds --scst_steps, before max_steps
+    scst, scst_setup = measured_step(calibration, 4)
     start = time.perf_counter()
     arms.run.score(arms.run.caption(export, arms.out / "test_predictions_calibrate.json"), arms.out / "eval_calibrate")
     score = time.perf_counter() - start
-    xe_total, scst_total = arms.rounded(xe_steps)
+    xe_total = demo.epochs_for(len(arms.run.train_captions), arms.config, xe_steps) * arms.steps_per_epoch
     arm = xe_total * xe + xe_setup + scst_total * scst + scst_setup
     cost = 0.0 if args.device != "cpu" or not args.step_cost else \
         COST_IN_DEMO_STEPS["xe"] * xe * (args.rate_steps + 1) + COST_IN_DEMO_STEPS["scst"] * scst * args.rate_steps
-    return 2 * arm + 3 * score + cost, xe, scst
+    return {"seconds": 2 * arm + 3 * score + cost, "xe_step": xe, "scst_step": scst, "xe_steps": xe_total,
+            "scst_steps": scst_total}
 
 
 def compare_arms(arms: Arms, xe_steps: int) -> dict:
@@ -229,12 +226,12 @@ def main(argv=None) -> None:
     fields = []
     if not args.skip_arms:
         arms = Arms(args)
-        expected, xe, scst = expected_seconds(arms, xe_steps, args)
-        xe_total, scst_total = arms.rounded(xe_steps)
-        print(f"bench_scst: expected to take about {expected / 60:.1f} minutes on this machine (a cross-entropy step "
-              f"{xe:.3f} s, a CIDEr optimisation step {scst:.3f} s, measured just now; arm scst: {xe_total} + "
-              f"{scst_total} steps, arm xe: its time)", flush=True)
-        if expected > 60 * args.limit_minutes and not args.force:
+        expected = expected_seconds(arms, xe_steps, args)
+        print(f"bench_scst: expected to take about {expected['seconds'] / 60:.1f} minutes on this machine (a "
+              f"cross-entropy step {expected['xe_step']:.3f} s, a CIDEr optimisation step {expected['scst_step']:.3f} "
+              f"s, measured just now; arm scst: {expected['xe_steps']} + {expected['scst_steps']} steps, arm xe: its "
+              f"time)", flush=True)
+        if expected["seconds"] > 60 * args.limit_minutes and not args.force:
             sys.exit(f"bench_scst: that is over --limit_minutes {args.limit_minutes:g}; nothing else was run. Run "
                      f"with --force to go ahead, or with fewer --xe_steps / --scst_steps")
         arms_result = compare_arms(arms, xe_steps)
