@@ -24,6 +24,7 @@ from models.hub import resolve_export
 from models.lora import LoraSettings, add_adapters, is_adapter_key, merged_state
 from models.mapping import MLP, TransformerMapper
 from models.model_card import CARD_FILE, render_model_card
+from models.quantize import is_quantized
 
 MODEL_TYPE = "clip_caption_model"
 CONFIG_FILE = "config.json"
@@ -160,7 +161,8 @@ class ClipCaptionModel(nn.Module):
         """Features (B, D) or (B, T, D) -> prefix embeddings (B, prefix_length, C)."""
         if self.config.normalize_prefix:
             features = features / features.norm(p=2, dim=-1, keepdim=True)
-        features = features.to(next(self.clip_project.parameters()).dtype)
+        # An int8 MLP mapper (models/quantize.py) holds no float parameters; its layers take fp32.
+        features = features.to(next(self.clip_project.parameters(), torch.empty(0)).dtype)
         prefix = self.clip_project(features)
         return prefix.reshape(features.shape[0], self.prefix_length, -1)
 
@@ -233,6 +235,9 @@ class ClipCaptionModel(nn.Module):
         `directory`. LoRA adapters are merged into the decoder's weights, unless `adapters_only`: then they are
         written without the decoder's weights, which load from the base decoder `config.gpt2`. `with_adapters`
         also writes that adapters-only export into `directory/adapters`."""
+        if is_quantized(self):
+            raise ValueError("this model holds int8 layers, which exports do not store: int8 weights are made at "
+                             "load (Captioner.from_pretrained(..., quantize='int8')); save the fp32 model")
         if (adapters_only or with_adapters) and not self.adapted:
             raise ValueError("this model's decoder holds no LoRA adapters to write apart")
         with atomic_directory(directory) as tmp:
