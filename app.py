@@ -3,6 +3,7 @@
     python app.py                                         # the export make demo wrote, on http://127.0.0.1:7860
     python app.py --checkpoint checkpoints/coco_prefix_latest --port 8080
     python app.py --checkpoint user/name                  # a Hugging Face Hub repository
+    python app.py --quantize int8                         # int8 weights, on a CPU
 
 Upload or drop images (or pick an example), choose the decoding, and read each image's captions and scores; a
 second tab captions many files into the COCO results JSON and the CSV that predict.py writes. A model trained on
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from captioning.cli import POSITIVE, add_precision_argument, device_name, integer, number
+from captioning.cli import POSITIVE, add_precision_argument, add_quantize_argument, device_name, integer, number
 from captioning.configs import DEMO_EXPORT, AppConfig, defaults
 
 EXAMPLES_SEED = 7  # the shapes examples a page offers: the same scenes on every start
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio link (off by default)")
     p.add_argument("--device", type=device_name, help="default: cuda when available")
     add_precision_argument(p, what="precision of the model while captioning")
+    add_quantize_argument(p, what="weights of the model while captioning")
     p.add_argument("--max_file_mb", type=number(0, low_open=True), help="largest upload accepted (default %(default)s)")
     p.add_argument("--examples", type=POSITIVE, help="example images offered (default %(default)s)")
     p.set_defaults(**defaults(AppConfig))
@@ -61,10 +63,10 @@ def main(argv=None) -> int:
     from captioning.web import PageConfig, build_page, server_upload_limit
     from models.checkpoint_io import CheckpointError
     try:
-        captioner = Captioner.from_pretrained(config.checkpoint, device=config.device or runtime.default_device(),
-                                              precision=config.precision)
-    except CheckpointError as e:
-        hint = " (run make demo first)" if config.checkpoint == DEMO_EXPORT else ""
+        captioner = Captioner.from_pretrained(config.checkpoint, precision=config.precision, quantize=config.quantize,
+                                              device=config.device or runtime.default_device(config.quantize))
+    except (CheckpointError, ValueError) as e:
+        hint = " (run make demo first)" if isinstance(e, CheckpointError) and config.checkpoint == DEMO_EXPORT else ""
         print(f"app.py: error: {e}{hint}", file=sys.stderr)
         return 2
     training = captioner.model.config.training or {}

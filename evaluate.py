@@ -16,7 +16,7 @@ import sys
 from typing import Dict
 
 from captioning.choices import ALL_METRICS
-from captioning.cli import POSITIVE, add_precision_argument, add_thread_arguments, device_name
+from captioning.cli import POSITIVE, add_precision_argument, add_quantize_argument, add_thread_arguments, device_name
 from captioning.configs import EvaluateConfig, defaults
 
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_name,
                    help="--checkpoint: torch device (default: cuda when available)")
     add_precision_argument(p, aliases=["--dtype"], what="--checkpoint: precision of the model while captioning")
+    add_quantize_argument(p, what="--checkpoint: weights of the model while captioning")
     add_thread_arguments(p, workers=False)
     p.set_defaults(**defaults(EvaluateConfig))
     return p

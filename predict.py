@@ -4,6 +4,7 @@ the `Captioner` API (captioning/inference.py, also importable from here).
     python predict.py --checkpoint DIR --image a.jpg b.jpg
     python predict.py --checkpoint DIR --images_dir val2014/ --out captions.json
     python predict.py --checkpoint DIR --image a.jpg --decoding nucleus --num_captions 3 --seed 0
+    python predict.py --checkpoint DIR --images_dir photos/ --quantize int8      # int8 weights, on a CPU
 
     from predict import Captioner
     captioner = Captioner.from_pretrained("checkpoints/coco_prefix_latest", device="cuda")
@@ -13,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_thread_arguments, device_name,
-                            number)
+from captioning.cli import (POSITIVE, SEED, TEMPERATURE, add_precision_argument, add_quantize_argument,
+                            add_thread_arguments, device_name, number)
 from captioning.configs import PredictConfig, defaults
 from models.choices import DECODINGS
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=POSITIVE, help="images decoded together (default %(default)s)")
     p.add_argument("--device", type=device_name, help="torch device (default: cuda when available, else cpu)")
     add_precision_argument(p, aliases=["--dtype"], what="precision of the model's weights while captioning")
+    add_quantize_argument(p, what="weights of the model while captioning")
     add_thread_arguments(p, workers=False)
     p.add_argument("--encoder_weights",
                    help="image encoder weights (file or encoder export directory) to use instead of those "

@@ -4,6 +4,7 @@ parsed and checked, and `--help` printed, before the seconds that importing torc
 import json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "int8")  # --quantize: int8 decoder and mapper weights on a CPU (models/quantize.py)
 # --amp none, --dtype float32, torch's names: each means one of PRECISIONS.
 PRECISION_ALIASES = {"none": "fp32", "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                      "half": "fp16"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from captioning import choices
-from captioning.choices import PRECISIONS, normalize_precision
+from captioning.choices import PRECISIONS, QUANTIZATIONS, normalize_precision
 
 
 def integer(low: int = 1, high: Optional[int] = None) -> Callable[[str], int]:
@@ -116,6 +116,15 @@ def add_precision_argument(parser, *, aliases: Sequence[str] = (), what: str) ->
              f"the choice and its reason are printed" + (f". {', '.join(aliases)}: the earlier spelling"
                                                          f"{'s' if len(aliases) > 1 else ''}, 'none' meaning fp32"
                                                          if aliases else ""))
+
+
+def add_quantize_argument(parser, *, what: str) -> None:
+    """`--quantize none|int8`; `what` says what it applies to. The default is the script's config's (`none`)."""
+    parser.add_argument(
+        "--quantize", choices=QUANTIZATIONS,
+        help=f"{what}: int8 weights for the decoder's and the mapper's linear layers, on a CPU (fp32 around them; "
+             f"faster where reading the weights bounds captioning, as for one image at a time). Without --device "
+             f"it runs on the CPU; on a GPU it is an error (default %(default)s)")
 
 
 def add_thread_arguments(parser, *, workers: bool = True, workers_help: str = "") -> None:

@@ -105,6 +105,7 @@ class PredictConfig:
     precision: str = "auto"
     threads: Optional[int] = None
     encoder_weights: Optional[str] = None
+    quantize: str = "none"  # QUANTIZATIONS; int8 runs on a CPU
 
 
 @dataclass
@@ -128,6 +129,7 @@ class EvaluateConfig:
     device: Optional[str] = None  # None: captioning.runtime.default_device()
     precision: str = "auto"
     threads: Optional[int] = None
+    quantize: str = "none"  # QUANTIZATIONS; int8 runs on a CPU
 
 
 @dataclass
@@ -187,6 +189,7 @@ class AppConfig:
     share: bool = False  # a public Gradio link
     device: Optional[str] = None  # None: captioning.runtime.default_device()
     precision: str = "auto"
+    quantize: str = "none"  # QUANTIZATIONS; int8 runs on a CPU
     max_file_mb: float = 10.0  # uploads above this are refused by the server
     examples: int = 6
 

@@ -95,10 +95,14 @@ def caption_records(records: Sequence[ImageRecord], config: EvaluateConfig) -> T
     from captioning import runtime
     from captioning.inference import Captioner, DecodingOptions
 
-    device = config.device or runtime.default_device()
+    device = config.device or runtime.default_device(config.quantize)
     budget = runtime.plan_threads(device, loads_images=True, threads=config.threads)
     with runtime.thread_budget(budget):
-        captioner = Captioner.from_pretrained(config.checkpoint, device=device, precision=config.precision)
+        try:
+            captioner = Captioner.from_pretrained(config.checkpoint, device=device, precision=config.precision,
+                                                  quantize=config.quantize)
+        except ValueError as e:  # a precision or quantization the device cannot take
+            raise EvaluationError(str(e)) from None
         runtime.announce(captioner.precision)
         print(budget.describe(), file=sys.stderr)
         if captioner.encoder is None:

@@ -5,6 +5,7 @@ the training-time evaluation, the demo and the notebook caption through it.
     from captioning.inference import Captioner      # also `from predict import Captioner`
     captioner = Captioner.from_pretrained("checkpoints/coco_prefix_latest", device="cuda")
     captioner.caption(["a.jpg", "b.jpg"])        # ['A man riding a wave on a surfboard.', ...]
+    Captioner.from_pretrained("checkpoints/coco_prefix_latest", quantize="int8")   # int8 weights, on a CPU
 """
 import dataclasses
 import os
@@ -29,6 +30,7 @@ from models.decoders import position_limit
 from models.decoding import DEFAULT_MAX_LENGTH, DecodingOptions
 from models.encoder import EncoderConfig, ImageEncoder
 from models.hub import resolve_export
+from models.quantize import is_quantized, quantize_int8
 
 __all__ = ["Captioner", "CaptionResult", "DecodingOptions", "load_recorded_encoder"]
 
@@ -172,6 +174,7 @@ class Captioner:
     def __init__(self, model: ClipCaptionModel, tokenizer, encoder: Optional[ImageEncoder] = None,
                  eos_token_ids: Optional[Sequence[int]] = None, precision: Optional[runtime.Precision] = None):
         self.model = model.eval()
+        self.quantize = "int8" if is_quantized(model) else "none"
         dtype = next(model.parameters()).dtype
         self.precision = precision or runtime.Precision(PRECISION_OF_DTYPE.get(dtype, "fp32"), "as loaded",
                                                         "the model's dtype")
@@ -194,19 +197,24 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, directory, device=None, precision: Union[str, torch.dtype] = "auto",
-                        encoder_weights=None, dtype: Union[str, torch.dtype, None] = None) -> "Captioner":
+                        encoder_weights=None, dtype: Union[str, torch.dtype, None] = None,
+                        quantize: str = "none") -> "Captioner":
         """Load an export directory written by train.py or convert_checkpoint.py (strictly: a missing, foreign
         or mismatched checkpoint raises `CheckpointError`, never falls back to random weights).
 
         `precision`: auto (the rule of captioning/runtime.py for `device`), fp32, bf16, fp16 or a torch dtype;
         `dtype` is its earlier name. The choice and its reason are in `captioner.precision`. `directory` may
         also be a Hugging Face Hub repository id, `user/name[@revision]`, downloaded and cached by huggingface_hub
-        (with HF_HUB_OFFLINE=1 only a cached one loads)."""
-        directory = resolve_export(directory)
+        (with HF_HUB_OFFLINE=1 only a cached one loads).
+
+        `quantize`: "none", or "int8" for int8 weights in the decoder's and the mapper's linear layers, made at
+        load (models/quantize.py), on a CPU only: any other device is a ValueError, raised before CUDA is asked
+        anything; the precision is then fp32 around them (auto or fp32)."""
         device = torch.device(device) if device is not None else torch.device("cpu")  # None: where weights load
         choice = dtype if dtype is not None else precision
         choice = PRECISION_OF_DTYPE[choice] if isinstance(choice, torch.dtype) else choice
-        resolved = runtime.resolve_precision(choice, device, training=False)
+        resolved = runtime.resolve_precision(choice, device, training=False, quantize=quantize)
+        directory = resolve_export(directory)
         model = ClipCaptionModel.from_pretrained(directory)
         check_tokenizer_files(directory)
         try:
@@ -225,6 +233,13 @@ class Captioner:
             raise CheckpointError(f"{directory}: the checkpoint holds its own image encoder weights; "
                                   f"--encoder_weights does not apply")
         model.to(device=device, dtype=resolved.dtype)
+        if quantize == "int8":
+            if model.adapted:
+                raise CheckpointError(f"{directory}: an adapters-only export (LoRA adapters apart from the decoder's "
+                                      f"weights); int8 weights need the adapters merged, as train.py exports them "
+                                      f"by default")
+            quantize_int8(model.gpt)
+            quantize_int8(model.clip_project)
         if encoder is not None:
             encoder.eval().fold_batch_norms()  # inference only: this captioner never trains or saves it
             encoder.to(device=device, dtype=resolved.dtype)

@@ -137,7 +137,7 @@ def predict(config: PredictConfig) -> int:
     Returns the exit status: 0; 1 when some images could not be captioned (the others are still written); 2 when
     the checkpoint, the inputs or the output place cannot be used (captions whose final write failed are saved
     elsewhere, and the error says where)."""
-    device = config.device or runtime.default_device()
+    device = config.device or runtime.default_device(config.quantize)
     budget = runtime.plan_threads(device, loads_images=False, threads=config.threads)
     with runtime.thread_budget(budget):
         try:
@@ -181,7 +181,7 @@ def _caption(config: PredictConfig, device: str):
                               temperature=config.temperature, num_captions=config.num_captions, seed=config.seed)
     inputs, image_ids, names, notes = collect_inputs(config)
     captioner = Captioner.from_pretrained(config.checkpoint, device=device, precision=config.precision,
-                                          encoder_weights=config.encoder_weights)
+                                          encoder_weights=config.encoder_weights, quantize=config.quantize)
     runtime.announce(captioner.precision, prefix=PREFIX)
     max_length, clipped = captioner.fit_max_length(config.max_length)
     if clipped:

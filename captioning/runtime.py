@@ -9,6 +9,10 @@ scaling on one that does not; on mps fp32 for training and fp16 for inference; o
 multiplies bf16 matrices natively, else fp32. An explicit choice is kept, with a one-line warning where it will be
 slow. Training uses it as autocast; inference casts the weights.
 
+Quantization (`--quantize none|int8`, inference only): int8 weights for the decoder's and the mapper's linear
+layers (models/quantize.py), on a CPU only, computing in fp32 around them; without a device named it runs on the
+CPU, and a GPU is an error, raised before anything touches CUDA.
+
 Threads: torch's intra-op threads and the loader workers that run beside them share the cores this process may
 use (CPU affinity and a container's CPU quota, divided among torchrun's processes on this machine), so that
 together they never oversubscribe them.
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from captioning.choices import PRECISION_ALIASES, PRECISIONS, normalize_precision  # noqa: F401 (re-exported)
+from captioning.choices import QUANTIZATIONS
 
 T = TypeVar("T")
 
@@ -122,10 +127,13 @@ def describe_cpu() -> str:
             f"{'yes' if native else 'no'} ({why}), {usable_cores()} usable core(s), torch {torch.__version__}")
 
 
-def resolve_precision(requested: str, device, training: bool) -> Precision:
+def resolve_precision(requested: str, device, training: bool, quantize: str = "none") -> Precision:
     """The precision a run on `device` computes in. `training`: autocast with gradients (fp16 then needs loss
-    scaling, which only CUDA has here); otherwise inference, where the weights are cast."""
+    scaling, which only CUDA has here); otherwise inference, where the weights are cast. `quantize` (inference):
+    int8 weights, which `_int8_precision` checks before anything asks CUDA."""
     requested = normalize_precision(requested)
+    if quantize != "none":
+        return _int8_precision(requested, device, quantize)
     kind = torch.device(device).type
     if kind == "cuda":
         return _cuda_precision(requested)
@@ -148,6 +156,38 @@ def resolve_precision(requested: str, device, training: bool) -> Precision:
         return Precision("bf16", "bf16", "as asked", warning=f"bf16 on this CPU runs in software: {cpu}, so "
                          f"matrix products are {SOFTWARE_BF16_SLOWDOWN}; --precision auto picks fp32 here")
     return Precision(requested, requested, "as asked")
+
+
+def _int8_precision(requested: str, device, quantize: str) -> Precision:
+    """int8 weights, fp32 around them: quantized layers take and give fp32 (torch's CPU kernels only)."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"--quantize {quantize!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    kind = torch.device(device).type
+    if kind != "cpu":
+        raise ValueError(f"--quantize {quantize} runs on a CPU only (torch's int8 kernels are CPU kernels), not on "
+                         f"{device}; leave --device out or give cpu, or on a GPU use --precision auto (bf16 or fp16)")
+    if requested not in ("auto", "fp32"):
+        raise ValueError(f"--quantize {quantize} computes in fp32 around its int8 weights, so --precision "
+                         f"{requested} does not apply; give --precision auto or fp32")
+    fast, cpu = cpu_int8_support()
+    return Precision("fp32", requested, f"int8 weights for the decoder and the mapper, fp32 around them; {cpu}",
+                     warning=None if fast else f"{cpu}: --quantize {quantize} works but may be slower than fp32 "
+                                               f"here")
+
+
+def cpu_int8_support() -> Tuple[bool, str]:
+    """(whether torch's int8 kernels have fast instructions on this CPU, a description that says what to expect).
+    On x86, fbgemm uses AVX512-VNNI dot products where present (FBGEMM_ENABLE_INSTRUCTIONS=AVX2 switches them off)
+    and AVX2 multiply-adds otherwise; without AVX2 it falls back to reference code."""
+    if _machine() not in ("x86_64", "amd64"):
+        return True, f"this CPU ({_machine()}) runs int8 products in qnnpack's kernels"
+    vnni = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+    if vnni and os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() != "AVX2":
+        return True, "this CPU has int8 dot-product instructions (AVX512-VNNI)"
+    if bool(getattr(torch.cpu, "_is_avx2_supported", lambda: True)()):
+        return True, "this CPU multiplies int8 with AVX2 instructions, without AVX512-VNNI: docs/benchmarks.md " \
+                     "measures the speed-up on such a CPU (its AVX2 rows)"
+    return False, "this CPU has no AVX2, so int8 products run in reference code"
 
 
 def _cuda_precision(requested: str) -> Precision:
@@ -291,8 +331,11 @@ def thread_budget(budget: ThreadBudget):
 
 # ---- processes ---------------------------------------------------------------------------------------------
 
-def default_device() -> str:
-    """The device every script uses when none is given: cuda when available, else cpu."""
+def default_device(quantize: str = "none") -> str:
+    """The device every script uses when none is given: cuda when available, else cpu; cpu for int8 weights
+    (`quantize`), which run on a CPU only."""
+    if quantize != "none":
+        return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -22,6 +22,7 @@ from captioning.data.images import ImageError, load_image, to_rgb
 from captioning.inference import Captioner, DecodingOptions
 from captioning.prediction import write_csv, write_json
 from models.choices import DECODINGS, DEFAULT_BEAM_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_TOP_P, MIN_TEMPERATURE
+from models.quantize import weight_count
 
 MB = 1024 * 1024
 MAX_BATCH = 8  # requests decoded together
@@ -52,14 +53,15 @@ def describe(captioner: Captioner, checkpoint: str) -> str:
     name = Path(checkpoint).resolve().name if Path(checkpoint).is_dir() else checkpoint  # a folder, or a Hub id
     return (f"**Checkpoint** `{name}` · **encoder** {encoder} · **mapper** "
             f"{c.mapping_type} ({c.prefix_length} prefix tokens) · **decoder** {describe_decoder(captioner.model.gpt)}"
-            f" · **device** {captioner.device} · **precision** {captioner.precision.name}")
+            f" · **device** {captioner.device} · **precision** {captioner.precision.name}"
+            + (f" · **weights** {captioner.quantize}" if captioner.quantize != "none" else ""))
 
 
 def describe_decoder(decoder) -> str:
     """`gpt2, 6 layers, 81.9M parameters`: the decoder's model type and size, from the weights the export holds."""
     config = decoder.config
     layers = getattr(config, "num_hidden_layers", None)
-    count = sum(p.numel() for p in decoder.parameters())
+    count = weight_count(decoder)
     return f"{config.model_type}, {layers} layers, {count / 1e6:.1f}M parameters"
 
 

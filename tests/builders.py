@@ -116,6 +116,28 @@ def tiny_captioner(tokenizer, encoder=None, *, encoder_config=None, n_layer=2, n
     return ClipCaptionModel(config, gpt=gpt, encoder=encoder)
 
 
+def memorized_captioner(decoder, tokenizer, features: torch.Tensor, captions: List[str], mapping_type="mlp",
+                        steps=150) -> ClipCaptionModel:
+    """A captioner on `decoder` trained until it gives caption i for features i: its next-token logits have wide
+    margins (the learned token far above the others), so rounding the weights (int8) must not change a caption."""
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    config = CaptionerConfig(mapping_type=mapping_type, prefix_length=4, prefix_length_clip=4, num_layers=1,
+                             prefix_size=features.shape[1], eos_token_ids=[eos])
+    model = ClipCaptionModel(config, gpt=decoder).train()
+    ids = [tokenizer.encode(c, add_special_tokens=False) + [eos] for c in captions]
+    tokens = torch.full((len(ids), max(map(len, ids))), eos)
+    mask = torch.zeros_like(tokens)
+    for i, row in enumerate(ids):
+        tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.loss(tokens, features, mask).backward()
+        optimizer.step()
+    return model.eval()
+
+
 def tiny_captioner_on(gpt2_dir, tokenizer, encoder=None, **config) -> ClipCaptionModel:
     """A captioner to train, built as train.py builds one: a transformer mapper (prefix 4, from 3 tokens: unlike
     the prefix length, so that a mix-up of the two shows) over 16-dimensional features (or `encoder`'s) on the

@@ -207,3 +207,16 @@ def test_the_size_check_names_each_file_over_the_limit(exports, tmp_path):
     assert service.uploaded([str(small)]) == "" and service.uploaded(None) == ""
     assert service.load(str(large)) == (None, "large.png: 3.0 MB, over this page's limit of 2 MB; it is not captioned")
     assert server_upload_limit(PageConfig(max_file_mb=2)) > 2 * 2**20  # the server lets it reach the page's check
+
+
+def test_int8_weights_are_named_in_the_header_and_a_gpu_is_refused_before_serving(exports, monkeypatch, capsys):
+    import app
+    import torch
+    fp32 = Captioner.from_pretrained(exports["inside"])
+    int8 = Captioner.from_pretrained(exports["inside"], quantize="int8")
+    assert "**weights** int8" in describe(int8, "inside") and "**weights**" not in describe(fp32, "inside")
+    assert describe_decoder(int8.model.gpt) == describe_decoder(fp32.model.gpt)  # int8 weights are counted too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert app.main(["--checkpoint", str(exports["inside"]), "--device", "cuda", "--quantize", "int8"]) == 2
+    assert "--quantize int8 runs on a CPU only" in capsys.readouterr().err
