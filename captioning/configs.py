@@ -142,7 +142,7 @@ class DemoConfig:
     num_test: int = 300
     seed: int = 0
     image_size: int = 48  # of the generated images and of the encoder's input
-    steps: int = 1500  # cross-entropy steps, rounded to whole epochs
+    steps: int = 936  # cross-entropy steps, rounded to whole epochs
     epochs: Optional[int] = None  # overrides steps
     bs: int = 64
     lr: float = 2e-3

@@ -116,6 +116,10 @@ def test_the_demo_decoders_are_their_architectures_at_about_the_same_size(tmp_pa
     # the end token's embedding is drawn like the others (a zeroed padding row would pin its logit at 0)
     end = [d.generation_config.eos_token_id for d in decoders.values()]
     assert all(d.get_input_embeddings().weight[e].abs().sum() > 0 for d, e in zip(decoders.values(), end))
+    # the token embeddings, and GPT-NeoX's untied output embeddings, start at the recipe's width, as saved
+    for t, d in decoders.items():
+        for weight in (d.get_input_embeddings().weight, d.get_output_embeddings().weight):
+            assert weight.std().item() == pytest.approx(recipe.EMBEDDING_STD, rel=0.05), t
 
 
 def test_the_demo_trains_and_captions_with_a_llama(tmp_path):
