@@ -180,8 +180,8 @@ class StubCaptioner:
     precision = runtime.Precision("fp32", "auto", "auto: a stub")
 
     @classmethod
-    def from_pretrained(cls, directory, device=None, precision="auto"):
-        cls.loaded.append((str(directory), device, precision))
+    def from_pretrained(cls, directory, device=None, precision="auto", quantize="none"):
+        cls.loaded.append((str(directory), device, precision) + ((quantize,) if quantize != "none" else ()))
         return cls()
 
     def fit_max_length(self, requested):
@@ -220,6 +220,8 @@ def test_checkpoint_mode_captions_the_split_then_scores(tmp_path, karpathy_file,
     assert StubCaptioner.loaded == [(str(tmp_path / "run" / "latest"), "cpu", "auto")]
     evaluate.main(argv + ["--dtype", "bf16", "--out_dir", str(tmp_path / "bf16")])  # the earlier spelling
     assert StubCaptioner.loaded[-1] == (str(tmp_path / "run" / "latest"), "cpu", "bf16")
+    evaluate.main(argv + ["--quantize", "int8", "--out_dir", str(tmp_path / "int8")])
+    assert StubCaptioner.loaded[-1] == (str(tmp_path / "run" / "latest"), "cpu", "auto", "int8")
     out_dir = tmp_path / "run" / "latest_eval_test"
     saved = json.loads((out_dir / "predictions.json").read_text())
     assert [e["image_id"] for e in saved] == [1, 2, 3, 4, 5, 6]
