@@ -97,7 +97,8 @@ def run_demo(config: DemoConfig) -> Dict:
     stages = Stages()
     run = Run(config, out, dataset(config, out))
     stages.done("data")
-    gpt2_dir = build_decoder(run.train_captions, out / "decoder", config.seed, config.decoder_type)
+    gpt2_dir = build_decoder(run.train_captions, out / "decoder", config.seed, config.decoder_type,
+                             frozen_embeddings=config.lora_r is not None)
     stages.done("tokenizer")
     figures = run.caption_and_score(run.train_stages(gpt2_dir, stages), stages)
     final = figures[SCST if config.scst else CROSS_ENTROPY]

@@ -46,9 +46,12 @@ SCST_BASELINE = "greedy"
 ANNOTATION_FILES = ("captions_train.json", "captions_val.json", "captions_test.json")
 
 
-def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt2") -> Path:
+def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt2",
+                  frozen_embeddings: bool = False) -> Path:
     """A byte-level BPE tokenizer trained on the captions (the same for every decoder type) and a small randomly
-    initialised decoder of `decoder_type`, saved where `--gpt2` can load them like `distilgpt2`."""
+    initialised decoder of `decoder_type`, saved where `--gpt2` can load them like `distilgpt2`. Its token
+    embeddings are drawn at EMBEDDING_STD, unless `frozen_embeddings` (LoRA adapters train instead): embeddings
+    that never learn cannot collapse, and the wider draw measured worse there (docs/demo.md)."""
     if decoder_type not in DECODER_SIZES:
         raise ValueError(f"decoder_type must be one of {sorted(DECODER_SIZES)}, got {decoder_type!r}")
     bpe = ByteLevelBPETokenizer()
@@ -63,9 +66,10 @@ def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt
     config = AutoConfig.for_model(decoder_type, vocab_size=len(tokenizer), bos_token_id=end, eos_token_id=end,
                                   **DECODER_SIZES[decoder_type])
     decoder = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for weight in {decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight}:  # one if tied
-            weight.normal_(0.0, EMBEDDING_STD)
+    if not frozen_embeddings:
+        with torch.no_grad():  # one table where the output embeddings are tied to the input's
+            for weight in {decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight}:
+                weight.normal_(0.0, EMBEDDING_STD)
     decoder.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
