@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import demo
 from captioning import demo as demo_pipeline
@@ -120,6 +121,10 @@ def test_the_demo_decoders_are_their_architectures_at_about_the_same_size(tmp_pa
     for t, d in decoders.items():
         for weight in (d.get_input_embeddings().weight, d.get_output_embeddings().weight):
             assert weight.std().item() == pytest.approx(recipe.EMBEDDING_STD, rel=0.05), t
+    # the same seed draws the same decoder, untied output embeddings included
+    again = load_decoder(str(recipe.build_decoder(captions, tmp_path / "again", 0, "gpt_neox")))
+    assert all(torch.equal(a, b) for a, b in zip(decoders["gpt_neox"].state_dict().values(),
+                                                 again.state_dict().values()))
     # under LoRA the embeddings never learn: the architecture's own initialisation is kept
     frozen = load_decoder(str(recipe.build_decoder(captions, tmp_path / "frozen", 0, "gpt2", frozen_embeddings=True)))
     assert frozen.get_input_embeddings().weight.std().item() == pytest.approx(frozen.config.initializer_range,

@@ -67,8 +67,9 @@ def build_decoder(captions, directory: Path, seed: int, decoder_type: str = "gpt
                                   **DECODER_SIZES[decoder_type])
     decoder = AutoModelForCausalLM.from_config(config)
     if not frozen_embeddings:
-        with torch.no_grad():  # one table where the output embeddings are tied to the input's
-            for weight in {decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight}:
+        tables = [decoder.get_input_embeddings().weight, decoder.get_output_embeddings().weight]
+        with torch.no_grad():  # in this order, so that the same seed draws the same decoder; once where tied
+            for weight in tables[:1] if tables[1] is tables[0] else tables:
                 weight.normal_(0.0, EMBEDDING_STD)
     decoder.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
