@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE,
                    help="cross-entropy optimizer steps, rounded to whole epochs (default %(default)s; times per CPU "
                         "kind: docs/demo.md; --scst adds its steps after them)")
+    p.add_argument("--lora_steps", type=POSITIVE,
+                   help="the cross-entropy steps with --lora_r, in place of --steps (default %(default)s)")
     p.add_argument("--epochs", type=POSITIVE, help="passes over the training captions (overrides --steps)")
     p.add_argument("--bs", type=POSITIVE, help="captions per batch (default %(default)s)")
     p.add_argument("--lr", type=number(0, low_open=True), help="learning rate (default %(default)s)")

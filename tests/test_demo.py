@@ -213,3 +213,9 @@ def test_the_cross_entropy_budget_is_the_same_with_cider_optimisation(tmp_path, 
     # 200 captions, 3 steps an epoch: the whole cross-entropy budget either way
     steps = demo_pipeline.DemoConfig().steps
     assert epochs[False] == epochs[True] == round(steps / 3)
+    # with LoRA adapters the budget is --lora_steps
+    config = demo_pipeline.DemoConfig(out_dir=str(tmp_path / "lora"), num_train=40, num_val=2, num_test=4, lora_r=4,
+                                      lora_steps=30)
+    with pytest.raises(Stop) as stopped:
+        demo_pipeline.run_demo(config)
+    assert stopped.value.args[0].epochs == 10 and stopped.value.args[0].lora_r == 4

@@ -58,7 +58,7 @@ class Run:
         exports = {}
         run_dir = self.fresh("run")
         train(train_config(self.data, self.root, gpt2_dir, run_dir,
-                           epochs_for(len(self.train_captions), c, c.steps), c))
+                           epochs_for(len(self.train_captions), c, c.steps if c.lora_r is None else c.lora_steps), c))
         exports[CROSS_ENTROPY] = run_dir / "demo_latest"
         stages.done("train")
         if c.scst:
