@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from captioning.data.features import write_features
+from captioning.training.datasets import CaptionCollator
 from models import CaptionerConfig, ClipCaptionModel, EncoderConfig, ImageEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,15 +126,12 @@ def memorized_captioner(decoder, tokenizer, features: torch.Tensor, captions: Li
     config = CaptionerConfig(mapping_type=mapping_type, prefix_length=4, prefix_length_clip=4, num_layers=1,
                              prefix_size=features.shape[1], eos_token_ids=[eos])
     model = ClipCaptionModel(config, gpt=decoder).train()
-    ids = [tokenizer.encode(c, add_special_tokens=False) + [eos] for c in captions]
-    tokens = torch.full((len(ids), max(map(len, ids))), eos)
-    mask = torch.zeros_like(tokens)
-    for i, row in enumerate(ids):
-        tokens[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    batch = CaptionCollator(eos)([(torch.tensor(tokenizer.encode(c, add_special_tokens=False) + [eos]), f)
+                                  for c, f in zip(captions, features, strict=True)])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         optimizer.zero_grad()
-        model.loss(tokens, features, mask).backward()
+        model.loss(batch["tokens"], batch["inputs"], batch["mask"]).backward()
         optimizer.step()
     return model.eval()
 
