@@ -1,9 +1,10 @@
 """What int8 weights cost in caption quality: the demo's trained export on its test split, fp32 against int8.
 
 Captions the test split of the dataset `make demo` wrote (or `--data`) with the export it trained (or
-`--export`), once in fp32 and once with `--quantize int8`, the demo's beam size, on the CPU; then scores both
-as the demo does (colour / shape / position accuracy against each scene, CIDEr against the references) and
-counts the captions int8 leaves identical.
+`--export`) as the demo captions it (captioning/demo/scoring.py), once in fp32 and once with `--quantize int8`, on
+the CPU; then scores both as the demo does (colour / shape / position accuracy against each scene, CIDEr against
+the references) and counts the captions int8 leaves identical. The seconds are loading (int8: quantizing) and
+captioning.
 
     make demo && python benchmarks/bench_int8_quality.py
 
@@ -18,10 +19,8 @@ from captioning import runtime
 from captioning.configs import DEMO_RUN, DemoConfig
 from captioning.data.annotations import read_annotations
 from captioning.demo.recipe import images_root
-from captioning.demo.scoring import accuracy, ground_truth
-from captioning.inference import Captioner
+from captioning.demo.scoring import accuracy, caption_test_split, ground_truth
 from captioning.metrics import score_captions
-from models.decoding import DecodingOptions
 
 
 def parse_args(argv=None):
@@ -30,7 +29,6 @@ def parse_args(argv=None):
     p.add_argument("--data", default=f"{DEMO_RUN}/shapes", help="dataset folder with captions_test.json "
                                                                 "(default %(default)s)")
     p.add_argument("--beam_size", type=int, default=DemoConfig.beam_size, help="(default: the demo's, %(default)s)")
-    p.add_argument("--batch_size", type=int, default=64)
     return p.parse_args(argv)
 
 
@@ -40,20 +38,18 @@ def main(argv=None):
     records = read_annotations(data / "captions_test.json", images_root=images_root(data))
     scenes = ground_truth(data, records)
     references = {r.image_id: r.captions for r in records}
-    options = DecodingOptions(beam_size=args.beam_size, max_length=40)
+    config = DemoConfig(device="cpu", precision="fp32", beam_size=args.beam_size)
     print(runtime.describe_cpu())
     captions, seconds, figures = {}, {}, {}
     for name in ("fp32", "int8"):
-        captioner = Captioner.from_pretrained(args.export, device="cpu", precision="fp32",
-                                              quantize="int8" if name == "int8" else "none")
         start = time.perf_counter()
-        results = captioner.caption([r.path for r in records], options, batch_size=args.batch_size)
+        results = caption_test_split(Path(args.export), records, config, quantize="int8" if name == "int8" else "none")
         seconds[name] = time.perf_counter() - start
-        captions[name] = {r.image_id: c for r, c in zip(records, results, strict=True)}
+        captions[name] = {r.image_id: result.caption for r, result in zip(records, results, strict=True)}
         cider = score_captions(captions[name], references, metrics=("CIDEr",))["metrics"]["CIDEr"]
         figures[name] = {**accuracy(captions[name], scenes), "cider": cider}
         print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures[name].items())
-              + f"; {len(records)} images captioned in {seconds[name]:.1f} s")
+              + f"; {len(records)} images loaded and captioned in {seconds[name]:.1f} s")
     identical = sum(captions["fp32"][i] == captions["int8"][i] for i in references) / len(references)
     change = 100.0 * (figures["int8"]["cider"] - figures["fp32"]["cider"]) / figures["fp32"]["cider"]
     print(f"int8 captions identical to fp32's: {identical:.1%}; CIDEr change {change:+.2f}%")

@@ -49,8 +49,9 @@ def accuracy(predictions, scenes) -> Dict[str, Optional[float]]:
     return {k: 100.0 * totals[k] / len(known) if known else None for k in ("colour", "shape", "position")}
 
 
-def caption_test_split(export: Path, records, config: DemoConfig) -> List:
-    captioner = Captioner.from_pretrained(export, device=config.device, precision=config.precision)
+def caption_test_split(export: Path, records, config: DemoConfig, quantize: str = "none") -> List:
+    """The demo's captions of `records` by `export` (`quantize`: as Captioner.from_pretrained takes it)."""
+    captioner = Captioner.from_pretrained(export, device=config.device, precision=config.precision, quantize=quantize)
     with runtime.thread_budget(runtime.plan_threads(config.device, loads_images=False, threads=config.threads)):
         results = captioner.predict([r.path for r in records], DecodingOptions(beam_size=config.beam_size,
                                                                                max_length=40),
